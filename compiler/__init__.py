@@ -1,0 +1,1 @@
+"""The compiler: model spec, importance priors, search strategies and the orchestrator."""

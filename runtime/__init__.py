@@ -1,0 +1,1 @@
+"""The runtime: quantize, attach LoRA, train with measured memory, package for serving."""
