@@ -1,0 +1,61 @@
+"""GPTQ-quantize every decoder linear to its planned bits and group size, in one gptqmodel pass.
+
+gptqmodel's per-module `dynamic` config carries the plan: each module is named exactly (`+:` with its
+bits and group size, `-:` to keep it at 16 bits), and the saved checkpoint records it, so gptqmodel
+and vLLM load each module at its own bits.
+"""
+
+import os
+import re
+from pathlib import Path
+
+from qra.plans.memory import SettingsFor
+from qra.plans.spec import ModelSpec
+
+# gptqmodel compiles a small C++ extension on first use and sizes its CPU pool from the core count.
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+
+
+def _exact(path: str) -> str:
+    return f"^{re.escape(path)}$"
+
+
+def gptq_dynamic(spec: ModelSpec, settings_for: SettingsFor) -> dict[str, dict[str, int]]:
+    """The per-module `dynamic` config of gptqmodel for a plan."""
+    dynamic: dict[str, dict[str, int]] = {}
+    for index, layer in enumerate(spec.layers):
+        for module in layer:
+            settings = settings_for(index, module)
+            path = spec.module_path(index, module)
+            if settings.bits == 16:
+                dynamic[f"-:{_exact(path)}"] = {}
+            else:
+                dynamic[f"+:{_exact(path)}"] = {"bits": settings.bits, "group_size": settings.group_size}
+    return dynamic
+
+
+def quantize_to_plan(
+    model_folder: Path,
+    spec: ModelSpec,
+    settings_for: SettingsFor,
+    calibration: list[list[int]],
+    output: Path,
+    batch_size: int = 4,
+) -> Path:
+    """Quantize the model in `model_folder` per module as planned and save a gptqmodel checkpoint."""
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    config = QuantizeConfig(bits=4, group_size=128, desc_act=False, sym=True, dynamic=gptq_dynamic(spec, settings_for))
+    model = GPTQModel.load(str(model_folder), config, device="cpu")
+    samples = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration]
+    model.quantize(samples, batch_size=batch_size)
+    model.save(str(output))
+    return output
+
+
+def load_quantized(folder: Path, dtype: str = "bfloat16"):
+    """A gptqmodel checkpoint loaded with the TORCH backend (the one that trains on CPU and GPU)."""
+    import torch
+    from gptqmodel import BACKEND, GPTQModel
+
+    return GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=getattr(torch, dtype))

@@ -1,0 +1,244 @@
+"""The `qra` command line: thin wiring from typed options to the plans, compiler and runtime packages."""
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+from qra.errors import QraError
+from qra.units import format_bytes, parse_bytes
+
+F = TypeVar("F", bound=Callable)
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+plan_app = typer.Typer(help="Inspect, check and compare plans.", no_args_is_help=True)
+app.add_typer(plan_app, name="plan")
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="local folder, .gguf, config.json, alias (smollm2-135m, llama-3-8b, qwen2.5-7b, mistral-7b) or hub id")]
+
+
+def _quiet_libraries() -> None:
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def user_errors(command: F) -> F:
+    """Turn a QraError into one line on stderr and its exit status; never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        _quiet_libraries()
+        try:
+            return command(*args, **kwargs)
+        except QraError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(error.exit_code) from None
+
+    return wrapper
+
+
+def _spec_for(model: str):
+    from qra.models import load_config, resolve_model
+    from qra.plans.spec import spec_from_config
+
+    source = resolve_model(model)
+    return source, spec_from_config(load_config(source))
+
+
+def _training(seq_len: int, batch_size: int, grad_checkpointing: bool, compute_dtype: str):
+    from pydantic import ValidationError
+
+    from qra.plans.schema import Training
+
+    try:
+        return Training(seq_len=seq_len, batch_size=batch_size, gradient_checkpointing=grad_checkpointing, compute_dtype=compute_dtype)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise QraError(f"--{first['loc'][0].replace('_', '-')}: {first['msg'].lower()} (got {first['input']!r})") from None
+
+
+def _device(device: str, context: str):
+    from qra.plans.schema import Device
+
+    if device not in ("cuda", "cpu"):
+        raise QraError(f"--device must be cuda or cpu (got {device!r})")
+    return Device(kind=device, context_bytes=parse_bytes(context, "--context") if context != "0" else 0)
+
+
+def _check_bits_rank(bits: int, rank: int, group_size: int) -> None:
+    from qra.plans.schema import ALLOWED_BITS, GROUP_SIZES
+
+    if bits not in ALLOWED_BITS:
+        raise QraError(f"--bits {bits} is not supported: choose one of {', '.join(map(str, ALLOWED_BITS))}")
+    if rank < 1:
+        raise QraError(f"--rank {rank} must be a positive integer")
+    if group_size not in GROUP_SIZES:
+        raise QraError(f"--group-size {group_size} is not supported: choose one of {', '.join(map(str, GROUP_SIZES))}")
+
+
+def _check_seq_len(spec, seq_len: int) -> None:
+    if spec.max_positions and seq_len > spec.max_positions:
+        raise QraError(f"--seq-len {seq_len} is above the model's limit of {spec.max_positions} positions")
+
+
+@app.command()
+@user_errors
+def estimate(
+    model: ModelOption = "smollm2-135m",
+    bits: Annotated[int | None, typer.Option(help="uniform bits per weight: 2, 3, 4, 8, or 16 (unquantized)")] = None,
+    rank: Annotated[int | None, typer.Option(help="uniform LoRA rank")] = None,
+    group_size: Annotated[int, typer.Option(help="GPTQ group size (-1: one group per row)")] = 128,
+    plan: Annotated[Path | None, typer.Option(help="estimate this plan instead of uniform --bits/--rank")] = None,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
+    batch_size: Annotated[int, typer.Option(help="sequences per micro-batch")] = 4,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = False,
+    compute_dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
+    device: Annotated[str, typer.Option(help="cuda or cpu: the device the estimate is for")] = "cuda",
+    context: Annotated[str, typer.Option(help="fixed overhead of the device context, e.g. 500MB (0 on CPU)")] = "500MB",
+    budget: Annotated[str | None, typer.Option(help="say whether the estimate fits, e.g. 8GB")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object: total_bytes and each component, in bytes")] = False,
+) -> None:
+    """Estimate the peak memory of fine-tuning MODEL at uniform --bits/--rank, or under --plan."""
+    from qra.plans.io import load_plan
+    from qra.plans.memory import estimate_memory, estimate_plan, uniform_settings
+    from qra.plans.report import memory_table
+
+    budget_bytes = parse_bytes(budget) if budget is not None else None
+    if plan is not None:
+        loaded = load_plan(plan)
+        source, spec = _spec_for(model)
+        if spec.num_layers != len(loaded.layers):
+            raise QraError(f"the plan has {len(loaded.layers)} layers but model {model!r} has {spec.num_layers}")
+        _check_seq_len(spec, loaded.training.seq_len)
+        result = estimate_plan(spec, loaded)
+        budget_bytes = budget_bytes or loaded.budget.bytes
+    else:
+        if bits is None or rank is None:
+            raise QraError("give --bits and --rank for a uniform estimate, or --plan PLAN")
+        _check_bits_rank(bits, rank, group_size)
+        training = _training(seq_len, batch_size, grad_checkpointing, compute_dtype)
+        source, spec = _spec_for(model)
+        _check_seq_len(spec, seq_len)
+        result = estimate_memory(spec, uniform_settings(bits, rank, group_size), training, _device(device, context))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    console = Console()
+    console.print(f"{spec.architecture} ({source.name}), {spec.num_layers} layers, {spec.parameter_count / 1e9:.2f}B parameters")
+    console.print(memory_table(result.components, budget_bytes))
+    if budget_bytes is not None and result.total_bytes > budget_bytes:
+        console.print(f"does not fit: {format_bytes(result.total_bytes - budget_bytes)} over the budget")
+        raise typer.Exit(1)
+
+
+@plan_app.command("new")
+@user_errors
+def plan_new(
+    output: Annotated[Path, typer.Option("--output", "-o", help="where to write the plan (YAML)")],
+    budget: Annotated[str, typer.Option(help="memory budget, e.g. 8GB, 8GiB, 300MB")],
+    bits: Annotated[int, typer.Option(help="bits for every layer: 2, 3, 4, 8 or 16")] = 4,
+    rank: Annotated[int, typer.Option(help="LoRA rank for every layer")] = 8,
+    group_size: Annotated[int, typer.Option(help="GPTQ group size")] = 128,
+    model: ModelOption = "smollm2-135m",
+    seq_len: Annotated[int, typer.Option()] = 256,
+    batch_size: Annotated[int, typer.Option()] = 4,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = False,
+    compute_dtype: Annotated[str, typer.Option()] = "bfloat16",
+) -> None:
+    """Write a uniform plan (every layer the same bits and rank), the QLoRA-style baseline."""
+    from qra.models import content_hash
+    from qra.plans.build import model_ref, uniform_plan
+    from qra.plans.io import save_plan
+    from qra.plans.schema import Budget
+
+    budget_bytes = parse_bytes(budget)
+    _check_bits_rank(bits, rank, group_size)
+    training = _training(seq_len, batch_size, grad_checkpointing, compute_dtype)
+    source, spec = _spec_for(model)
+    _check_seq_len(spec, seq_len)
+    plan = uniform_plan(
+        spec, model_ref(spec, source.name, content_hash(source)), Budget(bytes=budget_bytes, text=budget),
+        bits, rank, group_size, training=training,
+    )
+    save_plan(plan, output)
+    fits = "fits" if plan.memory.headroom_bytes >= 0 else "does NOT fit"
+    typer.echo(f"wrote {output}: estimated peak {format_bytes(plan.memory.total_bytes)} {fits} in {budget}")
+
+
+def _spec_of_plan(plan, model: str | None):
+    """The plan's model spec and content hash: from --model, else from the plan's own model id if it resolves."""
+    from qra.models import content_hash, resolve_model
+
+    if model is None:
+        try:
+            resolve_model(plan.model.id)
+        except QraError:
+            return None, None
+        model = plan.model.id
+    source, spec = _spec_for(model)
+    return spec, content_hash(source)
+
+
+@plan_app.command("show")
+@user_errors
+def plan_show(
+    plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="plan YAML")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="model to size the layers with (default: the plan's)")] = None,
+) -> None:
+    """Per-layer table (bits, rank, bytes), totals and the memory estimate."""
+    from qra.plans.io import load_plan
+    from qra.plans.report import memory_table, plan_table
+
+    plan = load_plan(plan_path)
+    spec, _ = _spec_of_plan(plan, model)
+    console = Console()
+    console.print(f"{plan_path}: {plan.model.id} ({plan.model.architecture}), budget {plan.budget.text}, strategy {plan.provenance.strategy}")
+    console.print(plan_table(plan, spec))
+    if plan.memory is not None:
+        console.print(memory_table(plan.memory.components, plan.budget.bytes))
+
+
+@plan_app.command("verify")
+@user_errors
+def plan_verify(
+    plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="plan YAML")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="check against this model (default: the plan's, if it can be found)")] = None,
+) -> None:
+    """Exit 0 when the plan is verified; 1 when over budget or the model's fingerprint does not match;
+    2 when the plan is unreadable or invalid."""
+    from qra.plans.io import load_plan
+    from qra.plans.verify import verify_plan
+
+    plan = load_plan(plan_path)
+    spec, weights_hash = _spec_of_plan(plan, model)
+    verdict = verify_plan(plan, spec, weights_hash)
+    how = "recomputed from the model" if verdict.recomputed else "as recorded in the plan (model not available)"
+    for problem in verdict.problems:
+        typer.echo(f"not verified: {problem}", err=True)
+    if not verdict.verified:
+        raise typer.Exit(1)
+    typer.echo(
+        f"verified: estimated peak {format_bytes(verdict.total_bytes)} within budget {plan.budget.text} "
+        f"({format_bytes(verdict.budget_bytes - verdict.total_bytes)} headroom), {how}"
+    )
+
+
+@plan_app.command("diff")
+@user_errors
+def plan_diff(
+    first: Annotated[Path, typer.Argument(metavar="A")],
+    second: Annotated[Path, typer.Argument(metavar="B")],
+) -> None:
+    """What differs between two plans (exit 0 either way)."""
+    from qra.plans.io import load_plan
+    from qra.plans.report import plan_diff as diff_lines
+
+    lines = diff_lines(load_plan(first), load_plan(second))
+    typer.echo("\n".join(lines) if lines else "the plans are the same")

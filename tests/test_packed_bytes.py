@@ -1,0 +1,78 @@
+"""The memory model's packed-weight bytes equal, to the byte, those of real gptqmodel-quantized modules."""
+
+import pytest
+import torch
+
+from qra.plans.memory import packed_linear_bytes
+from qra.plans.schema import ModuleSettings
+from qra.runtime.quantize import load_quantized, quantize_to_plan
+from tiny import save_tiny_model, tiny_spec
+
+# every layer gets its own bits, and layers alternate group sizes: 2/3/4/8 bits x group 32/64
+LAYER_SETTINGS = [(2, 32), (3, 64), (4, 32), (8, 64), (2, 64), (3, 32), (4, 64), (8, 32)]
+
+
+def planned(layer, _module):
+    bits, group_size = LAYER_SETTINGS[layer]
+    return ModuleSettings(bits=bits, group_size=group_size, rank=8, alpha=16)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def quantized(request, tmp_path_factory):
+    family = request.param
+    folder = save_tiny_model(tmp_path_factory.mktemp(family), family, layers=len(LAYER_SETTINGS))
+    spec = tiny_spec(family, layers=len(LAYER_SETTINGS))
+    generator = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(0, 320, (64,), generator=generator).tolist() for _ in range(8)]
+    output = quantize_to_plan(folder, spec, planned, calibration, tmp_path_factory.mktemp(f"{family}-gptq"))
+    return spec, load_quantized(output).model
+
+
+def test_every_module_is_quantized_to_its_planned_bits_and_group_size(quantized):
+    spec, model = quantized
+    modules = dict(model.named_modules())
+    for index, layer in enumerate(spec.layers):
+        for module in layer:
+            real = modules[spec.module_path(index, module)]
+            assert (real.bits, real.group_size) == LAYER_SETTINGS[index], spec.module_path(index, module)
+
+
+def test_packed_bytes_match_real_modules_to_the_byte(quantized):
+    spec, model = quantized
+    modules = dict(model.named_modules())
+    for index, layer in enumerate(spec.layers):
+        bits, group_size = LAYER_SETTINGS[index]
+        for module in layer:
+            real = modules[spec.module_path(index, module)]
+            stored = ["qweight", "qzeros", "scales", "g_idx"] + (["bias"] if real.bias is not None else [])
+            real_bytes = sum(getattr(real, name).nbytes for name in stored)
+            assert packed_linear_bytes(module.in_features, module.out_features, bits, group_size, module.bias) == real_bytes
+
+
+def test_plain_gptqmodel_training_keeps_dequantized_weights_and_the_model_predicts_it(quantized):
+    """DESIGN.md's trap, shown by the harness: gptqmodel's TORCH layers save each dequantized weight for
+    backward. The memory model with `dequantize_in_backward=False` describes exactly that path."""
+    from qra.plans.memory import estimate_memory
+    from qra.plans.schema import Device, Training
+    from qra.runtime.lora import attach_lora
+    from qra.runtime.measure import measure_training_step
+
+    spec, model = quantized
+    model.config.use_cache = False
+    peft_model = attach_lora(model, spec, planned)
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.0)
+    ids = torch.randint(0, 320, (2, 40))
+    measured = measure_training_step(peft_model, optimizer, {"input_ids": ids, "labels": ids})
+
+    # every quantized module but layer 0's q/k/v (whose input needs no gradient) keeps its weight
+    dequantized = sum(
+        m.in_features * m.out_features * 2
+        for i, layer in enumerate(spec.layers)
+        for m in layer
+        if i > 0 or m.role != "attention_input"
+    )
+    assert measured.saved_weight_like_bytes == dequantized
+    training = Training(batch_size=2, seq_len=40, dequantize_in_backward=False)
+    estimate = estimate_memory(spec, planned, training, Device(kind="cpu"))
+    assert estimate.components["saved_activations"] == pytest.approx(measured.saved_activation_bytes, rel=0.05)
