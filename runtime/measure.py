@@ -15,9 +15,15 @@ backward (gptqmodel's TORCH layers do: see DESIGN.md).
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from qra.plans.memory import SettingsFor
+    from qra.plans.schema import Training
+    from qra.plans.spec import ModelSpec
 
 
 @dataclass
@@ -164,3 +170,22 @@ def measure_training_step(
     )
     optimizer.zero_grad(set_to_none=True)
     return footprint
+
+
+def measure_lora_step(
+    model: nn.Module, spec: "ModelSpec", settings_for: "SettingsFor", training: "Training", seed: int = 0
+) -> MeasuredFootprint:
+    """Attach LoRA as planned to `model` (already in the compute dtype), and measure one training step on a
+    random batch of the plan's shape. The optimizer's learning rate is zero: the weights do not move."""
+    from qra.runtime.lora import attach_lora
+
+    model.config.use_cache = False
+    if training.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    peft_model = attach_lora(model, spec, settings_for, dropout=training.lora_dropout)
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, spec.vocab_size, (training.batch_size, training.seq_len), generator=generator)
+    return measure_training_step(peft_model, optimizer, {"input_ids": ids, "labels": ids})

@@ -7,8 +7,7 @@ from transformers import AutoModelForCausalLM
 from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.schema import ModuleSettings, Device, Training
 from qra.plans.spec import spec_from_config
-from qra.runtime.lora import attach_lora
-from qra.runtime.measure import measure_training_step
+from qra.runtime.measure import measure_lora_step
 from tiny import tiny_config
 
 
@@ -34,18 +33,9 @@ SETTINGS = {
 def measured_footprint(family, training: Training, settings_for):
     torch.manual_seed(0)
     config = tiny_config(family)
-    config.use_cache = False
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, training.compute_dtype))
-    if training.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
     spec = spec_from_config(config)
-    model = attach_lora(model, spec, settings_for, dropout=training.lora_dropout)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, config.vocab_size, (training.batch_size, training.seq_len))
-    footprint = measure_training_step(model, optimizer, {"input_ids": ids, "labels": ids})
-    return spec, footprint
+    return spec, measure_lora_step(model, spec, settings_for, training)
 
 
 @pytest.mark.parametrize("name", SETTINGS)

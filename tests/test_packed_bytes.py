@@ -54,16 +54,11 @@ def test_plain_gptqmodel_training_keeps_dequantized_weights_and_the_model_predic
     backward. The memory model with `dequantize_in_backward=False` describes exactly that path."""
     from qra.plans.memory import estimate_memory
     from qra.plans.schema import Device, Training
-    from qra.runtime.lora import attach_lora
-    from qra.runtime.measure import measure_training_step
+    from qra.runtime.measure import measure_lora_step
 
     spec, model = quantized
-    model.config.use_cache = False
-    peft_model = attach_lora(model, spec, planned)
-    peft_model.train()
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.0)
-    ids = torch.randint(0, 320, (2, 40))
-    measured = measure_training_step(peft_model, optimizer, {"input_ids": ids, "labels": ids})
+    training = Training(batch_size=2, seq_len=40, dequantize_in_backward=False)
+    measured = measure_lora_step(model, spec, planned, training)
 
     # every quantized module but layer 0's q/k/v (whose input needs no gradient) keeps its weight
     dequantized = sum(
@@ -73,6 +68,5 @@ def test_plain_gptqmodel_training_keeps_dequantized_weights_and_the_model_predic
         if i > 0 or m.role != "attention_input"
     )
     assert measured.saved_weight_like_bytes == dequantized
-    training = Training(batch_size=2, seq_len=40, dequantize_in_backward=False)
     estimate = estimate_memory(spec, planned, training, Device(kind="cpu"))
     assert estimate.components["saved_activations"] == pytest.approx(measured.saved_activation_bytes, rel=0.05)

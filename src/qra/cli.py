@@ -27,6 +27,10 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # transformers imports torchao, which logs "Failed to load ..." for its optional CUDA kernels and makes torch
+    # warn about its Enum registrations: noise on every command's stderr, around the one line an error should be.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def user_errors(command: F) -> F:
@@ -174,15 +178,17 @@ def plan_new(
 
 def _spec_of_plan(plan, model: str | None):
     """The plan's model spec and content hash: from --model, else from the plan's own model id if it resolves."""
-    from qra.models import content_hash, resolve_model
+    from qra.models import content_hash
 
     if model is None:
+        # The recorded id may be a path that is gone; one that looks like a hub id (`models/tiny`) resolves
+        # but then cannot be loaded, so the whole load is what decides whether the plan's model can be found.
         try:
-            resolve_model(plan.model.id)
+            source, spec = _spec_for(plan.model.id)
         except QraError:
             return None, None
-        model = plan.model.id
-    source, spec = _spec_for(model)
+    else:
+        source, spec = _spec_for(model)
     return spec, content_hash(source)
 
 

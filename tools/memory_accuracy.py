@@ -1,0 +1,106 @@
+"""Memory model vs measured footprint, per component, on real training steps.
+
+    python tools/memory_accuracy.py                      # tiny random Llama/Qwen2 (seconds)
+    python tools/memory_accuracy.py --model smollm2-135m # the real default model (a minute or two)
+
+Each row trains one LoRA step under the harness (`qra.runtime.measure`) and prints the estimate's
+persistent components beside what was counted. Transient terms and the fixed overhead are not visible
+to the CPU harness and are left out here (on a GPU, compare `total_bytes` to torch.cuda.max_memory_allocated).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from qra.plans.memory import estimate_memory, uniform_settings  # noqa: E402
+from qra.plans.schema import Device, ModuleSettings, Training  # noqa: E402
+from qra.plans.spec import spec_from_config  # noqa: E402
+from qra.runtime.measure import measure_lora_step  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def varied_ranks(layer, module):
+    rank = (4, 8, 16, 32)[(layer + len(module.name)) % 4]
+    return ModuleSettings(bits=16, group_size=128, rank=rank, alpha=2 * rank)
+
+
+TINY_SETTINGS = [
+    ("llama", "bf16 r8 b2x48", dict(batch_size=2, seq_len=48), uniform_settings(16, 8)),
+    ("llama", "bf16 r8 b2x48 ckpt", dict(batch_size=2, seq_len=48, gradient_checkpointing=True), uniform_settings(16, 8)),
+    ("llama", "bf16 r32 b1x200", dict(batch_size=1, seq_len=200), uniform_settings(16, 32)),
+    ("llama", "bf16 r4 b6x24 ckpt", dict(batch_size=6, seq_len=24, gradient_checkpointing=True), uniform_settings(16, 4)),
+    ("llama", "fp32 r16 b2x40", dict(batch_size=2, seq_len=40, compute_dtype="float32"), uniform_settings(16, 16)),
+    ("llama", "fp32 r8 b3x40 ckpt", dict(batch_size=3, seq_len=40, compute_dtype="float32", gradient_checkpointing=True), uniform_settings(16, 8)),
+    ("llama", "bf16 r8 dropout 0.1", dict(batch_size=2, seq_len=48, lora_dropout=0.1), uniform_settings(16, 8)),
+    ("llama", "bf16 per-module ranks", dict(batch_size=2, seq_len=56), varied_ranks),
+    ("qwen2", "bf16 r8 b2x48", dict(batch_size=2, seq_len=48), uniform_settings(16, 8)),
+    ("qwen2", "fp32 r16 b2x72 ckpt", dict(batch_size=2, seq_len=72, compute_dtype="float32", gradient_checkpointing=True), uniform_settings(16, 16)),
+]
+
+REAL_SETTINGS = [
+    ("bf16 r8 b4x128", dict(batch_size=4, seq_len=128), uniform_settings(16, 8)),
+    ("bf16 r16 b2x256 ckpt", dict(batch_size=2, seq_len=256, gradient_checkpointing=True), uniform_settings(16, 16)),
+]
+
+
+def row(label: str, spec, model, settings_for, training: Training) -> list[str]:
+    measured = measure_lora_step(model, spec, settings_for, training)
+    components = estimate_memory(spec, settings_for, training, Device(kind="cpu")).components
+    pairs = [
+        ("weights", components["quantized_weights"] + components["frozen_weights"], measured.frozen_bytes),
+        ("lora", components["lora_parameters"] + components["lora_gradients"], measured.trainable_bytes + measured.gradient_bytes),
+        ("optimizer", components["optimizer_state"], measured.optimizer_bytes),
+        ("activations", components["saved_activations"], measured.saved_activation_bytes),
+    ]
+    estimated_total = sum(e for _, e, _ in pairs)
+    cells = [f"{(e - m) / m * 100:+.2f}%" for _, e, m in pairs]
+    total_error = (estimated_total - measured.total_bytes) / measured.total_bytes * 100
+    return [label, f"{measured.total_bytes / 1e6:.2f}", f"{estimated_total / 1e6:.2f}", *cells, f"{total_error:+.2f}%"]
+
+
+def tiny_rows() -> list[list[str]]:
+    from tiny import tiny_config
+
+    rows = []
+    for family, label, kwargs, settings_for in TINY_SETTINGS:
+        training = Training(**kwargs)
+        torch.manual_seed(0)
+        config = tiny_config(family)
+        model = AutoModelForCausalLM.from_config(config).to(getattr(torch, training.compute_dtype))
+        rows.append(row(f"tiny {family} {label}", spec_from_config(config), model, settings_for, training))
+    return rows
+
+
+def real_rows(model_name: str) -> list[list[str]]:
+    from qra.models import load_config, load_model, resolve_model
+
+    source = resolve_model(model_name)
+    spec = spec_from_config(load_config(source))
+    rows = []
+    for label, kwargs, settings_for in REAL_SETTINGS:
+        model, _ = load_model(source, "bfloat16")
+        rows.append(row(f"{model_name} {label}", spec, model, settings_for, Training(**kwargs)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="also measure this real model (e.g. smollm2-135m)")
+    args = parser.parse_args()
+    rows = real_rows(args.model) if args.model else tiny_rows()
+    header = ["setting", "measured MB", "estimated MB", "weights", "lora+grads", "optimizer", "activations", "total"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
