@@ -172,12 +172,9 @@ def _layer_saved(
             key, size = shared_input[module.role]
             saved[key] = size
         saved[f"{name}_lora_hidden"] = tokens * settings.rank * a
-        if settings.bits == 16 or not base_input_requires_grad:
-            continue
-        if training.dequantize_in_backward:
-            key, size = shared_input[module.role]
-            saved[key] = size
-        else:
+        # a quantized base re-dequantized in backward saves nothing (its weight is frozen, so backward
+        # needs only the weight); the plain path saves the dequantized weight where x needs a gradient
+        if settings.bits != 16 and base_input_requires_grad and not training.dequantize_in_backward:
             saved[f"{name}_dequantized_weight"] = module.in_features * module.out_features * e
     return saved
 

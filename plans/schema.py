@@ -51,7 +51,7 @@ class Training(_Strict):
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     dequantize_in_backward: bool = Field(
         default=True,
-        description="quantized linears save only packed weights and re-dequantize in backward "
+        description="quantized linears keep only their packed weights and dequantize again in backward "
         "(false: the dequantized 16-bit weight is kept for backward, as gptqmodel's TORCH layers do)",
     )
     steps: PositiveInt = 100

@@ -1,4 +1,5 @@
-"""The memory model's packed-weight bytes equal, to the byte, those of real gptqmodel-quantized modules."""
+"""Quantized modules: packed bytes equal the memory model's to the byte; training through gptqmodel keeps
+dequantized weights (the trap) unless the memory-faithful path is on; both paths are predicted."""
 
 import pytest
 import torch
@@ -25,12 +26,12 @@ def quantized(request, tmp_path_factory):
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.randint(0, 320, (64,), generator=generator).tolist() for _ in range(8)]
     output = quantize_to_plan(folder, spec, planned, calibration, tmp_path_factory.mktemp(f"{family}-gptq"))
-    return spec, load_quantized(output).model
+    return spec, output
 
 
 def test_every_module_is_quantized_to_its_planned_bits_and_group_size(quantized):
-    spec, model = quantized
-    modules = dict(model.named_modules())
+    spec, checkpoint = quantized
+    modules = dict(load_quantized(checkpoint).model.named_modules())
     for index, layer in enumerate(spec.layers):
         for module in layer:
             real = modules[spec.module_path(index, module)]
@@ -38,8 +39,8 @@ def test_every_module_is_quantized_to_its_planned_bits_and_group_size(quantized)
 
 
 def test_packed_bytes_match_real_modules_to_the_byte(quantized):
-    spec, model = quantized
-    modules = dict(model.named_modules())
+    spec, checkpoint = quantized
+    modules = dict(load_quantized(checkpoint).model.named_modules())
     for index, layer in enumerate(spec.layers):
         bits, group_size = LAYER_SETTINGS[index]
         for module in layer:
@@ -56,7 +57,8 @@ def test_plain_gptqmodel_training_keeps_dequantized_weights_and_the_model_predic
     from qra.plans.schema import Device, Training
     from qra.runtime.measure import measure_lora_step
 
-    spec, model = quantized
+    spec, checkpoint = quantized
+    model = load_quantized(checkpoint).model
     training = Training(batch_size=2, seq_len=40, dequantize_in_backward=False)
     measured = measure_lora_step(model, spec, planned, training)
 
@@ -70,3 +72,50 @@ def test_plain_gptqmodel_training_keeps_dequantized_weights_and_the_model_predic
     assert measured.saved_weight_like_bytes == dequantized
     estimate = estimate_memory(spec, planned, training, Device(kind="cpu"))
     assert estimate.components["saved_activations"] == pytest.approx(measured.saved_activation_bytes, rel=0.05)
+
+
+def test_memory_faithful_path_keeps_no_dequantized_weight_and_the_model_predicts_it(quantized):
+    """With `enable_dequantize_in_backward`, no weight-shaped tensor is saved for backward, and the
+    saved activations match the memory model's default (dequantize_in_backward=True)."""
+    from qra.plans.memory import estimate_memory
+    from qra.plans.schema import Device, Training
+    from qra.runtime.measure import measure_lora_step
+    from qra.runtime.qlinear import enable_dequantize_in_backward
+
+    spec, checkpoint = quantized
+    model = load_quantized(checkpoint).model
+    assert enable_dequantize_in_backward(model) == sum(len(layer) for layer in spec.layers)
+    training = Training(batch_size=2, seq_len=40)
+    measured = measure_lora_step(model, spec, planned, training)
+    assert measured.saved_weight_like_bytes == 0
+    estimate = estimate_memory(spec, planned, training, Device(kind="cpu"))
+    assert estimate.components["saved_activations"] == pytest.approx(measured.saved_activation_bytes, rel=0.05)
+    assert estimate.persistent_bytes == pytest.approx(measured.total_bytes, rel=0.05)
+
+
+def test_memory_faithful_path_gives_the_same_loss_and_gradients_as_the_plain_path(quantized):
+    from qra.runtime.lora import attach_lora
+    from qra.runtime.qlinear import enable_dequantize_in_backward
+
+    spec, checkpoint = quantized
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = []
+    for faithful in (False, True):
+        model = load_quantized(checkpoint).model
+        model.config.use_cache = False
+        if faithful:
+            enable_dequantize_in_backward(model)
+        torch.manual_seed(0)
+        peft_model = attach_lora(model, spec, planned)
+        peft_model.train()
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:  # B starts at zero; give it values so that every gradient flows
+                torch.nn.init.normal_(parameter, std=0.02)
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads))
+    (plain_loss, plain_grads), (faithful_loss, faithful_grads) = results
+    assert faithful_loss == pytest.approx(plain_loss, rel=1e-3)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(faithful_grads[name], grad, rtol=2e-2, atol=1e-4)
