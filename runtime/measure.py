@@ -133,6 +133,39 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return _tensor_bytes(tensors)
 
 
+class StepMeasurement:
+    """Measures one training step taken by the caller: run its forward inside `forward()`, then call
+    `finish(optimizer)` after the optimizer step (whose state exists only from its first step on)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        parameters = list(model.parameters())
+        buffers = list(model.buffers())
+        self._ledger = SavedTensorLedger(exclude=parameters + buffers, weight_shapes=linear_weight_shapes(model))
+        self._cuda = any(p.is_cuda for p in parameters)
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def forward(self):
+        """Context for the forward pass: everything autograd saves inside it is counted."""
+        return self._ledger.active()
+
+    def finish(self, optimizer: torch.optim.Optimizer) -> MeasuredFootprint:
+        parameters = list(self._model.parameters())
+        trainable = [p for p in parameters if p.requires_grad]
+        frozen = [p for p in parameters if not p.requires_grad] + list(self._model.buffers())
+        return MeasuredFootprint(
+            frozen_bytes=_tensor_bytes(frozen),
+            trainable_bytes=_tensor_bytes(trainable),
+            gradient_bytes=_tensor_bytes(p.grad for p in trainable if p.grad is not None),
+            optimizer_bytes=_optimizer_state_bytes(optimizer),
+            saved_activation_bytes=self._ledger.total_bytes,
+            saved_weight_like_bytes=self._ledger.weight_like_bytes,
+            cuda_peak_bytes=torch.cuda.max_memory_allocated() if self._cuda else None,
+            saved_by_dtype=dict(self._ledger.by_dtype),
+        )
+
+
 def measure_training_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -141,33 +174,15 @@ def measure_training_step(
 ) -> MeasuredFootprint:
     """Run one forward/backward/optimizer step and count what it held.
 
-    The optimizer's state exists only after its first step, so the step is taken for real;
-    callers that must not move the weights should pass a copy or a zero learning rate.
+    The step is taken for real; callers that must not move the weights pass a zero learning rate.
     """
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
-    parameters = list(model.parameters())
-    buffers = list(model.buffers())
-    trainable = [p for p in parameters if p.requires_grad]
-    frozen = [p for p in parameters if not p.requires_grad] + buffers
-    ledger = SavedTensorLedger(exclude=parameters + buffers, weight_shapes=linear_weight_shapes(model))
-    cuda = any(p.is_cuda for p in parameters)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    with ledger.active():
+    measurement = StepMeasurement(model)
+    with measurement.forward():
         loss = loss_fn(model, batch)
-    saved_activation_bytes = ledger.total_bytes
     loss.backward()
     optimizer.step()
-    footprint = MeasuredFootprint(
-        frozen_bytes=_tensor_bytes(frozen),
-        trainable_bytes=_tensor_bytes(trainable),
-        gradient_bytes=_tensor_bytes(p.grad for p in trainable if p.grad is not None),
-        optimizer_bytes=_optimizer_state_bytes(optimizer),
-        saved_activation_bytes=saved_activation_bytes,
-        saved_weight_like_bytes=ledger.weight_like_bytes,
-        cuda_peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-        saved_by_dtype=dict(ledger.by_dtype),
-    )
+    footprint = measurement.finish(optimizer)
     optimizer.zero_grad(set_to_none=True)
     return footprint
 
