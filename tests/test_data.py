@@ -1,0 +1,265 @@
+"""Training data as `qra materialize --data D` meets it: JSONL files or bundled sets, split, tokenized and batched.
+
+Every example is a prompt and a response with the loss on the response only; plain text has an empty prompt.
+Bad input is one QraError line with exit status 2. Batches depend only on (seed, epoch), so training can resume.
+"""
+
+import json
+import operator
+import re
+from pathlib import Path
+
+import pydoc_data.topics
+import pytest
+import torch
+
+from qra.errors import QraError
+from qra.runtime.data import (
+    IGNORE_INDEX,
+    Example,
+    arithmetic,
+    batches,
+    exact_match,
+    load_dataset,
+    pack_text,
+    pad_id,
+    python_reference,
+    tokenize_examples,
+)
+from tiny import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def numbered(count: int) -> list[dict]:
+    return [{"text": f"example {index}"} for index in range(count)]
+
+
+# --- JSONL files ---------------------------------------------------------------------------------------------
+
+
+def test_jsonl_lines_are_text_or_prompt_response_mixed(tmp_path):
+    records = [{"text": "def f(): pass"}, {"prompt": "Q: 2 + 2?\nA:", "response": " 4"}, {"text": "x = 1"}]
+    data = load_dataset(str(write_jsonl(tmp_path / "d.jsonl", records)), held_out_fraction=0)
+    assert data.train == [Example("", "def f(): pass"), Example("Q: 2 + 2?\nA:", " 4"), Example("", "x = 1")]
+    assert [example.is_text for example in data.train] == [True, False, True]
+
+
+def test_blank_lines_are_skipped(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n\n   \n{"text": "b"}\n')
+    assert load_dataset(str(path), held_out_fraction=0).train == [Example("", "a"), Example("", "b")]
+
+
+def test_jsonl_holds_out_a_seeded_tenth_that_never_overlaps_train(tmp_path):
+    path = str(write_jsonl(tmp_path / "d.jsonl", numbered(30)))
+    data = load_dataset(path, seed=1)
+    assert len(data.held_out) == 3 and len(data.train) == 27
+    assert not set(data.held_out) & set(data.train)
+    assert load_dataset(path, seed=1) == data
+    assert load_dataset(path, seed=2).held_out != data.held_out
+
+
+@pytest.mark.parametrize(("count", "held"), [(1, 0), (2, 1), (5, 1), (10, 1)])
+def test_at_least_one_example_is_held_out_when_there_are_two(tmp_path, count, held):
+    data = load_dataset(str(write_jsonl(tmp_path / "d.jsonl", numbered(count))))
+    assert (len(data.train), len(data.held_out)) == (count - held, held)
+
+
+def test_a_separate_held_out_file_replaces_the_split(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", numbered(10))
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": "Q", "response": "A"}])
+    data = load_dataset(str(train), held_out=str(held))
+    assert len(data.train) == 10 and data.held_out == [Example("Q", "A")]
+
+
+# --- bad input: one line, exit status 2 ----------------------------------------------------------------------
+
+
+def bad_input(tmp_path: Path, name: str) -> tuple[str, str]:
+    """A --data value and the text its error must contain."""
+    path = tmp_path / "d.jsonl"
+    if name == "missing":
+        return str(tmp_path / "absent.jsonl"), "absent.jsonl not found"
+    if name == "not json":
+        path.write_text('{"text": "fine"}\n{"text": oops}\n')
+        return str(path), "line 2 is not JSON"
+    if name == "neither shape":
+        path.write_text('{"text": "fine"}\n{"text": "fine"}\n{"prompt": "only a prompt"}\n')
+        return str(path), "line 3 has neither text nor prompt/response"
+    if name == "not an object":
+        path.write_text('["text", "a list"]\n')
+        return str(path), "line 1 has neither text nor prompt/response"
+    if name == "empty":
+        path.write_text("")
+        return str(path), "has no examples"
+    if name == "only blank lines":
+        path.write_text("\n  \n")
+        return str(path), "has no examples"
+    return "no-such-set", "arithmetic, python-reference"
+
+
+@pytest.mark.parametrize(
+    "name", ["missing", "not json", "neither shape", "not an object", "empty", "only blank lines", "unknown name"]
+)
+def test_bad_data_is_one_line_with_exit_status_2(tmp_path, name):
+    spec, expected = bad_input(tmp_path, name)
+    with pytest.raises(QraError) as caught:
+        load_dataset(spec)
+    assert expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert caught.value.exit_code == 2
+
+
+def test_a_bad_held_out_file_is_named(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", numbered(3))
+    with pytest.raises(QraError, match="held.jsonl not found"):
+        load_dataset(str(train), held_out=str(tmp_path / "held.jsonl"))
+
+
+# --- bundled sets ----------------------------------------------------------------------------------------------
+
+
+def test_python_reference_holds_out_every_fifth_topic_by_name():
+    data = load_dataset("python-reference")
+    topics = sorted(pydoc_data.topics.topics.items())
+    assert [example.response for example in data.held_out] == [text for _, text in topics[4::5]]
+    assert len(data.train) + len(data.held_out) == len(topics)
+    assert not {example.response for example in data.held_out} & {example.response for example in data.train}
+    assert all(example.is_text for example in data.train + data.held_out)
+    assert python_reference() == data
+
+
+QUESTION = re.compile(r"Q: What is (\d+) ([-+*]) (\d+)\?\nA:|Q: How many (\w+) are in (\d+) (\w+)\?\nA:")
+OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+FACTORS = {("centimeters", "meters"): 100, ("meters", "kilometers"): 1000, ("grams", "kilograms"): 1000,
+           ("milliliters", "liters"): 1000, ("minutes", "hours"): 60, ("seconds", "minutes"): 60}
+
+
+def expected_answer(prompt: str) -> int:
+    """The answer worked out from the question itself."""
+    match = QUESTION.fullmatch(prompt)
+    assert match, prompt
+    a, sign, b, small, amount, large = match.groups()
+    if sign:
+        return OPERATORS[sign](int(a), int(b))
+    return int(amount) * FACTORS[small, large]
+
+
+def test_arithmetic_answers_are_exact():
+    data = arithmetic(seed=3)
+    for example in data.train + data.held_out:
+        assert example.response == f" {expected_answer(example.prompt)}"
+
+
+def test_arithmetic_mixes_operations_and_conversions():
+    prompts = " ".join(example.prompt for example in arithmetic().train)
+    for marker in (" + ", " - ", " * ", "How many"):
+        assert marker in prompts
+
+
+def test_arithmetic_is_seeded_sized_and_disjoint():
+    data = load_dataset("arithmetic", seed=5)
+    assert (len(data.train), len(data.held_out)) == (2000, 200)
+    assert not {example.prompt for example in data.held_out} & {example.prompt for example in data.train}
+    assert len({example.prompt for example in data.train}) == 2000
+    assert load_dataset("arithmetic", seed=5) == data
+    assert load_dataset("arithmetic", seed=6).train != data.train
+    assert len(arithmetic(train_size=10, held_out_size=4).held_out) == 4
+
+
+# --- tokenization --------------------------------------------------------------------------------------------
+
+
+def test_loss_falls_only_on_response_tokens_and_eos(tokenizer):
+    example = Example("Q: What is 2 + 3?\nA:", " 5")
+    [feature] = tokenize_examples([example], tokenizer, seq_len=64)
+    prompt = tokenizer(example.prompt)["input_ids"]
+    response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    assert feature["input_ids"] == prompt + response + [eos]
+    assert feature["labels"] == [IGNORE_INDEX] * len(prompt) + response + [eos]
+    assert feature["attention_mask"] == [1] * len(feature["input_ids"])
+
+
+def test_plain_text_is_learned_whole(tokenizer):
+    [feature] = tokenize_examples([Example("", "for x in y: pass")], tokenizer, seq_len=64)
+    assert feature["labels"] == feature["input_ids"]
+    assert feature["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_long_examples_are_cut_to_seq_len_and_fully_prompted_ones_dropped(tokenizer):
+    text = pydoc_data.topics.topics["assert"]
+    features = tokenize_examples([Example("", text), Example(text, " yes")], tokenizer, seq_len=16)
+    assert len(features) == 1
+    assert len(features[0]["input_ids"]) == len(features[0]["labels"]) == 16
+
+
+def test_packing_yields_full_blocks_of_text_separated_by_eos(tokenizer):
+    data = python_reference()
+    features = pack_text(data.train[:5], tokenizer, seq_len=32)
+    assert features and all(len(feature["input_ids"]) == 32 for feature in features)
+    assert all(feature["labels"] == feature["input_ids"] for feature in features)
+    assert all(feature["attention_mask"] == [1] * 32 for feature in features)
+    stream = [token for feature in features for token in feature["input_ids"]]
+    assert tokenizer.eos_token_id in stream
+
+
+def test_packing_refuses_prompt_response_examples(tokenizer):
+    with pytest.raises(ValueError):
+        pack_text([Example("Q", "A")], tokenizer, seq_len=8)
+
+
+# --- batches -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def features(tokenizer):
+    return tokenize_examples(arithmetic(train_size=40, held_out_size=0).train, tokenizer, seq_len=64)
+
+
+def test_batches_are_fixed_by_seed_and_epoch(tokenizer, features):
+    def run(seed: int, epoch: int) -> list[list[list[int]]]:
+        return [batch["input_ids"].tolist() for batch in batches(features, 8, seed, epoch, pad_id(tokenizer))]
+
+    assert run(0, 0) == run(0, 0)
+    assert run(0, 1) == run(0, 1)
+    assert run(0, 0) != run(0, 1)
+    assert run(0, 0) != run(1, 0)
+
+
+def test_an_epoch_covers_every_feature_once(tokenizer, features):
+    epoch = batches(features, 7, seed=0, epoch=2, pad=pad_id(tokenizer))
+    assert [len(batch["input_ids"]) for batch in epoch] == [7] * 5 + [5]
+    rows = [(row, mask) for batch in epoch for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    seen = sorted(tuple(row[mask.bool()].tolist()) for row, mask in rows)
+    assert seen == sorted(tuple(feature["input_ids"]) for feature in features)
+
+
+def test_padding_is_masked_and_learns_nothing(tokenizer, features):
+    pad = pad_id(tokenizer)
+    epoch = batches(features, 8, seed=0, epoch=0, pad=pad)
+    assert any((batch["attention_mask"] == 0).any() for batch in epoch)
+    for batch in epoch:
+        assert all(tensor.dtype == torch.long for tensor in batch.values())
+        padding = batch["attention_mask"] == 0
+        assert (batch["labels"][padding] == IGNORE_INDEX).all()
+        assert (batch["input_ids"][padding] == pad).all()
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+
+def test_exact_match_compares_the_first_line_stripped():
+    examples = [Example("Q: What is 1 + 1?\nA:", " 2"), Example("Q: What is 2 + 2?\nA:", " 4")]
+    answers = {examples[0].prompt: " 2\nQ: What is 5 + 5?", examples[1].prompt: " 5"}
+    assert exact_match(answers.__getitem__, examples) == 0.5
+    assert exact_match(lambda prompt: "2 \n", examples[:1]) == 1.0
