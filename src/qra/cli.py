@@ -248,3 +248,45 @@ def plan_diff(
 
     lines = diff_lines(load_plan(first), load_plan(second))
     typer.echo("\n".join(lines) if lines else "the plans are the same")
+
+
+@app.command()
+@user_errors
+def materialize(
+    plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="plan YAML")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="run folder: work files, packages, results.json")],
+    data: Annotated[str, typer.Option(help="JSONL file ({text} or {prompt, response} lines), or python-reference / arithmetic")] = "python-reference",
+    formats: Annotated[str, typer.Option("--format", help="comma-separated: adapter, merged, gptq, onnx")] = "adapter",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="the model's weights (default: the plan's model id)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue a previous run of this plan in OUTPUT")] = False,
+) -> None:
+    """Quantize each module to its planned bits, attach LoRA at each rank, fine-tune, and package."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from qra.plans.io import load_plan
+    from qra.runtime.materialize import MaterializeRequest, materialize as run
+
+    plan = load_plan(plan_path)
+    request = MaterializeRequest(
+        plan=plan, output=output, data=data, formats=[f.strip() for f in formats.split(",") if f.strip()],
+        model=model, resume=resume,
+    )
+    columns = (TextColumn("training"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[rate]:.0f} tok/s"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task("train", total=plan.training.steps, loss=float("nan"), rate=0.0)
+        results = run(request, on_step=lambda log: progress.update(task, completed=log.step, loss=log.loss, rate=log.tokens_per_s))
+    training = results["training"]
+    typer.echo(f"held-out loss {training['held_out_loss_before']} -> {training['held_out_loss_after']}")
+    memory = results.get("memory")
+    if memory is not None:
+        typer.echo(
+            f"memory: estimated {format_bytes(memory['estimated_persistent_bytes'])} persistent, measured "
+            f"{format_bytes(memory['measured_persistent_bytes'])} ({memory['persistent_error']:+.1%}); "
+            f"peak {format_bytes(memory['measured_peak_bytes'])} of budget {plan.budget.text}"
+        )
+        if not memory["within_budget"]:
+            typer.echo(f"error: the measured peak exceeds the plan's budget of {plan.budget.text}", err=True)
+            raise typer.Exit(1)
+    for name, path in results["packages"].items():
+        typer.echo(f"{name}: {path}")
