@@ -86,7 +86,7 @@ class SavedTensorLedger:
         self._seen[key] = size
         dtype = str(tensor.dtype).removeprefix("torch.")
         self.by_dtype[dtype] = self.by_dtype.get(dtype, 0) + size
-        if tensor.dim() == 2 and (tuple(tensor.shape) in self._weight_shapes):
+        if tensor.dim() == 2 and not tensor.requires_grad and tuple(tensor.shape) in self._weight_shapes:
             self.weight_like_bytes += size
         return tensor
 

@@ -5,8 +5,10 @@ bits and group size, `-:` to keep it at 16 bits), and the saved checkpoint recor
 and vLLM load each module at its own bits.
 """
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from qra.plans.memory import SettingsFor
@@ -34,6 +36,14 @@ def gptq_dynamic(spec: ModelSpec, settings_for: SettingsFor) -> dict[str, dict[s
     return dynamic
 
 
+@contextlib.contextmanager
+def quiet_gptqmodel(log_path: Path) -> Iterator[None]:
+    """gptqmodel prints configs and progress bars on stdout; send them to a log file instead."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield
+
+
 def quantize_to_plan(
     model_folder: Path,
     spec: ModelSpec,
@@ -46,10 +56,11 @@ def quantize_to_plan(
     from gptqmodel import GPTQModel, QuantizeConfig
 
     config = QuantizeConfig(bits=4, group_size=128, desc_act=False, sym=True, dynamic=gptq_dynamic(spec, settings_for))
-    model = GPTQModel.load(str(model_folder), config, device="cpu")
     samples = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration]
-    model.quantize(samples, batch_size=batch_size)
-    model.save(str(output))
+    with quiet_gptqmodel(output.parent / f"{output.name}.log"):
+        model = GPTQModel.load(str(model_folder), config, device="cpu")
+        model.quantize(samples, batch_size=batch_size)
+        model.save(str(output))
     return output
 
 
@@ -58,4 +69,5 @@ def load_quantized(folder: Path, dtype: str = "bfloat16"):
     import torch
     from gptqmodel import BACKEND, GPTQModel
 
-    return GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=getattr(torch, dtype))
+    with quiet_gptqmodel(folder.parent / f"{folder.name}.log"):
+        return GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=getattr(torch, dtype))

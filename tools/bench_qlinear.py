@@ -30,6 +30,8 @@ from qra.runtime.measure import measure_training_step  # noqa: E402
 from qra.runtime.qlinear import enable_dequantize_in_backward  # noqa: E402
 from qra.runtime.quantize import load_quantized, quantize_to_plan  # noqa: E402
 
+BITS = 4
+
 
 def synthetic_folder(folder: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -57,7 +59,7 @@ def bench(checkpoint: Path, spec, training: Training, faithful: bool, steps: int
     model.config.use_cache = False
     if faithful:
         enable_dequantize_in_backward(model)
-    settings = uniform_settings(training_bits(spec), 8)
+    settings = uniform_settings(BITS, 8)
     peft_model = attach_lora(model, spec, settings)
     peft_model.train()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
@@ -75,16 +77,12 @@ def bench(checkpoint: Path, spec, training: Training, faithful: bool, steps: int
     return {"step_s": statistics.median(times), "footprint": footprint}
 
 
-def training_bits(_spec) -> int:
-    return 4
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a real model (e.g. smollm2-135m) instead of the synthetic one")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=96)
     args = parser.parse_args()
     training = Training(batch_size=args.batch_size, seq_len=args.seq_len)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +93,7 @@ def main() -> None:
         spec = spec_from_config(AutoConfig.from_pretrained(base))
         generator = torch.Generator().manual_seed(0)
         calibration = [torch.randint(0, spec.vocab_size, (128,), generator=generator).tolist() for _ in range(16)]
-        checkpoint = quantize_to_plan(base, spec, uniform_settings(4, 8), calibration, Path(tmp) / "gptq")
+        checkpoint = quantize_to_plan(base, spec, uniform_settings(BITS, 8), calibration, Path(tmp) / "gptq")
         plain = bench(checkpoint, spec, training, faithful=False, steps=args.steps)
         faithful = bench(checkpoint, spec, training, faithful=True, steps=args.steps)
     rows = [("gptqmodel TORCH + peft (plain)", plain), ("qra dequantize-in-backward", faithful)]
