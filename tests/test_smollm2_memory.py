@@ -27,3 +27,14 @@ def test_smollm2_estimate_matches_measured_step_within_5_percent(training):
     measured = measure_lora_step(model, spec, settings_for, training)
     estimate = estimate_memory(spec, settings_for, training, Device(kind="cpu"))
     assert estimate.persistent_bytes == pytest.approx(measured.total_bytes, rel=0.05)
+
+
+def test_smollm2_gguf_saves_as_a_plain_folder_that_reloads(tmp_path):
+    """materialize quantizes from a Hugging Face folder: the GGUF model must save as one."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_model(resolve_model("smollm2-135m"))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.num_hidden_layers == 30

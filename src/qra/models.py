@@ -146,6 +146,12 @@ def load_model(source: ModelSource, dtype: str = "bfloat16"):
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
     except (OSError, ValueError) as error:
         raise QraError(f"cannot load model {source.name!r}: {str(error).splitlines()[0]}") from None
+    if source.gguf_file:
+        # transformers dequantizes GGUF weights on load but keeps a GGUF marker that refuses
+        # save_pretrained; the tensors are plain, so drop the marker.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model, tokenizer
 
 
