@@ -8,6 +8,7 @@ and vLLM load each module at its own bits.
 import contextlib
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,11 +37,22 @@ def gptq_dynamic(spec: ModelSpec, settings_for: SettingsFor) -> dict[str, dict[s
     return dynamic
 
 
+def _log_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "qra-gptqmodel"
+
+
 @contextlib.contextmanager
-def quiet_gptqmodel(log_path: Path) -> Iterator[None]:
-    """gptqmodel prints configs and progress bars on stdout; send them to a log file instead."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+def quiet_gptqmodel(log_dir: Path | None = None) -> Iterator[None]:
+    """gptqmodel prints configs and progress bars on stdout and writes a `logs/` folder into the working
+    directory; send both to `log_dir` (paths given to gptqmodel inside must be absolute)."""
+    log_dir = log_dir or _log_dir()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (
+        (log_dir / "gptqmodel.log").open("a") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+        contextlib.chdir(log_dir),
+    ):
         yield
 
 
@@ -57,7 +69,8 @@ def quantize_to_plan(
 
     config = QuantizeConfig(bits=4, group_size=128, desc_act=False, sym=True, dynamic=gptq_dynamic(spec, settings_for))
     samples = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration]
-    with quiet_gptqmodel(output.parent / f"{output.name}.log"):
+    model_folder, output = Path(model_folder).resolve(), Path(output).resolve()
+    with quiet_gptqmodel():
         model = GPTQModel.load(str(model_folder), config, device="cpu")
         model.quantize(samples, batch_size=batch_size)
         model.save(str(output))
@@ -69,5 +82,6 @@ def load_quantized(folder: Path, dtype: str = "bfloat16"):
     import torch
     from gptqmodel import BACKEND, GPTQModel
 
-    with quiet_gptqmodel(folder.parent / f"{folder.name}.log"):
+    folder = Path(folder).resolve()
+    with quiet_gptqmodel():
         return GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=getattr(torch, dtype))

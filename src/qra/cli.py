@@ -273,9 +273,17 @@ def materialize(
     )
     columns = (TextColumn("training"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[rate]:.0f} tok/s"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        task = progress.add_task("train", total=plan.training.steps, loss=float("nan"), rate=0.0)
-        results = run(request, on_step=lambda log: progress.update(task, completed=log.step, loss=log.loss, rate=log.tokens_per_s))
+    progress = Progress(*columns, console=Console(stderr=True))
+    task = progress.add_task("train", total=plan.training.steps, loss=float("nan"), rate=0.0)
+
+    def show(log) -> None:
+        progress.start()  # only once training runs: input errors before it stay one line
+        progress.update(task, completed=log.step, loss=log.loss, rate=log.tokens_per_s)
+
+    try:
+        results = run(request, on_step=show)
+    finally:
+        progress.stop()
     training = results["training"]
     typer.echo(f"held-out loss {training['held_out_loss_before']} -> {training['held_out_loss_after']}")
     memory = results.get("memory")

@@ -1,0 +1,207 @@
+"""`qra materialize`: from a verified plan to a fine-tuned model packaged for serving.
+
+Stages, each resumable (a finished stage leaves its folder under OUT/work and is skipped next time):
+check the plan against the model → tokenize the data → GPTQ-quantize each module to its planned bits →
+attach LoRA at each module's rank → train (memory measured on the first step) → package.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qra.errors import QraError
+from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
+from qra.plans.io import dump_plan
+from qra.plans.memory import PERSISTENT, estimate_plan, plan_settings
+from qra.plans.schema import Plan
+from qra.plans.spec import ModelSpec, spec_from_config
+from qra.plans.verify import verify_plan
+from qra.runtime.data import Dataset, batches, load_dataset, pack_text, pad_id, tokenize_examples
+from qra.runtime.train import StepLog, TrainResult, train_lora
+
+log = logging.getLogger(__name__)
+MARKER = "qra-run.json"
+CALIBRATION_SAMPLES = 32
+
+
+@dataclass
+class MaterializeRequest:
+    plan: Plan
+    output: Path
+    data: str = "python-reference"
+    formats: list[str] = field(default_factory=lambda: ["adapter"])
+    model: str | None = None
+    resume: bool = False
+    checkpoint_every: int = 25
+
+
+def plan_digest(plan: Plan) -> str:
+    return hashlib.sha256(dump_plan(plan).encode()).hexdigest()
+
+
+def _check_output(request: MaterializeRequest) -> None:
+    """OUT must be new, empty, or a previous run of this very plan."""
+    out = request.output
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise QraError(f"output {out} exists and is not a folder")
+    marker = out / MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("plan_digest") == plan_digest(request.plan):
+        return
+    if any(out.iterdir()):
+        raise QraError(f"output folder {out} exists and is not a previous run of this plan: choose another -o")
+
+
+def _model_for(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec]:
+    source = resolve_model(request.model or request.plan.model.id)
+    if not source.has_weights:
+        raise QraError(f"model {source.name!r} is a config without weights: materialize needs the weights (--model)")
+    spec = spec_from_config(load_config(source))
+    verdict = verify_plan(request.plan, spec, content_hash(source))
+    if any("fingerprint" in problem or "content hash" in problem for problem in verdict.problems):
+        raise QraError(f"the plan is for another model: {verdict.problems[0]}")
+    if spec.max_positions and request.plan.training.seq_len > spec.max_positions:
+        raise QraError(f"the plan's seq_len {request.plan.training.seq_len} is above the model's limit of {spec.max_positions}")
+    return source, spec
+
+
+def _features(dataset: Dataset, tokenizer, seq_len: int) -> tuple[list, list]:
+    def tokenize(examples):
+        if examples and all(example.is_text for example in examples):
+            return pack_text(examples, tokenizer, seq_len)
+        return tokenize_examples(examples, tokenizer, seq_len)
+
+    train, held_out = tokenize(dataset.train), tokenize(dataset.held_out)
+    if not train:
+        raise QraError(f"data {dataset.name!r} gives no training sequence of {seq_len} tokens")
+    return train, held_out
+
+
+def _batch_source(features: list, plan: Plan, pad: int) -> Callable[[int, int], dict[str, torch.Tensor]]:
+    training = plan.training
+    cache: dict[int, list] = {}
+
+    def batch_for(step: int, micro: int) -> dict[str, torch.Tensor]:
+        index = step * training.grad_accumulation + micro
+        epoch_batches = cache.get(0) or cache.setdefault(0, batches(features, training.batch_size, training.seed, 0, pad))
+        epoch, position = divmod(index, len(epoch_batches))
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = batches(features, training.batch_size, training.seed, epoch, pad)
+        return cache[epoch][position]
+
+    return batch_for
+
+
+def _base_folder(source: ModelSource, work: Path) -> Path:
+    """A Hugging Face folder for gptqmodel: the source itself, or the GGUF dequantized and saved once."""
+    if source.kind == "folder":
+        return source.path
+    folder = work / "base"
+    if not (folder / "config.json").is_file():
+        model, tokenizer = load_model(source, "bfloat16")
+        staging = work / "base.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)
+    return folder
+
+
+def _quantized_model(base: Path, spec: ModelSpec, plan: Plan, calibration: list[list[int]], work: Path):
+    """The base with every module at its planned bits (the quantization pass runs once per run folder)."""
+    from qra.runtime.qlinear import enable_dequantize_in_backward
+    from qra.runtime.quantize import load_quantized, quantize_to_plan
+
+    settings = plan_settings(plan)
+    if all(layer.bits == 16 and not any(o.bits not in (None, 16) for o in layer.modules.values()) for layer in plan.layers):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, plan.training.compute_dtype)), None
+    folder = work / "quantized"
+    if not (folder / "config.json").is_file():
+        staging = work / "quantized.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        quantize_to_plan(base, spec, settings, calibration, staging)
+        os.replace(staging, folder)
+    model = load_quantized(folder, plan.training.compute_dtype).model
+    if plan.training.dequantize_in_backward:
+        enable_dequantize_in_backward(model)
+    return model, folder
+
+
+def memory_report(plan: Plan, spec: ModelSpec, result: TrainResult) -> dict:
+    """Estimate vs measured, and whether the budget held. On CPU the harness sees the persistent terms;
+    the transient terms and overhead of the estimate are added to make the measured peak comparable."""
+    estimate = estimate_plan(spec, plan)
+    measured = result.measured
+    persistent = measured.total_bytes
+    peak = measured.cuda_peak_bytes or persistent + estimate.total_bytes - estimate.persistent_bytes
+    return {
+        "estimate": estimate.to_dict(),
+        "measured": measured.to_dict(),
+        "estimated_persistent_bytes": estimate.persistent_bytes,
+        "measured_persistent_bytes": persistent,
+        "persistent_error": (estimate.persistent_bytes - persistent) / persistent,
+        "measured_peak_bytes": peak,
+        "budget_bytes": plan.budget.bytes,
+        "within_budget": peak <= plan.budget.bytes,
+        "components_measured": list(PERSISTENT),
+    }
+
+
+def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] | None = None) -> dict:
+    """Run every stage; returns the results that are also written to OUT/results.json."""
+    from qra.runtime.lora import attach_lora
+    from qra.runtime.package import FORMATS, PackageContext, package
+
+    unknown = [name for name in request.formats if name not in FORMATS]
+    if unknown or not request.formats:
+        raise QraError(f"unknown package format {(unknown or [''])[0]!r}: choose from {', '.join(FORMATS)}")
+    _check_output(request)
+    plan, training = request.plan, request.plan.training
+    source, spec = _model_for(request)
+    dataset = load_dataset(request.data, seed=training.seed)
+    out, work = request.output, request.output / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"plan_digest": plan_digest(plan)}))
+    base = _base_folder(source, work)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    train_features, held_out_features = _features(dataset, tokenizer, training.seq_len)
+    calibration = [feature["input_ids"] for feature in train_features[:CALIBRATION_SAMPLES]]
+    model, quantized_folder = _quantized_model(base, spec, plan, calibration, work)
+    model.config.use_cache = False
+    if training.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    peft_model = attach_lora(model, spec, plan_settings(plan), dropout=training.lora_dropout)
+    pad = pad_id(tokenizer)
+    held_out = batches(held_out_features, training.batch_size, training.seed, 0, pad)[:8]
+    result = train_lora(
+        peft_model, training, _batch_source(train_features, plan, pad), held_out=held_out,
+        checkpoint_dir=work / "checkpoint", checkpoint_every=request.checkpoint_every, resume=request.resume, on_step=on_step,
+    )
+    adapter_folder = work / "adapter"
+    peft_model.save_pretrained(adapter_folder)
+    results = {"training": result.to_dict(), "data": dataset.name}
+    if result.measured is not None:
+        results["memory"] = memory_report(plan, spec, result)
+    context = PackageContext(
+        quantized=quantized_folder or base, adapter=adapter_folder, tokenizer=tokenizer, plan=plan,
+        spec=spec, calibration=calibration, extra_manifest=results,
+    )
+    results["packages"] = {name: str(path) for name, path in package(request.formats, context, out).items()}
+    staging = out / "results.json.tmp"
+    staging.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(staging, out / "results.json")
+    return results

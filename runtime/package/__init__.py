@@ -1,0 +1,77 @@
+"""Package a fine-tuned run for serving, one module per format (peft keeps one file per tuner likewise).
+
+- `adapter`: the mixed-bit GPTQ base as trained, the LoRA adapter, and the plan (gptqmodel + peft).
+- `merged`: the adapter merged into a dense bf16 model that plain transformers loads.
+- `gptq`: the merged model GPTQ-quantized again to the plan's per-module bits (gptqmodel, vLLM).
+- `onnx`: the merged model exported to ONNX in fp32, verified against torch in onnxruntime.
+
+Each format is built in a temporary folder next to its destination and renamed into place when
+complete, with its `manifest.json` and `README.md`; a failed build leaves the destination as it was.
+"""
+
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+from qra.errors import QraError
+from qra.runtime.package import adapter, gptq, merged, onnx
+from qra.runtime.package.context import PackageContext, Workspace
+from qra.runtime.package.manifest import verify_manifest, write_manifest, write_model_card
+
+__all__ = ["FORMATS", "PackageContext", "package", "verify_manifest"]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("adapter", "merged", "gptq", "onnx")
+_BUILDERS: dict[str, ModuleType] = {"adapter": adapter, "merged": merged, "gptq": gptq, "onnx": onnx}
+
+
+def _checked(formats: list[str], ctx: PackageContext) -> list[str]:
+    """The requested formats in order without repeats; a request that cannot be built is a QraError
+    (exit 2) before anything is written."""
+    for name in formats:
+        if name not in FORMATS:
+            raise QraError(f"unknown package format {name!r}; valid formats are {', '.join(FORMATS)}")
+    if "gptq" in formats and not ctx.calibration:
+        raise QraError("the gptq format re-quantizes the merged model and needs calibration token lists; none were given")
+    return list(dict.fromkeys(formats))
+
+
+def _replace(staging: Path, target: Path) -> None:
+    """Put the finished folder at `target`: an existing one is renamed aside first, then removed."""
+    previous = None
+    if target.exists():
+        previous = target.with_name(f".{target.name}.{secrets.token_hex(6)}.old")
+        os.replace(target, previous)
+    os.replace(staging, target)
+    if previous is not None:
+        shutil.rmtree(previous)
+
+
+def _build(name: str, work: Workspace, target: Path) -> Path:
+    builder = _BUILDERS[name]
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
+    try:
+        details = builder.build(work, staging)
+        write_model_card(staging, name, work.ctx, builder.HOW_TO_LOAD)
+        write_manifest(staging, name, work.ctx, details)
+        _replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("packaged %s into %s", name, target)
+    return target
+
+
+def package(formats: list[str], ctx: PackageContext, out: Path) -> dict[str, Path]:
+    """Build each format into `out/<format>`; returns the folder of each."""
+    names = _checked(formats, ctx)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".scratch.", dir=out) as scratch:
+        work = Workspace(ctx, Path(scratch))
+        return {name: _build(name, work, out / name) for name in names}

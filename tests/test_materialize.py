@@ -1,0 +1,92 @@
+"""`qra materialize`: a mixed-bit plan on a tiny Llama is quantized, trained and packaged, and bad
+input is refused before any heavy work."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from qra.cli import app
+from qra.models import content_hash, resolve_model
+from qra.plans.build import model_ref, uniform_plan, with_memory
+from qra.plans.io import save_plan
+from qra.plans.schema import Budget, Device, Training
+from tiny import save_tiny_model, tiny_spec
+
+LAYER_BITS = [2, 3, 4, 8]
+LAYER_RANKS = [16, 8, 8, 4]
+
+
+def mixed_plan(folder, **training):
+    spec = tiny_spec("llama", layers=4)
+    source = resolve_model(str(folder))
+    settings = dict(steps=8, batch_size=2, seq_len=48, learning_rate=5e-3) | training
+    plan = uniform_plan(
+        spec, model_ref(spec, str(folder), content_hash(source)), Budget(bytes=2 * 10**9, text="2GB"), 4, 8,
+        group_size=32, training=Training(**settings), device=Device(kind="cpu", context_bytes=0),
+    )
+    layers = [layer.model_copy(update={"bits": b, "rank": r, "alpha": 2.0 * r}) for layer, b, r in zip(plan.layers, LAYER_BITS, LAYER_RANKS)]
+    return with_memory(plan.model_copy(update={"layers": layers}), spec)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", "llama", layers=4)
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_materialize_quantizes_trains_and_packages_a_mixed_plan(tiny_folder, tmp_path):
+    plan_path = tmp_path / "plan.yaml"
+    save_plan(mixed_plan(tiny_folder), plan_path)
+    result = run("materialize", plan_path, "-o", tmp_path / "run", "--data", "python-reference")
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    training = results["training"]
+    assert training["held_out_loss_after"] < training["held_out_loss_before"]
+    memory = results["memory"]
+    assert memory["measured"]["saved_weight_like_bytes"] == 0
+    assert abs(memory["persistent_error"]) < 0.05
+    adapter_config = json.loads((tmp_path / "run" / "work" / "adapter" / "adapter_config.json").read_text())
+    ranks = {key.replace("\\", ""): rank for key, rank in adapter_config["rank_pattern"].items()}
+    assert ranks["model.layers.0.mlp.down_proj"] == 16 and ranks["model.layers.3.self_attn.q_proj"] == 4
+
+
+def bad_run(tmp_path, plan, *extra, data="python-reference"):
+    plan_path = tmp_path / "plan.yaml"
+    save_plan(plan, plan_path)
+    return run("materialize", plan_path, "-o", tmp_path / "out", "--data", data, *extra)
+
+
+def assert_refused(result):
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_format_is_refused(tiny_folder, tmp_path):
+    assert_refused(bad_run(tmp_path, mixed_plan(tiny_folder), "--format", "adapter,tflite"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_of_something_else_is_refused(tiny_folder, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert_refused(bad_run(tmp_path, mixed_plan(tiny_folder)))
+
+
+def test_plan_for_another_model_is_refused(tiny_folder, tmp_path):
+    other = save_tiny_model(tmp_path / "qwen", "qwen2", layers=4)
+    assert_refused(bad_run(tmp_path, mixed_plan(tiny_folder), "--model", other))
+
+
+def test_empty_and_unreadable_data_are_refused(tiny_folder, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert_refused(bad_run(tmp_path, mixed_plan(tiny_folder), data=empty))
+    assert_refused(bad_run(tmp_path, mixed_plan(tiny_folder), data=tmp_path / "missing.jsonl"))
+
+
+def test_sequence_length_above_the_model_limit_is_refused(tiny_folder, tmp_path):
+    assert_refused(bad_run(tmp_path, mixed_plan(tiny_folder, seq_len=4096)))

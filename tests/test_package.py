@@ -1,0 +1,202 @@
+"""Serving packages of a tiny mixed-bit run: every format is complete (manifest hashes), loads the way its
+card says, and computes what the trained model computes (within the precision each format works in)."""
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from qra.errors import QraError
+from qra.plans.build import model_ref
+from qra.plans.memory import plan_settings
+from qra.plans.schema import Budget, LayerPlan, ModuleOverride, Plan
+from qra.plans.spec import ModelSpec
+from qra.runtime.lora import attach_lora
+from qra.runtime.package import FORMATS, PackageContext, package, verify_manifest
+from qra.runtime.package.adapter import load_adapter_package
+from qra.runtime.package.onnx import load_fp32
+from qra.runtime.quantize import gptq_dynamic, load_quantized, quantize_to_plan
+from tiny import VOCAB, save_tiny_model, tiny_spec, tiny_tokenizer
+
+TEXT = "Return the value of the attribute, or raise an exception when the name is not defined."
+# layer: (bits, rank); layer 1 gives down_proj its own rank, layer 2 gives v_proj its own bits
+LAYERS = [(2, 4), (3, 8), (4, 2), (8, 6)]
+OVERRIDES = {1: {"mlp.down_proj": ModuleOverride(rank=12)}, 2: {"self_attn.v_proj": ModuleOverride(bits=8)}}
+
+
+@dataclass
+class Run:
+    spec: ModelSpec
+    plan: Plan
+    ctx: PackageContext
+    folders: dict[str, Path]
+    ids: torch.Tensor
+    trained_logits: torch.Tensor  # the in-memory peft model over the quantized base (bf16)
+    base_logits: torch.Tensor  # the same model with the adapter disabled
+
+
+def _plan(spec: ModelSpec) -> Plan:
+    layers = [
+        LayerPlan(index=i, bits=bits, group_size=32, rank=rank, alpha=2.0 * rank, modules=OVERRIDES.get(i, {}))
+        for i, (bits, rank) in enumerate(LAYERS)
+    ]
+    return Plan(model=model_ref(spec, "tiny-llama", None), budget=Budget(bytes=10**9, text="1 GB"), layers=layers)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Run:
+    root = tmp_path_factory.mktemp("package")
+    spec = tiny_spec("llama", layers=len(LAYERS))
+    plan = _plan(spec)
+    settings_for = plan_settings(plan)
+    base = save_tiny_model(root / "base", "llama", layers=len(LAYERS))
+    generator = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(0, VOCAB, (64,), generator=generator).tolist() for _ in range(8)]
+    quantized = quantize_to_plan(base, spec, settings_for, calibration, root / "quantized")
+
+    torch.manual_seed(0)
+    peft_model = attach_lora(load_quantized(quantized).model, spec, settings_for)
+    for name, parameter in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; random values make the adapter change the outputs
+            torch.nn.init.normal_(parameter, std=0.05)
+    peft_model.save_pretrained(root / "adapter")
+    peft_model.eval()
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    trained = _logits(peft_model, ids)
+    with peft_model.disable_adapter():
+        untrained = _logits(peft_model, ids)
+
+    ctx = PackageContext(
+        quantized=quantized,
+        adapter=root / "adapter",
+        tokenizer=tokenizer,
+        plan=plan,
+        spec=spec,
+        calibration=calibration,
+        extra_manifest={"measured_memory": {"total_bytes": 123456}, "evaluation": {"held_out_loss": 5.7}},
+    )
+    folders = package(list(FORMATS), ctx, root / "out")
+    return Run(spec, plan, ctx, folders, ids, trained, untrained)
+
+
+def test_every_format_is_packaged_with_a_manifest_whose_hashes_match_its_files(run):
+    assert list(run.folders) == list(FORMATS)
+    for name, folder in run.folders.items():
+        manifest = json.loads((folder / "manifest.json").read_text())
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
+        assert set(manifest["files"]) == files, name
+        for relative, entry in manifest["files"].items():
+            data = (folder / relative).read_bytes()
+            assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}, relative
+        assert verify_manifest(folder) == []
+        assert manifest["format"] == name
+        assert manifest["plan_fingerprint"] == run.plan.model.fingerprint
+        assert set(manifest["versions"]) == {"torch", "transformers", "peft", "gptqmodel", "onnx", "onnxruntime", "qra"}
+        assert manifest["results"] == run.ctx.extra_manifest
+        card = (folder / "README.md").read_text()
+        assert "tiny-llama" in card and "| 3 | 8 | 32 | 6 | 12 | - |" in card and "1 GB" in card
+    # no staging or scratch folder is left behind
+    assert not [p.name for p in run.folders["adapter"].parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_changed_file_breaks_the_manifest(run, tmp_path):
+    package(["adapter"], run.ctx, tmp_path)
+    (tmp_path / "adapter" / "plan.yaml").write_text("tampered\n")
+    assert verify_manifest(tmp_path / "adapter") == ["plan.yaml: changed"]
+
+
+def test_packaging_again_replaces_the_previous_package_whole(run, tmp_path):
+    package(["adapter"], run.ctx, tmp_path)
+    (tmp_path / "adapter" / "stale.txt").write_text("left from an earlier run\n")
+    package(["adapter"], run.ctx, tmp_path)
+    assert not (tmp_path / "adapter" / "stale.txt").exists()
+    assert verify_manifest(tmp_path / "adapter") == []
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_adapter_package_loads_back_to_the_trained_model(run):
+    model = load_adapter_package(run.folders["adapter"])
+    # the same packed weights, adapter tensors and kernels: equal, allowing one bf16 ulp at the logit scale
+    atol = 2**-8 * run.trained_logits.abs().max().item()
+    torch.testing.assert_close(_logits(model, run.ids), run.trained_logits, rtol=0, atol=atol)
+    assert (run.folders["adapter"] / "plan.yaml").read_text() == run.ctx.plan_yaml
+
+
+def test_the_merged_package_loads_with_plain_transformers_and_computes_the_trained_model(run):
+    from transformers import AutoModelForCausalLM
+
+    folder = run.folders["merged"]
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert model.dtype == torch.bfloat16
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer) is nn.Linear
+    merged = _logits(model, run.ids)
+    difference = (merged - run.trained_logits).abs().max().item()
+    effect = (run.trained_logits - run.base_logits).abs().max().item()
+    scale = run.trained_logits.abs().max().item()
+    # The merged model rounds W + ΔW to bf16 (relative error ≤ 2⁻⁹ per weight) and computes one bf16 matmul,
+    # where the adapter path adds a bf16 x·W and the LoRA branch; each of the 4 layers and the lm_head can
+    # differ by a few bf16 ulps (2⁻⁸ ≈ 0.4 % relative), so allow 8 ulps of the logit scale (≈ 3 %),
+    # and require the difference to be far below what the adapter itself changes (so a merge that
+    # dropped or doubled the adapter fails).
+    assert difference <= 8 * 2**-8 * scale
+    assert difference <= 0.2 * effect
+
+
+def test_the_gptq_package_quantizes_every_module_to_its_planned_bits(run):
+    folder = run.folders["gptq"]
+    settings_for = plan_settings(run.plan)
+    config = json.loads((folder / "quantize_config.json").read_text())
+    assert config["dynamic"] == gptq_dynamic(run.spec, settings_for)
+    modules = dict(load_quantized(folder).model.named_modules())
+    for index, layer in enumerate(run.spec.layers):
+        for module in layer:
+            real = modules[run.spec.module_path(index, module)]
+            planned = settings_for(index, module)
+            assert (real.bits, real.group_size) == (planned.bits, planned.group_size), module.name
+    assert modules["model.layers.2.self_attn.v_proj"].bits == 8
+
+
+def test_the_onnx_package_computes_the_merged_model_in_fp32(run):
+    import onnx
+    import onnxruntime
+
+    folder = run.folders["onnx"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["onnx"]["max_abs_logit_difference"] < 1e-3
+    onnx.checker.check_model(str(folder / "model.onnx"))
+    # again, on other tokens and a batch of two of another length: both axes are dynamic
+    row = run.ctx.tokenizer("a short line of text, and another one here", return_tensors="pt").input_ids
+    ids = row[:, : row.shape[1] // 2 * 2].reshape(2, -1)
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input_ids": ids.numpy()})
+    with torch.no_grad():
+        expected = load_fp32(run.folders["merged"])(ids)
+    assert (torch.from_numpy(logits) - expected).abs().max().item() < 1e-3
+
+
+def test_an_unknown_format_is_one_line_naming_the_valid_ones(run, tmp_path):
+    with pytest.raises(QraError) as error:
+        package(["merged", "tflite"], run.ctx, tmp_path / "out")
+    message = str(error.value)
+    assert "\n" not in message and "'tflite'" in message
+    assert all(name in message for name in FORMATS)
+    assert error.value.exit_code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_gptq_without_calibration_is_refused_before_anything_is_written(run, tmp_path):
+    with pytest.raises(QraError, match="calibration"):
+        package(["adapter", "gptq"], replace(run.ctx, calibration=[]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
