@@ -2,6 +2,7 @@
 
     python tools/memory_accuracy.py                      # tiny random Llama/Qwen2 (seconds)
     python tools/memory_accuracy.py --model smollm2-135m # the real default model (a minute or two)
+    python tools/memory_accuracy.py --model smollm2-135m --quantized  # two GPTQ plans (~8 min)
 
 Each row trains one LoRA step under the harness (`qra.runtime.measure`) and prints the estimate's
 persistent components beside what was counted. Transient terms and the fixed overhead are not visible
@@ -91,11 +92,52 @@ def real_rows(model_name: str) -> list[list[str]]:
     return rows
 
 
+def mixed_plan(layer, module):
+    bits, rank = ((3, 16), (4, 8), (8, 4))[layer % 3]
+    return ModuleSettings(bits=bits, group_size=128, rank=rank, alpha=2 * rank)
+
+
+QUANTIZED_PLANS = [
+    ("4-bit r8 b4x128", dict(batch_size=4, seq_len=128), uniform_settings(4, 8)),
+    ("mixed 3/4/8-bit r16/8/4 b2x256", dict(batch_size=2, seq_len=256), mixed_plan),
+]
+
+
+def quantized_rows(model_name: str) -> list[list[str]]:
+    """Each plan GPTQ-quantized for real, trained through the memory-faithful path."""
+    import tempfile
+
+    from qra.models import load_config, load_model, resolve_model
+    from qra.runtime.qlinear import enable_dequantize_in_backward
+    from qra.runtime.quantize import load_quantized, quantize_to_plan
+
+    source = resolve_model(model_name)
+    spec = spec_from_config(load_config(source))
+    generator = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(0, spec.vocab_size, (256,), generator=generator).tolist() for _ in range(16)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        model, tokenizer = load_model(source, "bfloat16")
+        model.save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        for index, (label, kwargs, settings_for) in enumerate(QUANTIZED_PLANS):
+            checkpoint = quantize_to_plan(base, spec, settings_for, calibration, Path(tmp) / f"gptq{index}")
+            model = load_quantized(checkpoint).model
+            enable_dequantize_in_backward(model)
+            rows.append(row(f"{model_name} GPTQ {label}", spec, model, settings_for, Training(**kwargs)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="also measure this real model (e.g. smollm2-135m)")
+    parser.add_argument("--model", help="measure this real model (e.g. smollm2-135m) instead of tiny ones")
+    parser.add_argument("--quantized", action="store_true", help="with --model: GPTQ-quantize it at two plans first")
     args = parser.parse_args()
-    rows = real_rows(args.model) if args.model else tiny_rows()
+    if args.model:
+        rows = quantized_rows(args.model) if args.quantized else real_rows(args.model)
+    else:
+        rows = tiny_rows()
     header = ["setting", "measured MB", "estimated MB", "weights", "lora+grads", "optimizer", "activations", "total"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
