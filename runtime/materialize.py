@@ -23,12 +23,13 @@ from qra.plans.memory import PERSISTENT, estimate_plan, plan_settings
 from qra.plans.schema import Plan
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import verify_plan
-from qra.runtime.data import Dataset, batches, load_dataset, pack_text, pad_id, tokenize_examples
+from qra.runtime.data import Dataset, Example, batches, exact_match, load_dataset, pack_text, pad_id, tokenize_examples
 from qra.runtime.train import StepLog, TrainResult, train_lora
 
 log = logging.getLogger(__name__)
 MARKER = "qra-run.json"
 CALIBRATION_SAMPLES = 32
+EXACT_MATCH_EXAMPLES = 32
 
 
 @dataclass
@@ -138,6 +139,22 @@ def _quantized_model(base: Path, spec: ModelSpec, plan: Plan, calibration: list[
     return model, folder
 
 
+def held_out_exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int = 12) -> float | None:
+    """Share of held-out prompt/response examples answered exactly (greedy decoding); None for plain text."""
+    answerable = [example for example in examples if not example.is_text][:EXACT_MATCH_EXAMPLES]
+    if not answerable:
+        return None
+    model.eval()
+
+    def generate(prompt: str) -> str:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tokenizer))
+        return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    return exact_match(generate, answerable)
+
+
 def memory_report(plan: Plan, spec: ModelSpec, result: TrainResult) -> dict:
     """Estimate vs measured, and whether the budget held. On CPU the harness sees the persistent terms;
     the transient terms and overhead of the estimate are added to make the measured peak comparable."""
@@ -193,7 +210,11 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     )
     adapter_folder = work / "adapter"
     peft_model.save_pretrained(adapter_folder)
-    results = {"training": result.to_dict(), "data": dataset.name}
+    results = {
+        "training": result.to_dict(),
+        "data": dataset.name,
+        "exact_match": held_out_exact_match(peft_model, tokenizer, dataset.held_out),
+    }
     if result.measured is not None:
         results["memory"] = memory_report(plan, spec, result)
     context = PackageContext(

@@ -17,8 +17,8 @@ LAYER_BITS = [2, 3, 4, 8]
 LAYER_RANKS = [16, 8, 8, 4]
 
 
-def mixed_plan(folder, **training):
-    spec = tiny_spec("llama", layers=4)
+def mixed_plan(folder, family="llama", **training):
+    spec = tiny_spec(family, layers=4)
     source = resolve_model(str(folder))
     settings = dict(steps=8, batch_size=2, seq_len=48, learning_rate=5e-3) | training
     plan = uniform_plan(
@@ -36,6 +36,11 @@ def tiny_folder(tmp_path_factory):
 
 def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_folder(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2") / "model", "qwen2", layers=4)
 
 
 def test_materialize_quantizes_trains_and_packages_a_mixed_plan(tiny_folder, tmp_path):
@@ -90,3 +95,25 @@ def test_empty_and_unreadable_data_are_refused(tiny_folder, tmp_path):
 
 def test_sequence_length_above_the_model_limit_is_refused(tiny_folder, tmp_path):
     assert_refused(bad_run(tmp_path, mixed_plan(tiny_folder, seq_len=4096)))
+
+
+def test_materialize_on_qwen2_with_answers_reports_exact_match_and_writes_every_format(tiny_qwen2_folder, tmp_path):
+    plan_path = tmp_path / "plan.yaml"
+    spec_plan = mixed_plan(tiny_qwen2_folder, "qwen2", steps=4)
+    save_plan(spec_plan, plan_path)
+    result = run("materialize", plan_path, "-o", tmp_path / "run", "--data", "arithmetic", "--format", "adapter,merged,gptq,onnx")
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0.0 <= results["exact_match"] <= 1.0
+    for name in ("adapter", "merged", "gptq", "onnx"):
+        manifest = json.loads((tmp_path / "run" / name / "manifest.json").read_text())
+        assert manifest["plan_fingerprint"] == spec_plan.model.fingerprint
+
+
+def test_rerunning_with_resume_reuses_the_run_folder(tiny_folder, tmp_path):
+    plan_path = tmp_path / "plan.yaml"
+    save_plan(mixed_plan(tiny_folder, steps=4), plan_path)
+    assert run("materialize", plan_path, "-o", tmp_path / "run").exit_code == 0
+    again = run("materialize", plan_path, "-o", tmp_path / "run", "--resume")
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["training"]["resumed_from"] == 4

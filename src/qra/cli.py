@@ -285,7 +285,10 @@ def materialize(
     finally:
         progress.stop()
     training = results["training"]
-    typer.echo(f"held-out loss {training['held_out_loss_before']} -> {training['held_out_loss_after']}")
+    before, after = training["held_out_loss_before"], training["held_out_loss_after"]
+    typer.echo(f"held-out loss {'(resumed)' if before is None else f'{before:.4f}'} -> {after:.4f}")
+    if results.get("exact_match") is not None:
+        typer.echo(f"held-out exact match {results['exact_match']:.1%}")
     memory = results.get("memory")
     if memory is not None:
         typer.echo(
