@@ -155,6 +155,8 @@ def plan_new(
     batch_size: Annotated[int, typer.Option()] = 4,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = False,
     compute_dtype: Annotated[str, typer.Option()] = "bfloat16",
+    steps: Annotated[int, typer.Option(help="optimizer steps of the fine-tune")] = 100,
+    learning_rate: Annotated[float, typer.Option(help="peak learning rate (warmup, then cosine decay)")] = 2e-4,
 ) -> None:
     """Write a uniform plan (every layer the same bits and rank), the QLoRA-style baseline."""
     from qra.models import content_hash
@@ -165,6 +167,9 @@ def plan_new(
     budget_bytes = parse_bytes(budget)
     _check_bits_rank(bits, rank, group_size)
     training = _training(seq_len, batch_size, grad_checkpointing, compute_dtype)
+    if steps < 1 or learning_rate <= 0:
+        raise QraError("--steps and --learning-rate must be positive")
+    training = training.model_copy(update={"steps": steps, "learning_rate": learning_rate})
     source, spec = _spec_for(model)
     _check_seq_len(spec, seq_len)
     plan = uniform_plan(
