@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,12 +191,15 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     out, work = request.output, request.output / "work"
     work.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"plan_digest": plan_digest(plan)}))
+    log.info("preparing the base model %s", source.name)
     base = _base_folder(source, work)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     train_features, held_out_features = _features(dataset, tokenizer, training.seq_len)
     calibration = [feature["input_ids"] for feature in train_features[:CALIBRATION_SAMPLES]]
+    log.info("quantizing to the plan's bits with gptqmodel (%d calibration sequences; its log: %s)",
+             len(calibration), Path(tempfile.gettempdir()) / "qra-gptqmodel")
     model, quantized_folder = _quantized_model(base, spec, plan, calibration, work)
     model.config.use_cache = False
     if training.gradient_checkpointing:
@@ -203,6 +207,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
         model.enable_input_require_grads()
     peft_model = attach_lora(model, spec, plan_settings(plan), dropout=training.lora_dropout)
     pad = pad_id(tokenizer)
+    log.info("training %d steps on %d sequences of %d tokens", training.steps, len(train_features), training.seq_len)
     held_out = batches(held_out_features, training.batch_size, training.seed, 0, pad)[:8]
     result = train_lora(
         peft_model, training, _batch_source(train_features, plan, pad), held_out=held_out,
@@ -217,6 +222,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     }
     if result.measured is not None:
         results["memory"] = memory_report(plan, spec, result)
+    log.info("packaging: %s", ", ".join(request.formats))
     context = PackageContext(
         quantized=quantized_folder or base, adapter=adapter_folder, tokenizer=tokenizer, plan=plan,
         spec=spec, calibration=calibration, extra_manifest=results,

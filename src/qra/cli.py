@@ -33,6 +33,16 @@ def _quiet_libraries() -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
+def _log_progress() -> None:
+    """Stage messages of long commands go to stderr, one line each."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("qra")
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def user_errors(command: F) -> F:
     """Turn a QraError into one line on stderr and its exit status; never a traceback."""
 
@@ -272,6 +282,7 @@ def materialize(
     from qra.runtime.materialize import MaterializeRequest, materialize as run
 
     plan = load_plan(plan_path)
+    _log_progress()
     request = MaterializeRequest(
         plan=plan, output=output, data=data, formats=[f.strip() for f in formats.split(",") if f.strip()],
         model=model, resume=resume,
