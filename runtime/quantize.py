@@ -67,10 +67,10 @@ def quantize_to_plan(
     """Quantize the model in `model_folder` per module as planned and save a gptqmodel checkpoint."""
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    config = QuantizeConfig(bits=4, group_size=128, desc_act=False, sym=True, dynamic=gptq_dynamic(spec, settings_for))
     samples = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration]
     model_folder, output = Path(model_folder).resolve(), Path(output).resolve()
     with quiet_gptqmodel():
+        config = QuantizeConfig(bits=4, group_size=128, desc_act=False, sym=True, dynamic=gptq_dynamic(spec, settings_for))
         model = GPTQModel.load(str(model_folder), config, device="cpu")
         model.quantize(samples, batch_size=batch_size)
         model.save(str(output))
@@ -84,4 +84,9 @@ def load_quantized(folder: Path, dtype: str = "bfloat16"):
 
     folder = Path(folder).resolve()
     with quiet_gptqmodel():
-        return GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=getattr(torch, dtype))
+        wrapper = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=getattr(torch, dtype))
+    for module in wrapper.model.modules():
+        # gptqmodel torch.compiles each module's dequantize; dynamo then recompiles per module and gives up
+        # past its limit of 128 (SmolLM2 has 210), so keep the eager method.
+        module.__dict__.pop("dequantize_weight", None)
+    return wrapper

@@ -34,7 +34,13 @@ def _quiet_libraries() -> None:
 
 
 def _log_progress() -> None:
-    """Stage messages of long commands go to stderr, one line each."""
+    """Stage messages of long commands go to stderr, one line each; gptqmodel's import banner (peft
+    imports it) goes to its log instead of stdout."""
+    from qra.runtime.quantize import quiet_gptqmodel
+
+    with quiet_gptqmodel():
+        import gptqmodel  # noqa: F401
+
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("qra")
