@@ -323,3 +323,90 @@ def materialize(
             raise typer.Exit(1)
     for name, path in results["packages"].items():
         typer.echo(f"{name}: {path}")
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise QraError(f"{option} takes comma-separated integers, e.g. 2,3,4,8 (got {text!r})") from None
+    if not values:
+        raise QraError(f"{option} is empty")
+    return values
+
+
+@app.command("compile")
+@user_errors
+def compile_command(
+    budget: Annotated[str, typer.Option(help="memory budget of the fine-tune, e.g. 8GB, 8GiB, 300MB")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="where to write the plan (YAML)")],
+    model: ModelOption = "smollm2-135m",
+    data: Annotated[str, typer.Option(help="JSONL file, or python-reference / arithmetic")] = "python-reference",
+    bits: Annotated[str, typer.Option(help="bit-widths to choose from")] = "2,3,4,8",
+    ranks: Annotated[str, typer.Option(help="LoRA ranks to choose from")] = "4,8,16,32",
+    granularity: Annotated[str, typer.Option(help="layer: one gene per layer; module: one per linear module")] = "layer",
+    effort: Annotated[str, typer.Option(help="quick, standard or thorough")] = "quick",
+    strategy: Annotated[str, typer.Option(help="autoqra, or a baseline/ablation: uniform, sequential, heuristic, random, bo, evolution")] = "autoqra",
+    seed: Annotated[int, typer.Option()] = 0,
+    journal: Annotated[Path | None, typer.Option(help="evaluation journal (default: OUTPUT.journal.jsonl)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the compile recorded in the journal")] = False,
+    seq_len: Annotated[int, typer.Option()] = 256,
+    batch_size: Annotated[int, typer.Option()] = 4,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = False,
+    steps: Annotated[int, typer.Option(help="optimizer steps of the final fine-tune (qra materialize)")] = 100,
+    device: Annotated[str, typer.Option(help="cuda or cpu: the device the budget is for")] = "cuda",
+    context: Annotated[str, typer.Option(help="fixed overhead of the device context")] = "500MB",
+) -> None:
+    """Search per-layer bits and LoRA ranks that fit BUDGET and fine-tune best; write a verified plan."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from qra.compiler.compile import CompileRequest, compile_plan
+    from qra.plans.io import save_plan
+    from qra.plans.schema import Budget
+
+    if granularity not in ("layer", "module"):
+        raise QraError(f"--granularity must be layer or module (got {granularity!r})")
+    bit_choices, rank_choices = _int_list(bits, "--bits"), _int_list(ranks, "--ranks")
+    for b in bit_choices:
+        _check_bits_rank(b, 1, 128)
+    for r in rank_choices:
+        _check_bits_rank(16, r, 128)
+    training = _training(seq_len, batch_size, grad_checkpointing, "bfloat16").model_copy(update={"steps": max(1, steps), "seed": max(0, seed)})
+    journal = journal or output.with_name(output.name + ".journal.jsonl")
+    request = CompileRequest(
+        model=model, budget=Budget(bytes=parse_bytes(budget), text=budget), data=data, bits=bit_choices, ranks=rank_choices,
+        granularity=granularity, effort=effort, strategy=strategy, training=training, device=_device(device, context),
+        journal=journal, work=output.with_name(output.name + ".work"), resume=resume,
+    )
+    _log_progress()
+    columns = (TextColumn("search"), BarColumn(), TextColumn("{task.completed}/{task.total} evaluations"),
+               TextColumn("best {task.fields[best]:.4f}"), TextColumn("{task.fields[ladder]}"), TimeRemainingColumn())
+    progress = Progress(*columns, console=Console(stderr=True))
+    best: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    task = None
+
+    def show(evaluation) -> None:
+        nonlocal task
+        if task is None:
+            from qra.compiler.compile import EFFORTS
+
+            progress.start()
+            task = progress.add_task("search", total=EFFORTS[effort].evaluations, best=float("nan"), ladder="")
+        counts[evaluation.fidelity] = counts.get(evaluation.fidelity, 0) + 1
+        best[evaluation.fidelity] = min(best.get(evaluation.fidelity, float("inf")), evaluation.score)
+        top = max(best)
+        ladder = " ".join(f"f{f}:{n}" for f, n in sorted(counts.items()))
+        progress.update(task, completed=sum(counts.values()), best=best[top], ladder=ladder)
+
+    try:
+        outcome = compile_plan(request, on_progress=show)
+    finally:
+        progress.stop()
+    save_plan(outcome.plan, output)
+    plan = outcome.plan
+    baseline = ", ".join(f"{name}: {score:.4f}" for name, score in plan.provenance.baselines.items())
+    typer.echo(
+        f"wrote {output}: predicted held-out loss {plan.predicted.score:.4f} ({plan.predicted.fidelity}); {baseline}; "
+        f"estimated peak {format_bytes(plan.memory.total_bytes)} of {budget}; {plan.provenance.evaluations} evaluations"
+    )

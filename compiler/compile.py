@@ -1,0 +1,204 @@
+"""`qra compile`: the orchestrator that turns a model, a budget and data into a verified plan.
+
+Stages (AutoQRA): budget bounds → quantization cache → importance priors → search (the chosen strategy,
+ask/tell, every evaluation journaled) → the uniform baseline scored at the same budget and fidelity →
+the plan, verified by the memory model and written atomically. A rerun with `--resume` replays the
+journal and the priors record and ends at the same plan as an uninterrupted run with the same seed.
+"""
+
+import importlib.metadata
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, prepare_data
+from qra.compiler.importance import Importance, flat_importance
+from qra.compiler.journal import Journal
+from qra.compiler.priors import PriorSettings, measure_priors
+from qra.compiler.qcache import QuantCache
+from qra.compiler.space import Granularity, SearchSpace, build_space, config_key
+from qra.compiler.strategies import BASELINES, STRATEGIES, Baseline, Evaluation, Problem, SearchResult, run_search
+from qra.errors import QraError
+from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
+from qra.plans.build import model_ref, with_memory
+from qra.plans.schema import Budget, Device, Plan, Prediction, Provenance, Training
+from qra.plans.spec import ModelSpec, spec_from_config
+from qra.plans.verify import verify_plan
+from qra.runtime.data import load_dataset
+from qra.units import format_bytes
+
+log = logging.getLogger(__name__)
+VERSIONED = ("qra", "torch", "transformers", "peft", "gptqmodel", "scikit-optimize")
+PRIORS_STRATEGIES = ("autoqra", "sequential", "heuristic")
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How much a compile spends: evaluations of the search, the fidelity ladder, the priors' probes,
+    and how many batches calibrate GPTQ and measure held-out loss."""
+
+    evaluations: int
+    ladder: FidelityLadder
+    prior_probe_steps: int
+    calibration_batches: int
+    held_out_batches: int
+
+
+EFFORTS = {
+    "quick": Effort(24, FidelityLadder(steps=(0, 6, 24)), prior_probe_steps=6, calibration_batches=4, held_out_batches=2),
+    "standard": Effort(64, FidelityLadder(steps=(0, 16, 64)), prior_probe_steps=16, calibration_batches=8, held_out_batches=4),
+    "thorough": Effort(160, FidelityLadder(steps=(0, 32, 128)), prior_probe_steps=32, calibration_batches=16, held_out_batches=8),
+}
+
+
+@dataclass
+class CompileRequest:
+    model: str
+    budget: Budget
+    data: str = "python-reference"
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    ranks: tuple[int, ...] = (4, 8, 16, 32)
+    granularity: Granularity = "layer"
+    effort: str = "quick"
+    strategy: str = "autoqra"
+    training: Training = field(default_factory=Training)
+    device: Device = field(default_factory=Device)
+    group_size: int = 128
+    journal: Path | None = None
+    work: Path | None = None
+    resume: bool = False
+
+
+@dataclass
+class CompileOutcome:
+    plan: Plan
+    result: SearchResult
+    above_maximum: bool
+
+
+def _check_request(request: CompileRequest) -> None:
+    if request.effort not in EFFORTS:
+        raise QraError(f"--effort {request.effort!r} is not one of {', '.join(EFFORTS)}")
+    known = (*STRATEGIES, *BASELINES)
+    if request.strategy not in known:
+        raise QraError(f"--strategy {request.strategy!r} is not one of {', '.join(known)}")
+    if request.journal is not None and request.journal.exists() and not request.resume:
+        raise QraError(f"journal {request.journal} exists: pass --resume to continue that compile, or remove it")
+
+
+def budget_bounds(space: SearchSpace) -> tuple[int, int]:
+    """The smallest and largest footprint any configuration of the space can have."""
+    return space.cost(space.smallest()), space.cost(space.largest())
+
+
+def _check_budget(space: SearchSpace, budget: Budget) -> bool:
+    """Fails below the smallest footprint; returns whether the budget exceeds the largest."""
+    smallest, largest = budget_bounds(space)
+    if budget.bytes < smallest:
+        raise QraError(
+            f"budget {budget.text} is below the smallest possible footprint, {format_bytes(smallest)} "
+            f"(every layer at {space.bits[0]} bits, rank {space.ranks[0]}): raise the budget, or lower "
+            "--seq-len or --batch-size, or turn on --grad-checkpointing"
+        )
+    if budget.bytes >= largest:
+        log.info("the budget %s fits even the largest configuration (%s): the best plan is returned",
+                 budget.text, format_bytes(largest))
+        return True
+    return False
+
+
+def _model(request: CompileRequest) -> tuple[ModelSource, ModelSpec]:
+    source = resolve_model(request.model)
+    if not source.has_weights:
+        raise QraError(f"model {source.name!r} is a config without weights: the search measures the model itself")
+    spec = spec_from_config(load_config(source))
+    if spec.max_positions and request.training.seq_len > spec.max_positions:
+        raise QraError(f"--seq-len {request.training.seq_len} is above the model's limit of {spec.max_positions}")
+    return source, spec
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _evaluator(request: CompileRequest, source: ModelSource, space: SearchSpace, effort: Effort, work: Path) -> FidelityEvaluator:
+    log.info("loading %s and tokenizing %s", source.name, request.data)
+    model, tokenizer = load_model(source, "float32")
+    dataset = load_dataset(request.data, seed=request.training.seed)
+    training = request.training
+    data = prepare_data(dataset, tokenizer, training.seq_len, training.batch_size, training.seed, effort.held_out_batches)
+    cache = QuantCache(model, space.spec, data.train[: effort.calibration_batches], request.group_size, folder=work / "qcache")
+    return FidelityEvaluator(model, space, EvalData(data.train, data.held_out, data.answers), cache, effort.ladder, tokenizer)
+
+
+def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: Effort, work: Path) -> Importance:
+    space = evaluator.space
+    if request.strategy not in PRIORS_STRATEGIES:
+        return flat_importance(len(space.units), space.bits, space.ranks)
+    log.info("measuring importance priors: %d units x %d bit-widths, %d rank probes", len(space.units), len(space.bits), len(space.ranks))
+    return measure_priors(evaluator, PriorSettings(effort.held_out_batches, effort.prior_probe_steps), journal=work / "priors.json")
+
+
+def _strategy(problem: Problem, name: str, seed: int):
+    return STRATEGIES[name](problem, seed) if name in STRATEGIES else Baseline(problem, name)
+
+
+def _baseline_scores(problem: Problem, evaluator: FidelityEvaluator, journal: Path | None) -> dict[str, float]:
+    """The uniform (QLoRA-style) configuration at the same budget, scored at the top fidelity in this run
+    (journaled on its own, beside the search's journal)."""
+    baseline_journal = Journal(journal.with_name(journal.stem + ".baseline.jsonl")) if journal is not None else None
+    result = run_search(Baseline(problem, "uniform"), evaluator, 1, journal=baseline_journal)
+    gene = result.best_config[0]
+    return {f"uniform {gene.bits}-bit rank {gene.rank}": result.best_score}
+
+
+def compile_plan(request: CompileRequest, on_progress: Callable[[Evaluation], None] | None = None) -> CompileOutcome:
+    """Run every stage and return the verified plan (not yet written) with the search's record."""
+    began = time.perf_counter()
+    _check_request(request)
+    source, spec = _model(request)
+    space = build_space(spec, request.bits, request.ranks, request.training, request.device, request.granularity, request.group_size)
+    above_maximum = _check_budget(space, request.budget)
+    effort = EFFORTS[request.effort]
+    work = request.work or Path(".qra-work")
+    evaluator = _evaluator(request, source, space, effort, work)
+    importance = _importance(request, evaluator, effort, work)
+    problem = Problem(space, importance, request.budget.bytes, fidelities=tuple(range(effort.ladder.levels)))
+    journal = Journal(request.journal) if request.journal is not None else None
+    log.info("searching: %s, %d evaluations", request.strategy, effort.evaluations)
+    result = run_search(_strategy(problem, request.strategy, request.training.seed), evaluator, effort.evaluations, on_progress, journal)
+    baselines = _baseline_scores(problem, evaluator, request.journal)
+    log.info("quantization cache: %s", evaluator.cache.stats)
+    plan = Plan(
+        model=model_ref(spec, source.name, content_hash(source)),
+        budget=request.budget,
+        training=request.training,
+        device=request.device,
+        layers=space.layer_plans(result.best_config),
+        predicted=Prediction(score=result.best_score, metric="held-out loss", fidelity=f"f{result.best_fidelity}"),
+        provenance=Provenance(
+            strategy=request.strategy,
+            seed=request.training.seed,
+            evaluations={f"f{fidelity}": count for fidelity, count in result.evaluations.items()},
+            wall_time_s=round(time.perf_counter() - began, 1),
+            versions=_versions(),
+            baselines=baselines,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            note=f"effort {request.effort}, granularity {request.granularity}, data {request.data}, "
+            f"best {config_key(result.best_config)}",
+        ),
+    )
+    plan = with_memory(plan, spec)
+    verdict = verify_plan(plan, spec)
+    if not verdict.verified:
+        raise QraError(f"internal error: the compiled plan does not verify: {verdict.problems[0]}", exit_code=1)
+    return CompileOutcome(plan, result, above_maximum)
