@@ -62,7 +62,7 @@ class CompileRequest:
     bits: tuple[int, ...] = (2, 3, 4, 8)
     ranks: tuple[int, ...] = (4, 8, 16, 32)
     granularity: Granularity = "layer"
-    effort: str = "quick"
+    effort: "str | Effort" = "quick"
     strategy: str = "autoqra"
     training: Training = field(default_factory=Training)
     device: Device = field(default_factory=Device)
@@ -80,7 +80,7 @@ class CompileOutcome:
 
 
 def _check_request(request: CompileRequest) -> None:
-    if request.effort not in EFFORTS:
+    if not isinstance(request.effort, Effort) and request.effort not in EFFORTS:
         raise QraError(f"--effort {request.effort!r} is not one of {', '.join(EFFORTS)}")
     known = (*STRATEGIES, *BASELINES)
     if request.strategy not in known:
@@ -168,7 +168,7 @@ def compile_plan(request: CompileRequest, on_progress: Callable[[Evaluation], No
     source, spec = _model(request)
     space = build_space(spec, request.bits, request.ranks, request.training, request.device, request.granularity, request.group_size)
     above_maximum = _check_budget(space, request.budget)
-    effort = EFFORTS[request.effort]
+    effort = request.effort if isinstance(request.effort, Effort) else EFFORTS[request.effort]
     work = request.work or Path(".qra-work")
     evaluator = _evaluator(request, source, space, effort, work)
     importance = _importance(request, evaluator, effort, work)
@@ -193,7 +193,7 @@ def compile_plan(request: CompileRequest, on_progress: Callable[[Evaluation], No
             versions=_versions(),
             baselines=baselines,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            note=f"effort {request.effort}, granularity {request.granularity}, data {request.data}, "
+            note=f"effort {request.effort if isinstance(request.effort, str) else 'custom'}, granularity {request.granularity}, data {request.data}, "
             f"best {config_key(result.best_config)}",
         ),
     )

@@ -24,8 +24,10 @@ ModelOption = Annotated[str, typer.Option("--model", "-m", help="local folder, .
 
 def _quiet_libraries() -> None:
     import os
+    import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     # transformers imports torchao, which logs "Failed to load ..." for its optional CUDA kernels and makes torch
     # warn about its Enum registrations: noise on every command's stderr, around the one line an error should be.

@@ -1,0 +1,124 @@
+"""The journal: every evaluation is appended to disk as it completes, so an interrupted compile resumes.
+
+One JSON object per line, `{"index", "config", "fidelity", "score", "seconds", "stage"}`, flushed and
+fsync'ed per record. Resume is by replay (DESIGN, "The search": an interrupted compile resumes and
+reaches the same plan as an uninterrupted one with the same seed): a search is deterministic given its
+seed and the scores it is told, so a rerun asks for the same evaluations in the same order, and the
+k-th request is answered from the k-th record instead of being evaluated again. A record counts once
+its newline is on disk; a last line cut off mid-write (the process was killed) is dropped.
+"""
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from qra.compiler.space import Config, config_key
+from qra.errors import QraError
+
+log = logging.getLogger(__name__)
+
+
+class Objective(Protocol):
+    """What the search scores: held-out loss of `config` at `fidelity` (lower is better)."""
+
+    def evaluate(self, config: Config, fidelity: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class Record:
+    index: int
+    config: str
+    fidelity: int
+    score: float
+    seconds: float
+    stage: str
+
+
+def _parse(path: Path, number: int, line: bytes) -> Record:
+    try:
+        data = json.loads(line)
+        record = Record(
+            index=int(data["index"]), config=str(data["config"]), fidelity=int(data["fidelity"]),
+            score=float(data["score"]), seconds=float(data["seconds"]), stage=str(data["stage"]),
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise QraError(f"journal {path} line {number} is not an evaluation record ({error})") from None
+    if record.index != number - 1:
+        raise QraError(f"journal {path} line {number} has index {record.index}, expected {number - 1}")
+    return record
+
+
+class Journal:
+    """An append-only JSONL file of evaluations; `records` are the complete ones already on disk."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.records: list[Record] = []
+        self._valid_bytes = 0
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        *complete, tail = data.split(b"\n")
+        self.records = [_parse(self.path, number, line) for number, line in enumerate(complete, 1)]
+        self._valid_bytes = len(data) - len(tail)
+        if tail:
+            log.warning("journal %s: ignoring a last record cut off mid-write (%d bytes)", self.path, len(tail))
+
+    def append(self, config: Config, fidelity: int, score: float, seconds: float, stage: str) -> Record:
+        """Write one record and make it durable before returning."""
+        record = Record(len(self.records), config_key(config), int(fidelity), float(score), float(seconds), stage)
+        line = (json.dumps(asdict(record)) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as handle:
+            if handle.tell() > self._valid_bytes:
+                handle.truncate(self._valid_bytes)
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._valid_bytes += len(line)
+        self.records.append(record)
+        return record
+
+
+class JournaledObjective:
+    """An objective whose k-th evaluation request is answered from the journal's k-th record when there
+    is one (it must ask for the same config at the same fidelity), and otherwise evaluated and appended.
+
+    `evaluated` and `replayed` count requests per fidelity: run now, and answered from the journal."""
+
+    def __init__(self, objective: Objective, journal: Journal) -> None:
+        self.objective = objective
+        self.journal = journal
+        self.evaluated: Counter[int] = Counter()
+        self.replayed: Counter[int] = Counter()
+        self._requests = 0
+
+    def evaluate(self, config: Config, fidelity: int, stage: str = "search") -> float:
+        index = self._requests
+        self._requests += 1
+        if index < len(self.journal.records):
+            return self._replay(self.journal.records[index], config, fidelity)
+        started = time.perf_counter()
+        score = float(self.objective.evaluate(config, fidelity))
+        self.journal.append(config, fidelity, score, time.perf_counter() - started, stage)
+        self.evaluated[fidelity] += 1
+        return score
+
+    def _replay(self, record: Record, config: Config, fidelity: int) -> float:
+        key = config_key(config)
+        if record.config != key or record.fidelity != fidelity:
+            raise QraError(
+                f"journal {self.journal.path} does not match this compile: evaluation {record.index} asks for "
+                f"{key} at fidelity {fidelity}, the journal holds {record.config} at fidelity {record.fidelity} "
+                "(it was written with other settings, seed or model; delete it or rerun with the original ones)",
+                exit_code=2,
+            )
+        self.replayed[fidelity] += 1
+        return record.score

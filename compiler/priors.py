@@ -1,0 +1,149 @@
+"""AutoQRA stage "priors": per-unit quantization sensitivity and rank plasticity, measured on the model.
+
+- Sensitivity at b bits: the held-out loss increase when that unit alone is quantized to b bits (its cached
+  GPTQ weights) and every other unit keeps its float weights; no training. Measured damage, not weight error:
+  a layer's relative weight error barely varies across layers and does not predict its damage (DESIGN.md).
+- Plasticity at rank r: one short LoRA probe per rank with every unit at rank r on the float model, then
+  leave-one-out attribution: the held-out loss increase when that unit's adapters alone are switched off.
+  It is the loss decrease the unit's rank-r adapter buys, measured in the presence of the others (they are
+  present in every real candidate too), at the cost of one probe per rank plus one loss per unit and rank,
+  instead of one probe per unit and rank.
+
+Both are divided by the float model's held-out loss (relative loss change), so they share one scale and
+`Importance.lost` can subtract them. Negative measurements (noise, an adapter that overfits) count as 0,
+and each unit's values are made monotone: fewer bits never hurt less, more rank never gains less.
+
+Every measurement is journaled as it completes (`journal`, JSON, replaced atomically); a rerun with the same
+evaluator and settings reuses the finished entries, and a journal for anything else is started afresh.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qra.compiler.fidelity import FidelityEvaluator
+from qra.compiler.importance import Importance
+from qra.compiler.space import Config, Gene
+
+log = logging.getLogger(__name__)
+FLOAT_BITS = 16
+
+
+@dataclass(frozen=True)
+class PriorSettings:
+    held_out_batches: int = 4
+    probe_steps: int = 16
+
+
+class _Journal:
+    """Raw measurements by name, persisted after each one when a path is given."""
+
+    def __init__(self, path: Path | None, key: str) -> None:
+        self.path = path
+        self.key = key
+        self.entries: dict[str, float] = {}
+        if path is not None and path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                self.entries = {name: float(value) for name, value in data["entries"].items()}
+            else:
+                log.warning("priors journal %s is for another model, data or settings: starting afresh", path)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def get(self, name: str, measure: Callable[[], float]) -> float:
+        if name not in self.entries:
+            self.record(name, measure())
+        return self.entries[name]
+
+    def record(self, name: str, value: float) -> None:
+        self.entries[name] = value
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.path.with_name(self.path.name + ".tmp")
+        staging.write_text(json.dumps({"key": self.key, "entries": self.entries}, indent=1))
+        os.replace(staging, self.path)
+
+
+def _journal_key(evaluator: FidelityEvaluator, settings: PriorSettings) -> str:
+    identity = {"evaluator": evaluator.fingerprint, "settings": asdict(settings)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _only(evaluator: FidelityEvaluator, unit: int, gene: Gene, rank: int) -> Config:
+    """Every unit at 16 bits and `rank`, except `unit`, which gets `gene`."""
+    return tuple(gene if index == unit else Gene(FLOAT_BITS, rank) for index in range(len(evaluator.space.units)))
+
+
+def _measure_sensitivity(evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple, base: float) -> list[dict[int, float]]:
+    rank = evaluator.space.ranks[0]
+    raw = []
+    for unit in range(len(evaluator.space.units)):
+        losses = {}
+        for bits in evaluator.space.bits:
+            if bits >= FLOAT_BITS:
+                losses[bits] = 0.0
+                continue
+
+            def measure(unit: int = unit, bits: int = bits) -> float:
+                with evaluator.quantized(_only(evaluator, unit, Gene(bits, rank), rank)):
+                    return evaluator.loss(evaluator.model, held_out) - base
+
+            losses[bits] = journal.get(f"sensitivity/{unit}/{bits}", measure)
+        raw.append(losses)
+    return raw
+
+
+def _probe(evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple, rank: int, steps: int) -> None:
+    """One joint probe at `rank`, then each unit's adapters switched off in turn (leave-one-out)."""
+    config = evaluator.space.uniform(FLOAT_BITS, rank)
+    with evaluator.adapted(config) as peft_model:
+        evaluator.fine_tune(peft_model, steps)
+        full = evaluator.loss(peft_model, held_out)
+        for index, unit in enumerate(evaluator.space.units):
+            layers = [evaluator.model.get_submodule(evaluator.space.spec.module_path(unit.layer, m)) for m in unit.modules]
+            for layer in layers:
+                layer.enable_adapters(False)
+            without = evaluator.loss(peft_model, held_out)
+            for layer in layers:
+                layer.enable_adapters(True)
+            journal.record(f"plasticity/{index}/{rank}", without - full)
+
+
+def _measure_plasticity(evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple, steps: int) -> list[dict[int, float]]:
+    units = range(len(evaluator.space.units))
+    for rank in evaluator.space.ranks:
+        if not all(f"plasticity/{unit}/{rank}" in journal for unit in units):
+            _probe(evaluator, journal, held_out, rank, steps)
+    return [{rank: journal.entries[f"plasticity/{unit}/{rank}"] for rank in evaluator.space.ranks} for unit in units]
+
+
+def _monotone(values: dict[int, float], scale: float, descending: bool) -> dict[int, float]:
+    """Clip at 0, divide by `scale`, and take the running maximum along the keys (descending or ascending)."""
+    result, best = {}, 0.0
+    for key in sorted(values, reverse=descending):
+        best = max(best, values[key] / scale)
+        result[key] = best
+    return result
+
+
+def measure_priors(
+    evaluator: FidelityEvaluator, settings: PriorSettings = PriorSettings(), journal: Path | None = None
+) -> Importance:
+    """AutoQRA's importance priors for every unit of the evaluator's space (resumable through `journal`)."""
+    record = _Journal(journal, _journal_key(evaluator, settings))
+    held_out = evaluator.data.held_out[: settings.held_out_batches]
+    base = record.get("base", lambda: evaluator.loss(evaluator.model, held_out))
+    sensitivity = _measure_sensitivity(evaluator, record, held_out, base)
+    plasticity = _measure_plasticity(evaluator, record, held_out, settings.probe_steps)
+    log.info("priors measured (%d entries, base loss %.4f)", len(record.entries), base)
+    return Importance(
+        sensitivity=tuple(_monotone(values, base, descending=True) for values in sensitivity),
+        plasticity=tuple(_monotone(values, base, descending=False) for values in plasticity),
+    )

@@ -1,0 +1,238 @@
+"""AutoQRA stage "quantization cache": each (module, bits) is GPTQ-quantized once, and every candidate reuses it.
+
+Calibration is independent per module: forward hooks on the *float* model record the input of every linear
+over the calibration batches, and gptqmodel's GPTQ algorithm quantizes each module against the Hessian of
+its float input. Quantizing sequentially (each layer calibrated on the already-quantized layers before it)
+would make a module's result depend on every earlier choice of the candidate, so it could not be cached,
+and it exaggerates a layer's damage several-fold (see DESIGN.md).
+
+The algorithm is gptqmodel's own `GPTQ` class, configured as the real quantization pass configures it
+(`QuantizeConfig(bits, group_size, sym=True, desc_act=False)`, a per-channel quantizer). Modules of a layer
+that read the same input (q/k/v; gate/up) share one Hessian, and one inverse Hessian factor serves every
+bit-width of a module (gptqmodel's `adopt_hessian_from` and `SharedHessianFactorCache`, its own mechanisms
+for shared inputs). The result is packed into gptqmodel's `TorchLinear` and unpacked with its
+`dequantize_weight`, so the cached tensor holds exactly the fp16 values the packed GPTQ module serves.
+
+Cached weights stay in memory and, with a cache folder, on disk as safetensors under
+`<folder>/<model fingerprint>/g<group size>-<calibration hash>/<module path>.<bits>bit.safetensors`, so a
+resumed compile reuses them. The cache must be asked while the model holds its float weights.
+"""
+
+import functools
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qra.plans.fingerprint import structural_fingerprint
+from qra.plans.spec import LinearSpec, ModelSpec
+from qra.runtime.data import Batch
+from qra.runtime.quantize import quiet_gptqmodel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheStats:
+    """Requests served from memory (`hits`), from the cache folder (`disk_hits`), and quantized (`misses`)."""
+
+    hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0
+    quantize_s: float = 0.0
+
+
+@dataclass
+class _InputGroup:
+    """The Hessian of one input that a layer's modules of one role read, and its inverse factors."""
+
+    hessian: Any  # gptqmodel GPTQ task that only accumulates statistics
+    factors: Any  # gptqmodel SharedHessianFactorCache
+
+
+def batches_digest(batches: Iterable[Batch]) -> str:
+    """sha256 over the token ids and attention masks of `batches`."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for key in ("input_ids", "attention_mask"):
+            tensor = batch[key].to(torch.int64).contiguous()
+            digest.update(f"{key}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_digest(model: nn.Module, spec: ModelSpec) -> str:
+    """sha256 over the structural fingerprint and every decoder linear's weight (as fp32, so a bf16 model and
+    its fp32 copy agree)."""
+    digest = hashlib.sha256(structural_fingerprint(spec).encode())
+    for index, layer in enumerate(spec.layers):
+        for module in layer:
+            weight = model.get_submodule(spec.module_path(index, module)).weight
+            digest.update(weight.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free nn.Linear around `weight` (no copy), for gptqmodel's module-level APIs."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+def _record(group: _InputGroup, current: dict[str, torch.Tensor], module: nn.Module, inputs: tuple, output: Any) -> None:
+    """Forward hook: add the input of the real (unpadded) tokens to the group's Hessian."""
+    hidden = inputs[0].detach()
+    group.hessian.add_batch(hidden[current["mask"]], None)
+
+
+class QuantCache:
+    """GPTQ-quantized, dequantized weights per (module, bits), computed once (AutoQRA's quantization cache)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ModelSpec,
+        calibration: Sequence[Batch],
+        group_size: int = 128,
+        folder: Path | None = None,
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.group_size = group_size
+        self.calibration = list(calibration)
+        self.calibration_hash = batches_digest(self.calibration)
+        self.fingerprint = model_digest(model, spec)
+        self.folder = (
+            Path(folder).resolve() / self.fingerprint[:16] / f"g{group_size}-{self.calibration_hash[:16]}"
+            if folder is not None
+            else None
+        )
+        self.stats = CacheStats()
+        self._weights: dict[tuple[int, str, int], torch.Tensor] = {}
+        self._groups: dict[tuple[int, str], _InputGroup] | None = None
+
+    def weight(self, layer: int, module: LinearSpec, bits: int) -> torch.Tensor:
+        """The dequantized fp16 weight `[out, in]` of `module` of `layer` GPTQ-quantized to `bits`."""
+        if bits >= 16:
+            raise ValueError(f"bits={bits}: 16-bit modules keep their float weight and are not cached")
+        key = (layer, module.name, bits)
+        if key in self._weights:
+            self.stats.hits += 1
+            return self._weights[key]
+        weight = self._load(layer, module, bits)
+        if weight is None:
+            began = time.perf_counter()
+            weight = self._quantize(layer, module, bits)
+            self.stats.misses += 1
+            self.stats.quantize_s += time.perf_counter() - began
+            self._save(layer, module, bits, weight)
+        else:
+            self.stats.disk_hits += 1
+        self._weights[key] = weight
+        return weight
+
+    def release_calibration(self) -> None:
+        """Drop the Hessians (a few hundred MB for a 135M model) once every needed weight is cached."""
+        self._groups = None
+
+    def _path(self, layer: int, module: LinearSpec, bits: int) -> Path | None:
+        if self.folder is None:
+            return None
+        return self.folder / f"{self.spec.module_path(layer, module)}.{bits}bit.safetensors"
+
+    def _load(self, layer: int, module: LinearSpec, bits: int) -> torch.Tensor | None:
+        path = self._path(layer, module, bits)
+        if path is None or not path.is_file():
+            return None
+        weight = load_file(path)["weight"]
+        if tuple(weight.shape) != (module.out_features, module.in_features):
+            log.warning("ignoring %s: shape %s does not match the module", path, tuple(weight.shape))
+            return None
+        return weight
+
+    def _save(self, layer: int, module: LinearSpec, bits: int, weight: torch.Tensor) -> None:
+        path = self._path(layer, module, bits)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(path.name + ".tmp")
+        metadata = {
+            "fingerprint": self.fingerprint,
+            "calibration": self.calibration_hash,
+            "module": self.spec.module_path(layer, module),
+            "bits": str(bits),
+            "group_size": str(self.group_size),
+        }
+        save_file({"weight": weight.contiguous()}, staging, metadata=metadata)
+        os.replace(staging, path)
+
+    def _calibrate(self) -> dict[tuple[int, str], _InputGroup]:
+        """One forward pass of the float model over the calibration batches, every module's input recorded."""
+        from gptqmodel import QuantizeConfig
+        from gptqmodel.quantization.gptq import GPTQ, SharedHessianFactorCache
+
+        began = time.perf_counter()
+        groups: dict[tuple[int, str], _InputGroup] = {}
+        current: dict[str, torch.Tensor] = {}
+        handles = []
+        with quiet_gptqmodel():
+            for index, layer in enumerate(self.spec.layers):
+                for module in layer:
+                    if (index, module.role) in groups:
+                        continue
+                    shape = torch.empty((module.out_features, module.in_features), device="meta")
+                    group = _InputGroup(
+                        GPTQ(_linear(shape), QuantizeConfig(offload_to_disk=False)),
+                        SharedHessianFactorCache(generation=0, cohort=f"{index}.{module.role}"),
+                    )
+                    groups[(index, module.role)] = group
+                    target = self.model.get_submodule(self.spec.module_path(index, module))
+                    handles.append(target.register_forward_hook(functools.partial(_record, group, current)))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for batch in self.calibration:
+                    current["mask"] = batch["attention_mask"].bool()
+                    self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.model.train(was_training)
+        log.info("calibrated %d module inputs on %d batches in %.1fs", len(groups), len(self.calibration),
+                 time.perf_counter() - began)
+        return groups
+
+    def _quantize(self, layer: int, module: LinearSpec, bits: int) -> torch.Tensor:
+        """gptqmodel's GPTQ on the float weight, packed and dequantized by gptqmodel's TorchLinear."""
+        from gptqmodel import QuantizeConfig
+        from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+        from gptqmodel.quantization.gptq import GPTQ
+
+        if self._groups is None:
+            self._groups = self._calibrate()
+        group = self._groups[(layer, module.role)]
+        source = self.model.get_submodule(self.spec.module_path(layer, module)).weight.detach()
+        config = QuantizeConfig(bits=bits, group_size=self.group_size, sym=True, desc_act=False, offload_to_disk=False)
+        with quiet_gptqmodel():
+            task = GPTQ(_linear(source), config)
+            task.quantizer.configure(perchannel=True)
+            task.attach_shared_hessian_cache(group.factors)
+            task.adopt_hessian_from(group.hessian)
+            quantized, scales, zeros, g_idx, *_ = task.quantize()
+            task.free()
+            packed = TorchLinear(
+                bits=bits, group_size=self.group_size, sym=True, desc_act=False,
+                in_features=module.in_features, out_features=module.out_features, bias=False,
+            )
+            packed.pack_original(linear=_linear(quantized), scales=scales, zeros=zeros, g_idx=g_idx)
+            return packed.dequantize_weight().T.contiguous()

@@ -1,0 +1,52 @@
+"""AutoQRA end to end (arXiv 2602.22268): the importance priors (stage 1, measured elsewhere and held by
+the problem) warm-start the multi-fidelity, surrogate-screened evolution (stage 2), which spends about
+`evolution_share` of the evaluations; trust-region BO (stage 3) then refines around the best config,
+with every top-fidelity score of the evolution told to its model up front."""
+
+import logging
+
+from qra.compiler.strategies.base import Candidate, Problem, Strategy
+from qra.compiler.strategies.evolution import Evolution
+from qra.compiler.strategies.trbo import TrustRegionBO
+
+log = logging.getLogger(__name__)
+
+
+class AutoQRA:
+    def __init__(self, problem: Problem, seed: int = 0, evolution_share: float = 0.6, **evolution_settings) -> None:
+        self.problem = problem
+        self.seed = seed
+        self.evolution_share = evolution_share
+        self.evolution_settings = evolution_settings
+
+    def start(self, budget_evaluations: int) -> None:
+        self.evolution = Evolution(self.problem, self.seed, **self.evolution_settings)
+        self.evolution.start(budget_evaluations)
+        self.refinement: TrustRegionBO | None = None
+        self._budget = budget_evaluations
+        self._evolution_budget = round(self.evolution_share * budget_evaluations)
+        self._told = 0
+        self._phase: Strategy = self.evolution
+
+    def ask(self) -> list[Candidate]:
+        if self.refinement is None and self._told >= self._evolution_budget:
+            self._phase = self.refinement = self._refinement()
+        batch = self._phase.ask()
+        if not batch and self.refinement is None:
+            self._phase = self.refinement = self._refinement()
+            batch = self._phase.ask()
+        return batch
+
+    def tell(self, candidate: Candidate, score: float) -> None:
+        self._told += 1
+        self._phase.tell(candidate, score)
+
+    def _refinement(self) -> TrustRegionBO:
+        top = self.problem.top
+        ranked = self.evolution.ranked()
+        observed = [(i.config, i.scores[top]) for i in ranked if top in i.scores]
+        best = ranked[0].config if ranked else None
+        log.info("AutoQRA: evolution spent %d evaluations; refining around %s", self._told, best)
+        refinement = TrustRegionBO(self.problem, self.seed + 1, start=best, observed=observed, radius=1)
+        refinement.start(self._budget - self._told)
+        return refinement

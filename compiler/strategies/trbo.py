@@ -1,0 +1,171 @@
+"""Stage 3 of AutoQRA: trust-region Bayesian optimisation around the incumbent.
+
+Coordinates are the ordinal indices of `Problem.encode` (each unit's bit-width index, then its rank
+index). The trust region is a box of half-width `radius` index steps around the incumbent. Each ask
+builds a scikit-optimize `Optimizer` (Gaussian process, expected improvement) over the box, tells it
+every observation inside the box, and asks it for one point; the point is repaired before scoring, and
+its score is recorded both at the asked point (the function skopt models is score after repair) and at
+the repaired point. The region grows after `success_tolerance` consecutive improvements of the
+incumbent and shrinks after `failure_tolerance` consecutive failures (TuRBO's rule).
+"""
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+from skopt import Optimizer
+from skopt.space import Integer, Space
+from skopt.utils import cook_estimator
+from threadpoolctl import threadpool_limits
+
+from qra.compiler.space import Config
+from qra.compiler.strategies.base import Candidate, Problem
+
+DRAWS = 2  # model proposals per ask before exploring at random for a config not yet scored
+EXPLORE_DRAWS = 64  # random points of the region tried before settling for an already scored config
+MODEL_POINTS = 64  # observations the GP is fitted to (those nearest the incumbent), to bound its cost
+IMPROVEMENT = 1e-3  # relative improvement of the incumbent that counts as a success
+
+
+@dataclass(frozen=True)
+class TrustRegion:
+    radius: int
+    min_radius: int
+    max_radius: int
+    success_tolerance: int = 1
+    failure_tolerance: int = 3
+    successes: int = 0
+    failures: int = 0
+
+    def update(self, success: bool) -> "TrustRegion":
+        """Grow after `success_tolerance` consecutive successes, shrink after `failure_tolerance` failures."""
+        if success:
+            if self.successes + 1 >= self.success_tolerance:
+                return replace(self, radius=min(self.radius + 1, self.max_radius), successes=0, failures=0)
+            return replace(self, successes=self.successes + 1, failures=0)
+        if self.failures + 1 >= self.failure_tolerance:
+            return replace(self, radius=max(self.radius - 1, self.min_radius), successes=0, failures=0)
+        return replace(self, successes=0, failures=self.failures + 1)
+
+    def bounds(self, center: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.maximum(center - self.radius, 0), np.minimum(center + self.radius, levels - 1)
+
+
+class TrustRegionBO:
+    def __init__(
+        self,
+        problem: Problem,
+        seed: int = 0,
+        start: Config | None = None,
+        observed: Sequence[tuple[Config, float]] = (),
+        radius: int = 2,
+        success_tolerance: int = 1,
+        failure_tolerance: int = 3,
+        initial_points: int = 4,
+        candidates: int = 512,
+        stage: str = "trbo",
+    ) -> None:
+        """`start` is the first incumbent (default: a random repaired config); `observed` are configs
+        already scored at the top fidelity (e.g. by the evolution stage), told to the model up front."""
+        self.problem = problem
+        self.seed = seed
+        self.start_config, self.observed = start, tuple(observed)
+        self.radius, self.success_tolerance, self.failure_tolerance = radius, success_tolerance, failure_tolerance
+        self.initial_points, self.candidates, self.stage = initial_points, candidates, stage
+
+    def start(self, budget_evaluations: int) -> None:
+        self._rng = np.random.default_rng(self.seed)
+        levels = self.problem.levels()
+        self.region = TrustRegion(
+            radius=min(self.radius, int(levels.max()) - 1), min_radius=1, max_radius=int(levels.max()) - 1,
+            success_tolerance=self.success_tolerance, failure_tolerance=self.failure_tolerance,
+        )
+        self._observations: dict[tuple[int, ...], float] = {}
+        self._scored: dict[Config, float] = {}
+        for config, score in self.observed:
+            self._observe(config, score)
+        start = self.start_config or self.problem.repair(self.problem.random_config(self._rng))
+        self.incumbent: Config = start
+        self.incumbent_score: float | None = self._scored.get(start)
+        self._asked: tuple[int, ...] | None = None
+
+    def ask(self) -> list[Candidate]:
+        if self.incumbent_score is None:
+            return [Candidate(self.incumbent, self.problem.top, self.stage)]
+        with threadpool_limits(1, user_api="blas"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # skopt warns when it proposes a point it was told before
+            for _ in range(DRAWS):
+                point = self._propose()
+                config = self.problem.repair(self.problem.decode(np.array(point)))
+                if config not in self._scored:
+                    break
+                self._observations[point] = self._scored[config]
+            else:
+                point, config = self._explore()
+        self._asked = point
+        return [Candidate(config, self.problem.top, self.stage)]
+
+    def tell(self, candidate: Candidate, score: float) -> None:
+        self._observe(candidate.config, score)
+        if self._asked is not None:
+            self._observations[self._asked] = score
+            self._asked = None
+        if self.incumbent_score is None:
+            self.incumbent_score = score
+            return
+        success = score < self.incumbent_score - IMPROVEMENT * abs(self.incumbent_score)
+        if success:
+            self.incumbent, self.incumbent_score = candidate.config, score
+        self.region = self.region.update(success)
+
+    def _observe(self, config: Config, score: float) -> None:
+        self._scored[config] = score
+        self._observations[tuple(int(v) for v in self.problem.encode(config))] = score
+
+    def _propose(self) -> tuple[int, ...]:
+        """One point from a GP-EI optimizer over the trust region, fitted to the observations inside it."""
+        center = self.problem.encode(self.incumbent)
+        low, high = self.region.bounds(center, self.problem.levels())
+        free = np.flatnonzero(high > low)
+        point = center.copy()
+        if free.size:
+            dimensions = [Integer(int(low[i]), int(high[i])) for i in free]
+            state = int(self._rng.integers(2**31))
+            optimizer = Optimizer(
+                dimensions,
+                base_estimator=cook_estimator("GP", space=Space(dimensions), random_state=state, noise="gaussian",
+                                              n_restarts_optimizer=0),
+                n_initial_points=self.initial_points, acq_func="EI", acq_optimizer="sampling",
+                acq_optimizer_kwargs={"n_points": self.candidates}, random_state=state,
+            )
+            inside = self._nearest(center, low, high)
+            if inside:
+                optimizer.tell([[p[i] for i in free] for p, _ in inside], [s for _, s in inside])
+            point[free] = optimizer.ask()
+        return tuple(int(v) for v in point)
+
+
+    def _nearest(self, center: np.ndarray, low: np.ndarray, high: np.ndarray) -> list[tuple[tuple[int, ...], float]]:
+        """The observations inside the box, at most MODEL_POINTS of them, nearest the incumbent first."""
+        inside = [(p, s) for p, s in self._observations.items() if np.all((low <= p) & (p <= high))]
+        inside.sort(key=lambda item: (int(np.abs(np.array(item[0]) - center).sum()), item[0]))
+        return inside[:MODEL_POINTS]
+
+    def _explore(self) -> tuple[tuple[int, ...], Config]:
+        """When the model keeps proposing points whose repair was already scored: a random point of
+        the box whose repair is new, if one turns up."""
+        low, high = self.region.bounds(self.problem.encode(self.incumbent), self.problem.levels())
+        for _ in range(EXPLORE_DRAWS):
+            point = tuple(int(v) for v in self._rng.integers(low, high + 1))
+            config = self.problem.repair(self.problem.decode(np.array(point)))
+            if config not in self._scored:
+                break
+        return point, config
+
+
+class BOOnly(TrustRegionBO):
+    """Ablation: trust-region BO alone, from a random repaired start, with flat importance (in repair)."""
+
+    def __init__(self, problem: Problem, seed: int = 0, **settings) -> None:
+        super().__init__(problem.flat(), seed, **settings)

@@ -1,0 +1,108 @@
+"""`qra compile` on a tiny Llama with a cheap fidelity ladder: every stage runs, the plan verifies and
+materializes, an interrupted compile resumes to the same plan, and impossible budgets fail cleanly."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from qra.cli import app
+from qra.compiler.compile import CompileRequest, Effort, budget_bounds, compile_plan
+from qra.compiler.fidelity import FidelityLadder
+from qra.compiler.space import build_space, config_key
+from qra.errors import QraError
+from qra.plans.io import save_plan
+from qra.plans.schema import Budget, Device, Training
+from qra.plans.verify import verify_plan
+from tiny import save_tiny_model, tiny_spec
+
+CHEAP = Effort(10, FidelityLadder(steps=(0, 2, 4)), prior_probe_steps=2, calibration_batches=2, held_out_batches=1)
+TRAINING = Training(seq_len=24, batch_size=2, steps=4, learning_rate=5e-3)
+DEVICE = Device(kind="cpu", context_bytes=0)
+BITS, RANKS = (2, 4, 8), (4, 16)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", "llama", layers=2)
+
+
+def middle_budget() -> int:
+    space = build_space(tiny_spec("llama", layers=2), BITS, RANKS, TRAINING, DEVICE)
+    low, high = budget_bounds(space)
+    return (low + high) // 2
+
+
+def request(folder, tmp_path, **changes) -> CompileRequest:
+    settings = dict(
+        model=str(folder), budget=Budget(bytes=middle_budget(), text="middle"), bits=BITS, ranks=RANKS,
+        effort=CHEAP, training=TRAINING, device=DEVICE, journal=tmp_path / "journal.jsonl", work=tmp_path / "work",
+    )
+    return CompileRequest(**(settings | changes))
+
+
+def test_compile_runs_every_stage_and_writes_a_verified_plan_with_provenance(tiny_folder, tmp_path):
+    scored = []
+    outcome = compile_plan(request(tiny_folder, tmp_path), on_progress=scored.append)
+    plan = outcome.plan
+    assert verify_plan(plan, tiny_spec("llama", layers=2)).verified
+    space = build_space(tiny_spec("llama", layers=2), BITS, RANKS, TRAINING, DEVICE)
+    assert all(space.cost(evaluation.config) <= plan.budget.bytes for evaluation in scored)
+    assert 0 < len(scored) <= CHEAP.evaluations
+    assert sum(plan.provenance.evaluations.values()) == len(scored)
+    assert plan.provenance.baselines and plan.predicted.fidelity == "f2"
+    stages = {e.stage.split(":")[0] for e in scored}
+    assert stages == {"evolution", "trbo"}
+
+
+def test_interrupted_compile_resumes_to_the_same_plan(tiny_folder, tmp_path):
+    whole = compile_plan(request(tiny_folder, tmp_path / "whole"))
+
+    def kill_at_seventh(evaluation):
+        if evaluation.index == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        compile_plan(request(tiny_folder, tmp_path / "killed"), on_progress=kill_at_seventh)
+    resumed = compile_plan(request(tiny_folder, tmp_path / "killed", resume=True))
+    assert resumed.plan.layers == whole.plan.layers
+    assert resumed.result.replayed >= 6
+    assert resumed.plan.predicted.score == pytest.approx(whole.plan.predicted.score)
+
+
+def test_budget_below_the_minimum_fails_with_the_minimum(tiny_folder, tmp_path):
+    with pytest.raises(QraError, match="smallest possible footprint"):
+        compile_plan(request(tiny_folder, tmp_path, budget=Budget(bytes=1000, text="1kB")))
+
+
+def test_budget_below_the_minimum_is_one_line_and_exit_2_from_the_command_line(tiny_folder, tmp_path):
+    result = CliRunner().invoke(app, [
+        "compile", "--model", str(tiny_folder), "--budget", "1kB", "-o", str(tmp_path / "plan.yaml"),
+        "--seq-len", "24", "--batch-size", "2", "--device", "cpu", "--context", "0",
+    ])
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error: budget 1kB is below the smallest possible footprint")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "plan.yaml").exists()
+
+
+def test_a_budget_above_the_maximum_returns_the_best_plan(tiny_folder, tmp_path):
+    outcome = compile_plan(request(tiny_folder, tmp_path, budget=Budget(bytes=10**12, text="1TB"),
+                                   effort=Effort(3, CHEAP.ladder, 2, 2, 1), strategy="uniform"))
+    assert outcome.above_maximum
+    assert outcome.plan.memory.headroom_bytes > 0
+
+
+def test_compiled_plan_verifies_and_materializes(tiny_folder, tmp_path):
+    plan = compile_plan(request(tiny_folder, tmp_path)).plan
+    plan_path = tmp_path / "plan.yaml"
+    save_plan(plan, plan_path)
+    runner = CliRunner()
+    assert runner.invoke(app, ["plan", "verify", str(plan_path)]).exit_code == 0
+    result = runner.invoke(app, ["materialize", str(plan_path), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["memory"]["within_budget"]

@@ -1,0 +1,135 @@
+"""The quantization cache, the fidelity evaluator and the importance priors on a tiny Llama (AutoQRA stages)."""
+
+import pytest
+import torch
+from tiny import save_tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, prepare_data
+from qra.compiler.priors import PriorSettings, measure_priors
+from qra.compiler.qcache import QuantCache
+from qra.compiler.space import Gene, build_space
+from qra.plans.schema import Device, Training
+from qra.plans.spec import spec_from_config
+from qra.runtime.data import load_dataset
+
+GROUP = 32
+
+
+def _memorize(model, train, steps: int = 80) -> None:
+    """Full fine-tuning until the model has learnt `train` by heart. A random tiny model trained briefly on
+    real text barely depends on its decoder weights (noise of their own norm moved its loss by 0.01), so
+    quantization damage would drown in noise; a memorized set makes the weights matter."""
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    model.train()
+    for step in range(steps):
+        model(**train[step % len(train)]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    # One intra-op thread: a tiny model gains nothing from two, and on a shared 2-core machine two threads
+    # spin against other processes (a training step measured 8x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", "llama", layers=4)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    text = prepare_data(load_dataset("python-reference"), tiny_tokenizer(), seq_len=32, batch_size=8)
+    data = EvalData(train=text.train[:2], held_out=text.train[:2])
+    _memorize(model, data.train)
+    spec = spec_from_config(model.config)
+    training = Training(seq_len=32, batch_size=8, steps=1, seed=0)
+    space = build_space(spec, bits=(2, 4, 8), ranks=(2, 4, 8), training=training, device=Device(kind="cpu"), group_size=GROUP)
+    cache = QuantCache(model, spec, data.train, group_size=GROUP, folder=tmp_path_factory.mktemp("qcache"))
+    yield FidelityEvaluator(model, space, data, cache, FidelityLadder(steps=(0, 8, 24), learning_rate=5e-3))
+    torch.set_num_threads(threads)
+
+
+def test_each_module_and_bits_is_quantized_once_and_reloads_from_disk(setup, tmp_path):
+    model, spec, calibration = setup.model, setup.space.spec, setup.cache.calibration
+    module = spec.layers[1][0]
+    cache = QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path)
+    first = cache.weight(1, module, 4)
+    second = cache.weight(1, module, 4)
+    assert second is first
+    assert (cache.stats.misses, cache.stats.hits) == (1, 1)
+    resumed = QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path)
+    assert torch.equal(resumed.weight(1, module, 4), first)
+    assert (resumed.stats.misses, resumed.stats.disk_hits) == (0, 1)
+    other_calibration = QuantCache(model, spec, calibration[:1], group_size=GROUP, folder=tmp_path)
+    other_calibration.weight(1, module, 4)
+    assert other_calibration.stats.misses == 1
+
+
+def test_cached_weights_are_real_gptq_quantizations(setup):
+    spec, cache = setup.space.spec, setup.cache
+    for layer, module in ((0, spec.layers[0][0]), (2, spec.layers[2][-1])):
+        original = setup.model.get_submodule(spec.module_path(layer, module)).weight.detach()
+        errors = {}
+        for bits in (2, 8):
+            weight = cache.weight(layer, module, bits).float()
+            groups = weight.reshape(module.out_features, module.in_features // GROUP, GROUP)
+            distinct = max(len(torch.unique(groups[row, group])) for row in range(groups.shape[0]) for group in range(groups.shape[1]))
+            assert distinct <= 2**bits
+            errors[bits] = float((weight - original).norm() / original.norm())
+        assert errors[8] < errors[2]
+        assert errors[8] < 0.01
+
+
+def test_evaluations_are_deterministic(setup):
+    config = (Gene(2, 2), Gene(8, 8), Gene(4, 4), Gene(16, 2))
+    assert setup.evaluate(config, 0) == setup.evaluate(config, 0)
+    assert setup.evaluate(config, 1) == setup.evaluate(config, 1)
+
+
+def test_more_bits_score_better_and_training_helps(setup):
+    space = setup.space
+    f0 = [setup.evaluate(space.uniform(bits, 4), 0) for bits in (16, 4, 2)]
+    assert f0[0] < f0[2] and f0[1] < f0[2]
+    config = space.uniform(2, 4)
+    assert setup.evaluate(config, 1) < setup.evaluate(config, 0)
+
+
+def test_the_base_model_is_restored_after_each_evaluation(setup):
+    before = {name: tensor.clone() for name, tensor in setup.model.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in setup.model.named_parameters()}
+    for fidelity in (0, 1):
+        setup.measure((Gene(2, 8), Gene(4, 2), Gene(8, 4), Gene(2, 2)), fidelity)
+        after = setup.model.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+        assert {name: p.requires_grad for name, p in setup.model.named_parameters()} == flags
+
+
+def test_priors_are_ordered_and_resume_from_the_journal(setup, tmp_path, monkeypatch):
+    journal = tmp_path / "priors.json"
+    settings = PriorSettings(held_out_batches=2, probe_steps=8)
+    importance = measure_priors(setup, settings, journal)
+    assert len(importance.sensitivity) == len(setup.space.units)
+    for sensitivity, plasticity in zip(importance.sensitivity, importance.plasticity):
+        assert sensitivity[2] >= sensitivity[4] >= sensitivity[8] >= 0
+        assert all(value >= 0 for value in plasticity.values())
+    assert max(s[2] for s in importance.sensitivity) > 0
+    assert all(p[8] > 0 for p in importance.plasticity)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a journaled prior was measured again")
+
+    monkeypatch.setattr(setup, "loss", fail)
+    monkeypatch.setattr(setup, "fine_tune", fail)
+    assert measure_priors(setup, settings, journal) == importance
+
+
+def test_exact_match_is_an_optional_extra_metric(setup):
+    answers = tuple(load_dataset("arithmetic").held_out[:3])
+    data = EvalData(train=setup.data.train, held_out=setup.data.held_out, answers=answers)
+    ladder = FidelityLadder(steps=(0,), exact_match=True)
+    evaluator = FidelityEvaluator(setup.model, setup.space, data, setup.cache, ladder, tiny_tokenizer())
+    result = evaluator.measure(setup.space.uniform(8, 2), 0)
+    assert result.exact_match is not None and 0.0 <= result.exact_match <= 1.0
+    assert result.loss == setup.evaluate(setup.space.uniform(8, 2), 0)
+    assert setup.measure(setup.space.uniform(8, 2), 0).exact_match is None
