@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, prepare_data
 from qra.compiler.importance import Importance, flat_importance
 from qra.compiler.journal import Journal
@@ -132,12 +134,15 @@ def _versions() -> dict[str, str]:
 
 def _evaluator(request: CompileRequest, source: ModelSource, space: SearchSpace, effort: Effort, work: Path) -> FidelityEvaluator:
     log.info("loading %s and tokenizing %s", source.name, request.data)
-    model, tokenizer = load_model(source, "float32")
+    # bf16 like the runtime trains in, and on CPU about 1.8x faster than fp32 for SmolLM2's LoRA steps
+    model, tokenizer = load_model(source, "bfloat16")
     dataset = load_dataset(request.data, seed=request.training.seed)
     training = request.training
     data = prepare_data(dataset, tokenizer, training.seq_len, training.batch_size, training.seed, effort.held_out_batches)
     cache = QuantCache(model, space.spec, data.train[: effort.calibration_batches], request.group_size, folder=work / "qcache")
-    return FidelityEvaluator(model, space, EvalData(data.train, data.held_out, data.answers), cache, effort.ladder, tokenizer)
+    return FidelityEvaluator(
+        model, space, EvalData(data.train, data.held_out, data.answers), cache, effort.ladder, tokenizer, dtype=torch.bfloat16
+    )
 
 
 def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: Effort, work: Path) -> Importance:

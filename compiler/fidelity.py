@@ -34,7 +34,7 @@ from torch import nn
 
 from qra.compiler.qcache import QuantCache, batches_digest
 from qra.compiler.space import Config, SearchSpace, config_key
-from qra.runtime.data import Batch, Dataset, Example, batches, pack_text, pad_id, tokenize_examples
+from qra.runtime.data import Batch, Dataset, Example, batches, pad_id, training_features
 from qra.runtime.lora import attach_lora
 from qra.runtime.train import held_out_loss, train_lora
 
@@ -75,19 +75,13 @@ class Evaluation:
     wall_s: float
 
 
-def _features(examples: Sequence[Example], tokenizer, seq_len: int) -> list:
-    if examples and all(example.is_text for example in examples):
-        return pack_text(examples, tokenizer, seq_len)
-    return tokenize_examples(examples, tokenizer, seq_len)
-
-
 def prepare_data(
     dataset: Dataset, tokenizer, seq_len: int, batch_size: int, seed: int = 0, held_out_batches: int = 8
 ) -> EvalData:
     """Tokenize a data set as `qra materialize` does (plain text packed, prompt/response one per sequence)."""
     pad = pad_id(tokenizer)
-    train = batches(_features(dataset.train, tokenizer, seq_len), batch_size, seed, 0, pad)
-    held_out = batches(_features(dataset.held_out, tokenizer, seq_len), batch_size, seed, 0, pad)[:held_out_batches]
+    train = batches(training_features(dataset.train, tokenizer, seq_len), batch_size, seed, 0, pad)
+    held_out = batches(training_features(dataset.held_out, tokenizer, seq_len), batch_size, seed, 0, pad)[:held_out_batches]
     if not train or not held_out:
         raise ValueError(f"data {dataset.name!r} gives no training or no held-out sequence at seq_len {seq_len}")
     answers = tuple(example for example in dataset.held_out if not example.is_text)
@@ -200,7 +194,7 @@ class FidelityEvaluator:
             update={"steps": steps, "learning_rate": self.ladder.learning_rate, "grad_accumulation": 1}
         )
         train = self.data.train
-        train_lora(peft_model, training, lambda step, micro: train[step % len(train)])
+        train_lora(peft_model, training, lambda step, micro: train[step % len(train)], measure=False)
 
     def loss(self, model: nn.Module, held_out: Sequence[Batch] | None = None) -> float:
         return held_out_loss(model, self.data.held_out if held_out is None else held_out)

@@ -224,6 +224,14 @@ def pack_text(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, s
     return [{"input_ids": block, "labels": list(block), "attention_mask": [1] * seq_len} for block in blocks]
 
 
+def training_features(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> list[Feature]:
+    """How `qra materialize` and the search tokenize: plain text packed into full blocks, prompt/response
+    examples one per sequence with the loss on the response."""
+    if examples and all(example.is_text for example in examples):
+        return pack_text(examples, tokenizer, seq_len)
+    return tokenize_examples(examples, tokenizer, seq_len)
+
+
 def batches(features: Sequence[Feature], batch_size: int, seed: int, epoch: int, pad: int) -> list[Batch]:
     """The epoch's batches in an order fixed by (seed, epoch) alone, so a resumed run can skip to step k.
 

@@ -24,7 +24,7 @@ from qra.plans.memory import PERSISTENT, estimate_plan, plan_settings
 from qra.plans.schema import Plan
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import verify_plan
-from qra.runtime.data import Dataset, Example, batches, exact_match, load_dataset, pack_text, pad_id, tokenize_examples
+from qra.runtime.data import Dataset, Example, batches, exact_match, load_dataset, pad_id, training_features
 from qra.runtime.train import StepLog, TrainResult, train_lora
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,8 @@ def _model_for(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec]:
 
 
 def _features(dataset: Dataset, tokenizer, seq_len: int) -> tuple[list, list]:
-    def tokenize(examples):
-        if examples and all(example.is_text for example in examples):
-            return pack_text(examples, tokenizer, seq_len)
-        return tokenize_examples(examples, tokenizer, seq_len)
-
-    train, held_out = tokenize(dataset.train), tokenize(dataset.held_out)
+    train = training_features(dataset.train, tokenizer, seq_len)
+    held_out = training_features(dataset.held_out, tokenizer, seq_len)
     if not train:
         raise QraError(f"data {dataset.name!r} gives no training sequence of {seq_len} tokens")
     return train, held_out

@@ -117,11 +117,12 @@ def train_lora(
     checkpoint_every: int = 50,
     resume: bool = False,
     on_step: Callable[[StepLog], None] | None = None,
+    measure: bool = True,
 ) -> TrainResult:
     """Fine-tune the trainable parameters of `model` for `training.steps` optimizer steps.
 
-    `batch_for(step, micro)` gives micro-batch `micro` of optimizer step `step`. The first step run
-    in this process is measured (`TrainResult.measured`). With `resume`, training continues from the
+    `batch_for(step, micro)` gives micro-batch `micro` of optimizer step `step`. With `measure`, the
+    first step run in this process is measured (`TrainResult.measured`). With `resume`, training continues from the
     checkpoint in `checkpoint_dir` and ends where an uninterrupted run with the same seed ends.
     """
     torch.manual_seed(training.seed)
@@ -134,10 +135,12 @@ def train_lora(
     before = held_out_loss(model, held_out) if held_out and start == 0 else None
     model.train()
     measured = None
+    must_measure = measure
     began = time.perf_counter()
     tokens_seen = 0
     for step in range(start, training.steps):
-        measurement = StepMeasurement(model) if measured is None else None
+        measurement = StepMeasurement(model) if must_measure else None
+        must_measure = False
         step_loss = 0.0
         for micro in range(training.grad_accumulation):
             batch = batch_for(step, micro)

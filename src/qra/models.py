@@ -146,12 +146,10 @@ def load_model(source: ModelSource, dtype: str = "bfloat16"):
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
     except (OSError, ValueError) as error:
         raise QraError(f"cannot load model {source.name!r}: {str(error).splitlines()[0]}") from None
-    if source.gguf_file:
+    if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
         # transformers dequantizes GGUF weights on load but keeps a GGUF marker that refuses
-        # save_pretrained; the tensors are plain, so drop the marker.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        # save_pretrained and .float(); the tensors are plain, so remove it the quantizer's own way.
+        model.hf_quantizer.remove_quantization_config(model)
     return model, tokenizer
 
 
