@@ -81,7 +81,9 @@ def _only(evaluator: FidelityEvaluator, unit: int, gene: Gene, rank: int) -> Con
     return tuple(gene if index == unit else Gene(FLOAT_BITS, rank) for index in range(len(evaluator.space.units)))
 
 
-def _measure_sensitivity(evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple, base: float) -> list[dict[int, float]]:
+def _measure_sensitivity(
+    evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple, base: float
+) -> list[dict[int, float]]:
     rank = evaluator.space.ranks[0]
     raw = []
     for unit in range(len(evaluator.space.units)):
@@ -107,7 +109,8 @@ def _probe(evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple, ran
         evaluator.fine_tune(peft_model, steps)
         full = evaluator.loss(peft_model, held_out)
         for index, unit in enumerate(evaluator.space.units):
-            layers = [evaluator.model.get_submodule(evaluator.space.spec.module_path(unit.layer, m)) for m in unit.modules]
+            paths = [evaluator.space.spec.module_path(unit.layer, module) for module in unit.modules]
+            layers = [evaluator.model.get_submodule(path) for path in paths]
             for layer in layers:
                 layer.enable_adapters(False)
             without = evaluator.loss(peft_model, held_out)
@@ -116,7 +119,9 @@ def _probe(evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple, ran
             journal.record(f"plasticity/{index}/{rank}", without - full)
 
 
-def _measure_plasticity(evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple, steps: int) -> list[dict[int, float]]:
+def _measure_plasticity(
+    evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple, steps: int
+) -> list[dict[int, float]]:
     units = range(len(evaluator.space.units))
     for rank in evaluator.space.ranks:
         if not all(f"plasticity/{unit}/{rank}" in journal for unit in units):

@@ -88,7 +88,9 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
-def _record(group: _InputGroup, current: dict[str, torch.Tensor], module: nn.Module, inputs: tuple, output: Any) -> None:
+def _record(
+    group: _InputGroup, current: dict[str, torch.Tensor], module: nn.Module, inputs: tuple, output: Any
+) -> None:
     """Forward hook: add the input of the real (unpadded) tokens to the group's Hessian."""
     hidden = inputs[0].detach()
     group.hessian.add_batch(hidden[current["mask"]], None)

@@ -19,5 +19,5 @@ def test_wheel_holds_only_the_qra_namespace(tmp_path):
     packages = {name for name in top_level if not name.endswith(".dist-info")}
     assert packages == {"qra"}
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("qra/plans/memory.py", "qra/compiler/__init__.py", "qra/runtime/measure.py", "qra/runtime/package/onnx.py", "qra/cli.py", "qra/configs/llama-3-8b.json"):
+    for module in ("qra/plans/memory.py", "qra/compiler/__init__.py", "qra/runtime/measure.py", "qra/runtime/package/onnx.py", "qra/compiler/strategies/trbo.py", "qra/cli.py", "qra/configs/llama-3-8b.json"):
         assert module in names

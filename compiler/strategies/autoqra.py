@@ -1,7 +1,9 @@
-"""AutoQRA end to end (arXiv 2602.22268): the importance priors (stage 1, measured elsewhere and held by
-the problem) warm-start the multi-fidelity, surrogate-screened evolution (stage 2), which spends about
-`evolution_share` of the evaluations; trust-region BO (stage 3) then refines around the best config,
-with every top-fidelity score of the evolution told to its model up front."""
+"""AutoQRA end to end (arXiv 2602.22268): the layer-wise importance priors (measured beforehand, held by
+the problem) warm-start the first stage, the global multi-fidelity evolutionary search screened by a
+performance model, which spends about `evolution_share` of the evaluations; the second stage,
+trust-region Bayesian optimisation, then refines around the best config, with every top-fidelity
+score of the first stage told to its model up front. The feasibility repair operator keeps every
+candidate of both stages within the memory budget."""
 
 import logging
 

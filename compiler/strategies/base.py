@@ -38,7 +38,7 @@ class Problem:
         return self.space.cost(config) <= self.budget
 
     def repair(self, config: Config) -> Config:
-        """The repair operator (AutoQRA's feasibility repair), memoised: within budget, slack filled."""
+        """AutoQRA's feasibility repair operator (`qra.compiler.repair`), memoised: within budget, slack filled."""
         if config not in self._repaired:
             self._repaired[config] = repair(self.space, self.importance, config, self.budget)
         return self._repaired[config]

@@ -34,26 +34,32 @@ def uniform_config(problem: Problem, prefer_bits: int | None = QLORA_BITS) -> Co
     return space.uniform(bits, _largest_rank(problem, (bits,) * problem.units))
 
 
+def _best_bit_upgrade(problem: Problem, config: Config) -> Config | None:
+    """The one-step bit upgrade with the most sensitivity gained per byte that still fits, if any."""
+    space, sensitivity = problem.space, problem.importance.sensitivity
+    upgrades = []
+    for unit, gene in enumerate(config):
+        index = space.bits.index(gene.bits)
+        if index + 1 < len(space.bits):
+            better = Gene(space.bits[index + 1], gene.rank)
+            gain = sensitivity[unit].get(gene.bits, 0.0) - sensitivity[unit].get(better.bits, 0.0)
+            size = max(space.unit_bytes(unit, better) - space.unit_bytes(unit, gene), 1)
+            upgrades.append((-gain / size, unit, better))
+    for _, unit, better in sorted(upgrades):
+        upgraded = config[:unit] + (better,) + config[unit + 1 :]
+        if problem.fits(upgraded):
+            return upgraded
+    return None
+
+
 def sequential_config(problem: Problem) -> Config:
     """Bits first, by sensitivity gain per byte (greedy one-step upgrades from the smallest bit-width)
     at the uniform baseline's rank; then the largest uniform rank that fits with those bits."""
-    space, sensitivity = problem.space, problem.importance.sensitivity
+    space = problem.space
     rank = uniform_config(problem)[0].rank
     config = space.uniform(space.bits[0], rank)
-    while True:
-        upgrades = []
-        for unit, gene in enumerate(config):
-            index = space.bits.index(gene.bits)
-            if index + 1 < len(space.bits):
-                better = Gene(space.bits[index + 1], rank)
-                gain = sensitivity[unit].get(gene.bits, 0.0) - sensitivity[unit].get(better.bits, 0.0)
-                size = max(space.unit_bytes(unit, better) - space.unit_bytes(unit, gene), 1)
-                upgrades.append((-gain / size, unit, better))
-        fitting = [u for u in sorted(upgrades) if problem.fits(config[: u[1]] + (u[2],) + config[u[1] + 1 :])]
-        if not fitting:
-            break
-        _, unit, better = fitting[0]
-        config = config[:unit] + (better,) + config[unit + 1 :]
+    while (upgraded := _best_bit_upgrade(problem, config)) is not None:
+        config = upgraded
     bits = tuple(gene.bits for gene in config)
     return tuple(Gene(b, _largest_rank(problem, bits)) for b in bits)
 

@@ -42,7 +42,9 @@ class SearchResult:
     replayed: int  # evaluations answered from the journal
 
 
-def _scorer(objective: Objective, journal: Journal | None) -> tuple[Callable[[Candidate], float], JournaledObjective | None]:
+def _scorer(
+    objective: Objective, journal: Journal | None
+) -> tuple[Callable[[Candidate], float], JournaledObjective | None]:
     if journal is None:
         return (lambda c: float(objective.evaluate(c.config, c.fidelity))), None
     journaled = JournaledObjective(objective, journal)
@@ -103,7 +105,8 @@ def run_search(
     if not history:
         raise QraError(f"{type(strategy).__name__} asked for nothing to evaluate")
     best = _best(history)
-    log.info("search done: %d evaluations, %d from memory, best %.5f at fidelity %d", len(history), hits, best.score, best.fidelity)
+    log.info("search done: %d evaluations, %d from memory, best %.5f at fidelity %d",
+             len(history), hits, best.score, best.fidelity)
     return SearchResult(
         best_config=best.config, best_score=best.score, best_fidelity=best.fidelity, history=tuple(history),
         evaluations=dict(sorted(Counter(e.fidelity for e in history).items())), cache_hits=hits,

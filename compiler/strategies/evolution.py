@@ -1,4 +1,5 @@
-"""Stage 2 of AutoQRA: multi-fidelity evolutionary search, warm-started from the importance priors.
+"""AutoQRA's first stage: global multi-fidelity evolutionary search, its initial population warm-started
+from the layer-wise importance priors, its offspring screened by a performance model (the surrogate).
 
 A generation: parents by tournament from the population; uniform crossover; importance-guided or
 compensatory mutation; repair of every child; the surrogate screens the offspring so that only the
@@ -49,25 +50,29 @@ class Evolution:
         self,
         problem: Problem,
         seed: int = 0,
-        population: int = 10,
-        offspring: int = 40,
+        population: int = 8,
+        offspring: int = 32,
         screened: int = 6,
-        keep: float = 1 / 3,
+        keep: float = 0.5,
         crossover: float = 0.5,
         tournament: int = 2,
         warm_start: bool = True,
-        surrogate: bool = True,
         stage: str = "evolution",
     ) -> None:
         self.problem = problem
         self.seed = seed
         self.population_size, self.offspring, self.screened, self.keep = population, offspring, screened, keep
         self.crossover_rate, self.tournament_size = crossover, tournament
-        self.warm_start, self.use_surrogate, self.stage = warm_start, surrogate, stage
+        self.warm_start, self.stage = warm_start, stage
         space, importance = problem.space, problem.importance
         # how much a unit's bits (rank) matter by the priors: the mutation weights
         self.bit_weight = _importance_range(list(importance.sensitivity), space.bits)
         self.rank_weight = _importance_range(list(importance.plasticity), space.ranks)
+        # every gene's importance lost and bytes, per unit: the warm start's tables
+        self._genes = [Gene(b, r) for b in space.bits for r in space.ranks]
+        self._lost = np.array([[importance.lost(u, g) for g in self._genes] for u in range(problem.units)])
+        self._bytes = np.array([[space.unit_bytes(u, g) for g in self._genes] for u in range(problem.units)],
+                               dtype=float)
 
     def start(self, budget_evaluations: int) -> None:
         self._rng = np.random.default_rng(self.seed)
@@ -142,17 +147,13 @@ class Evolution:
     def _prior_sample(self) -> Config:
         """Warm start from the priors: each unit's gene drawn with probability falling with the importance
         it loses plus λ times its bytes, λ a random price of memory (a Lagrangian relaxation of the budget)."""
-        space, importance = self.problem.space, self.problem.importance
-        genes = [Gene(b, r) for b in space.bits for r in space.ranks]
-        lost = np.array([[importance.lost(u, g) for g in genes] for u in range(self.problem.units)])
-        size = np.array([[space.unit_bytes(u, g) for g in genes] for u in range(self.problem.units)], dtype=float)
-        lost_spread = np.ptp(lost, axis=1).mean() + 1e-12
-        price = lost_spread / (np.ptp(size, axis=1).mean() + 1e-12) * math.exp(self._rng.uniform(-2.3, 2.3))
-        energy = (lost + price * size) / (0.1 * lost_spread)
+        lost_spread = np.ptp(self._lost, axis=1).mean() + 1e-12
+        price = lost_spread / (np.ptp(self._bytes, axis=1).mean() + 1e-12) * math.exp(self._rng.uniform(-2.3, 2.3))
+        energy = (self._lost + price * self._bytes) / (0.1 * lost_spread)
         chosen = []
         for row in energy:
-            p = np.exp(-(row - row.min()))
-            chosen.append(genes[self._rng.choice(len(genes), p=p / p.sum())])
+            weights = np.exp(-(row - row.min()))
+            chosen.append(self._genes[self._rng.choice(len(self._genes), p=weights / weights.sum())])
         return tuple(chosen)
 
     # breeding
@@ -175,7 +176,7 @@ class Evolution:
             mask = self._rng.random(self.problem.units) < 0.5
             second = self._tournament()
             first = tuple(a if m else b for a, b, m in zip(first, second, mask))
-        draw = self._rng.random()
+        draw = self._rng.random()  # 40% guided, 40% compensatory, 20% a random gene
         if draw < 0.4:
             return self._guided(first)
         if draw < 0.8:
@@ -219,7 +220,7 @@ class Evolution:
 
     def _screen(self, children: list[Config]) -> list[Config]:
         """Surrogate screening: only the `screened` children the surrogate rates best are evaluated."""
-        training = self._training_set() if self.use_surrogate and len(children) > self.screened else None
+        training = self._training_set() if len(children) > self.screened else None
         if training is None:
             chosen = children[: self.screened]
         else:

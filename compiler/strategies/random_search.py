@@ -1,5 +1,6 @@
 """Random search (a baseline in the paper's comparison): uniformly random genes, repaired, scored at
-the top fidelity."""
+the top fidelity. A baseline without priors: it repairs with flat importance (with the measured priors,
+the repair operator alone is a greedy search by the priors)."""
 
 import numpy as np
 
@@ -11,7 +12,7 @@ DRAWS = 32  # draws per ask before settling for an already-scored config
 
 class RandomSearch:
     def __init__(self, problem: Problem, seed: int = 0) -> None:
-        self.problem = problem
+        self.problem = problem.flat()
         self.seed = seed
 
     def start(self, budget_evaluations: int) -> None:

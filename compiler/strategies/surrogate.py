@@ -1,4 +1,4 @@
-"""The surrogate that screens offspring (AutoQRA's surrogate-assisted evolution): a random forest on
+"""The performance model that screens offspring in AutoQRA's evolutionary stage: a random forest on
 ordinal gene features (each unit's bit-width and rank index) plus the priors' importance lost, fitted
 to the configs scored at one fidelity. Offspring are ranked by an optimistic estimate, mean minus
 `optimism` times the spread between trees, so that uncertain regions still get evaluated."""

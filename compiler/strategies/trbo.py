@@ -1,9 +1,11 @@
-"""Stage 3 of AutoQRA: trust-region Bayesian optimisation around the incumbent.
+"""AutoQRA's second stage: trust-region Bayesian optimisation, refining locally around the incumbent.
 
 Coordinates are the ordinal indices of `Problem.encode` (each unit's bit-width index, then its rank
 index). The trust region is a box of half-width `radius` index steps around the incumbent. Each ask
 builds a scikit-optimize `Optimizer` (Gaussian process, expected improvement) over the box, tells it
-every observation inside the box, and asks it for one point; the point is repaired before scoring, and
+the observations inside the box (the MODEL_POINTS nearest the incumbent), and asks it for one point
+(BLAS held to one thread meanwhile: on 2 cores, OpenBLAS threads made these small GP fits ~20x slower,
+measured); the point is repaired before scoring, and
 its score is recorded both at the asked point (the function skopt models is score after repair) and at
 the repaired point. The region grows after `success_tolerance` consecutive improvements of the
 incumbent and shrinks after `failure_tolerance` consecutive failures (TuRBO's rule).
@@ -22,7 +24,6 @@ from threadpoolctl import threadpool_limits
 from qra.compiler.space import Config
 from qra.compiler.strategies.base import Candidate, Problem
 
-DRAWS = 2  # model proposals per ask before exploring at random for a config not yet scored
 EXPLORE_DRAWS = 64  # random points of the region tried before settling for an already scored config
 MODEL_POINTS = 64  # observations the GP is fitted to (those nearest the incumbent), to bound its cost
 IMPROVEMENT = 1e-3  # relative improvement of the incumbent that counts as a success
@@ -95,13 +96,10 @@ class TrustRegionBO:
             return [Candidate(self.incumbent, self.problem.top, self.stage)]
         with threadpool_limits(1, user_api="blas"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # skopt warns when it proposes a point it was told before
-            for _ in range(DRAWS):
-                point = self._propose()
-                config = self.problem.repair(self.problem.decode(np.array(point)))
-                if config not in self._scored:
-                    break
+            point = self._propose()
+            config = self.problem.repair(self.problem.decode(np.array(point)))
+            if config in self._scored:
                 self._observations[point] = self._scored[config]
-            else:
                 point, config = self._explore()
         self._asked = point
         return [Candidate(config, self.problem.top, self.stage)]
@@ -145,7 +143,6 @@ class TrustRegionBO:
             point[free] = optimizer.ask()
         return tuple(int(v) for v in point)
 
-
     def _nearest(self, center: np.ndarray, low: np.ndarray, high: np.ndarray) -> list[tuple[tuple[int, ...], float]]:
         """The observations inside the box, at most MODEL_POINTS of them, nearest the incumbent first."""
         inside = [(p, s) for p, s in self._observations.items() if np.all((low <= p) & (p <= high))]
@@ -153,8 +150,8 @@ class TrustRegionBO:
         return inside[:MODEL_POINTS]
 
     def _explore(self) -> tuple[tuple[int, ...], Config]:
-        """When the model keeps proposing points whose repair was already scored: a random point of
-        the box whose repair is new, if one turns up."""
+        """When the model proposes a point whose repair was already scored: a random point of the box
+        whose repair is new, if one turns up."""
         low, high = self.region.bounds(self.problem.encode(self.incumbent), self.problem.levels())
         for _ in range(EXPLORE_DRAWS):
             point = tuple(int(v) for v in self._rng.integers(low, high + 1))
