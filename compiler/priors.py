@@ -31,6 +31,7 @@ from qra.compiler.space import Config, Gene
 
 log = logging.getLogger(__name__)
 FLOAT_BITS = 16
+PROGRESS_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class PriorSettings:
 class _Journal:
     """Raw measurements by name, persisted after each one when a path is given."""
 
-    def __init__(self, path: Path | None, key: str) -> None:
+    def __init__(self, path: Path | None, key: str, expected: int = 0) -> None:
+        self.expected = expected
         self.path = path
         self.key = key
         self.entries: dict[str, float] = {}
@@ -63,6 +65,8 @@ class _Journal:
 
     def record(self, name: str, value: float) -> None:
         self.entries[name] = value
+        if len(self.entries) % PROGRESS_EVERY == 0:
+            log.info("priors: %d of %d measurements", len(self.entries), self.expected)
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +146,9 @@ def measure_priors(
     evaluator: FidelityEvaluator, settings: PriorSettings = PriorSettings(), journal: Path | None = None
 ) -> Importance:
     """AutoQRA's importance priors for every unit of the evaluator's space (resumable through `journal`)."""
-    record = _Journal(journal, _journal_key(evaluator, settings))
+    space = evaluator.space
+    expected = 1 + len(space.units) * (len(space.bits) + len(space.ranks))
+    record = _Journal(journal, _journal_key(evaluator, settings), expected)
     held_out = evaluator.data.held_out[: settings.held_out_batches]
     base = record.get("base", lambda: evaluator.loss(evaluator.model, held_out))
     sensitivity = _measure_sensitivity(evaluator, record, held_out, base)
