@@ -7,6 +7,7 @@ candidate of both stages within the memory budget."""
 
 import logging
 
+from qra.compiler.space import config_key
 from qra.compiler.strategies.base import Candidate, Problem, Strategy
 from qra.compiler.strategies.evolution import Evolution
 from qra.compiler.strategies.trbo import TrustRegionBO
@@ -48,7 +49,7 @@ class AutoQRA:
         ranked = self.evolution.ranked()
         observed = [(i.config, i.scores[top]) for i in ranked if top in i.scores]
         best = ranked[0].config if ranked else None
-        log.info("AutoQRA: evolution spent %d evaluations; refining around %s", self._told, best)
+        log.info("AutoQRA: evolution spent %d evaluations; refining around %s", self._told, config_key(best))
         refinement = TrustRegionBO(self.problem, self.seed + 1, start=best, observed=observed, radius=1)
         refinement.start(self._budget - self._told)
         return refinement
