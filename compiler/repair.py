@@ -62,16 +62,16 @@ def _downgrade_until_within(space: SearchSpace, importance: Importance, config: 
 
 
 def _fill_slack(space: SearchSpace, importance: Importance, config: Config, budget: int) -> Config:
-    cost = space.cost(config)
     while True:
-        room = budget - cost
-        moves = [m for m in _moves(space, importance, config, +1) if 0 < m.bytes_delta <= room and m.importance_delta < 0]
+        # every helpful upgrade is tried against the exact estimate, best gain per byte first: the additive
+        # byte delta orders them but cannot rule one out (a module leaving the quantized set can shrink
+        # the dequantize workspace, so the exact delta may be smaller)
+        moves = [m for m in _moves(space, importance, config, +1) if m.importance_delta < 0]
         best = None
-        for move in sorted(moves, key=lambda m: (m.importance_delta / m.bytes_delta, m.unit, m.gene)):
+        for move in sorted(moves, key=lambda m: (m.importance_delta / max(m.bytes_delta, 1), m.unit, m.gene)):
             candidate = _apply(config, move)
-            candidate_cost = space.cost(candidate)
-            if candidate_cost <= budget:
-                best, cost = candidate, candidate_cost
+            if space.cost(candidate) <= budget:
+                best = candidate
                 break
         if best is None:
             return config
