@@ -43,7 +43,9 @@ def setup(tmp_path_factory):
     _memorize(model, data.train)
     spec = spec_from_config(model.config)
     training = Training(seq_len=32, batch_size=8, steps=1, seed=0)
-    space = build_space(spec, bits=(2, 4, 8), ranks=(2, 4, 8), training=training, device=Device(kind="cpu"), group_size=GROUP)
+    space = build_space(
+        spec, bits=(2, 4, 8), ranks=(2, 4, 8), training=training, device=Device(kind="cpu"), group_size=GROUP
+    )
     cache = QuantCache(model, spec, data.train, group_size=GROUP, folder=tmp_path_factory.mktemp("qcache"))
     yield FidelityEvaluator(model, space, data, cache, FidelityLadder(steps=(0, 8, 24), learning_rate=5e-3))
     torch.set_num_threads(threads)
@@ -73,8 +75,8 @@ def test_cached_weights_are_real_gptq_quantizations(setup):
         for bits in (2, 8):
             weight = cache.weight(layer, module, bits).float()
             groups = weight.reshape(module.out_features, module.in_features // GROUP, GROUP)
-            distinct = max(len(torch.unique(groups[row, group])) for row in range(groups.shape[0]) for group in range(groups.shape[1]))
-            assert distinct <= 2**bits
+            distinct = max(len(torch.unique(values)) for row in groups for values in row)
+            assert distinct <= 2**bits  # per output row and group: one scale, 2**bits codes
             errors[bits] = float((weight - original).norm() / original.norm())
         assert errors[8] < errors[2]
         assert errors[8] < 0.01
