@@ -24,7 +24,8 @@ class Verification:
         return not self.problems
 
 
-def _check_model(plan: Plan, spec: ModelSpec, content_hash: str | None) -> list[str]:
+def model_problems(plan: Plan, spec: ModelSpec, content_hash: str | None) -> list[str]:
+    """Why the plan is not for this model (empty when it is); another layer count is a QraError."""
     if spec.num_layers != len(plan.layers):
         raise QraError(f"the plan has {len(plan.layers)} layers but the model has {spec.num_layers}: it is for another model")
     problems = []
@@ -38,7 +39,7 @@ def _check_model(plan: Plan, spec: ModelSpec, content_hash: str | None) -> list[
 def verify_plan(plan: Plan, spec: ModelSpec | None = None, content_hash: str | None = None) -> Verification:
     """Recompute the estimate where the model is known; otherwise check the plan's own memory record."""
     if spec is not None:
-        problems = _check_model(plan, spec, content_hash)
+        problems = model_problems(plan, spec, content_hash)
         components = estimate_plan(spec, plan).components
         recomputed = True
     elif plan.memory is not None:

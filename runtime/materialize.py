@@ -8,9 +8,9 @@ attach LoRA at each module's rank → train (memory measured on the first step) 
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +23,9 @@ from qra.plans.io import dump_plan
 from qra.plans.memory import PERSISTENT, estimate_plan, plan_settings
 from qra.plans.schema import Plan
 from qra.plans.spec import ModelSpec, spec_from_config
-from qra.plans.verify import verify_plan
+from qra.plans.verify import model_problems
 from qra.runtime.data import Dataset, Example, batches, exact_match, load_dataset, pad_id, training_features
+from qra.runtime.quantize import gptqmodel_log_dir, load_quantized, quantize_to_plan
 from qra.runtime.train import StepLog, TrainResult, train_lora
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,9 @@ def _model_for(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec]:
     if not source.has_weights:
         raise QraError(f"model {source.name!r} is a config without weights: materialize needs the weights (--model)")
     spec = spec_from_config(load_config(source))
-    verdict = verify_plan(request.plan, spec, content_hash(source))
-    if any("fingerprint" in problem or "content hash" in problem for problem in verdict.problems):
-        raise QraError(f"the plan is for another model: {verdict.problems[0]}")
+    problems = model_problems(request.plan, spec, content_hash(source))
+    if problems:
+        raise QraError(f"the plan is for another model: {problems[0]}")
     if spec.max_positions and request.plan.training.seq_len > spec.max_positions:
         raise QraError(f"the plan's seq_len {request.plan.training.seq_len} is above the model's limit of {spec.max_positions}")
     return source, spec
@@ -85,12 +86,11 @@ def _features(dataset: Dataset, tokenizer, seq_len: int) -> tuple[list, list]:
 
 def _batch_source(features: list, plan: Plan, pad: int) -> Callable[[int, int], dict[str, torch.Tensor]]:
     training = plan.training
+    per_epoch = math.ceil(len(features) / training.batch_size)
     cache: dict[int, list] = {}
 
     def batch_for(step: int, micro: int) -> dict[str, torch.Tensor]:
-        index = step * training.grad_accumulation + micro
-        epoch_batches = cache.get(0) or cache.setdefault(0, batches(features, training.batch_size, training.seed, 0, pad))
-        epoch, position = divmod(index, len(epoch_batches))
+        epoch, position = divmod(step * training.grad_accumulation + micro, per_epoch)
         if epoch not in cache:
             cache.clear()
             cache[epoch] = batches(features, training.batch_size, training.seed, epoch, pad)
@@ -117,10 +117,9 @@ def _base_folder(source: ModelSource, work: Path) -> Path:
 def _quantized_model(base: Path, spec: ModelSpec, plan: Plan, calibration: list[list[int]], work: Path):
     """The base with every module at its planned bits (the quantization pass runs once per run folder)."""
     from qra.runtime.qlinear import enable_dequantize_in_backward
-    from qra.runtime.quantize import load_quantized, quantize_to_plan
 
     settings = plan_settings(plan)
-    if all(layer.bits == 16 and not any(o.bits not in (None, 16) for o in layer.modules.values()) for layer in plan.layers):
+    if all(settings(i, module).bits == 16 for i, layer in enumerate(spec.layers) for module in layer):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, plan.training.compute_dtype)), None
@@ -175,11 +174,9 @@ def memory_report(plan: Plan, spec: ModelSpec, result: TrainResult) -> dict:
 def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] | None = None) -> dict:
     """Run every stage; returns the results that are also written to OUT/results.json."""
     from qra.runtime.lora import attach_lora
-    from qra.runtime.package import FORMATS, PackageContext, package
+    from qra.runtime.package import PackageContext, check_formats, package
 
-    unknown = [name for name in request.formats if name not in FORMATS]
-    if unknown or not request.formats:
-        raise QraError(f"unknown package format {(unknown or [''])[0]!r}: choose from {', '.join(FORMATS)}")
+    check_formats(request.formats)
     _check_output(request)
     plan, training = request.plan, request.plan.training
     source, spec = _model_for(request)
@@ -195,7 +192,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     train_features, held_out_features = _features(dataset, tokenizer, training.seq_len)
     calibration = [feature["input_ids"] for feature in train_features[:CALIBRATION_SAMPLES]]
     log.info("quantizing to the plan's bits with gptqmodel (%d calibration sequences; its log: %s)",
-             len(calibration), Path(tempfile.gettempdir()) / "qra-gptqmodel")
+             len(calibration), gptqmodel_log_dir())
     model, quantized_folder = _quantized_model(base, spec, plan, calibration, work)
     model.config.use_cache = False
     if training.gradient_checkpointing:

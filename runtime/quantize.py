@@ -37,7 +37,8 @@ def gptq_dynamic(spec: ModelSpec, settings_for: SettingsFor) -> dict[str, dict[s
     return dynamic
 
 
-def _log_dir() -> Path:
+def gptqmodel_log_dir() -> Path:
+    """Where gptqmodel's output and `logs/` folder go (see `quiet_gptqmodel`)."""
     return Path(tempfile.gettempdir()) / "qra-gptqmodel"
 
 
@@ -45,7 +46,7 @@ def _log_dir() -> Path:
 def quiet_gptqmodel(log_dir: Path | None = None) -> Iterator[None]:
     """gptqmodel prints configs and progress bars on stdout and writes a `logs/` folder into the working
     directory; send both to `log_dir` (paths given to gptqmodel inside must be absolute)."""
-    log_dir = log_dir or _log_dir()
+    log_dir = log_dir or gptqmodel_log_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
     with (
         (log_dir / "gptqmodel.log").open("a") as log,

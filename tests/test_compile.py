@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from qra.cli import app
 from qra.compiler.compile import CompileRequest, Effort, budget_bounds, compile_plan
 from qra.compiler.fidelity import FidelityLadder
-from qra.compiler.space import build_space, config_key
+from qra.compiler.space import build_space
 from qra.errors import QraError
 from qra.plans.io import save_plan
 from qra.plans.schema import Budget, Device, Training

@@ -22,7 +22,7 @@ from qra.runtime.package import adapter, gptq, merged, onnx
 from qra.runtime.package.context import PackageContext, Workspace
 from qra.runtime.package.manifest import verify_manifest, write_manifest, write_model_card
 
-__all__ = ["FORMATS", "PackageContext", "package", "verify_manifest"]
+__all__ = ["FORMATS", "PackageContext", "check_formats", "package", "verify_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +30,22 @@ FORMATS = ("adapter", "merged", "gptq", "onnx")
 _BUILDERS: dict[str, ModuleType] = {"adapter": adapter, "merged": merged, "gptq": gptq, "onnx": onnx}
 
 
-def _checked(formats: list[str], ctx: PackageContext) -> list[str]:
-    """The requested formats in order without repeats; a request that cannot be built is a QraError
-    (exit 2) before anything is written."""
+def check_formats(formats: list[str]) -> list[str]:
+    """The requested formats in order without repeats; an unknown or missing name is a QraError (exit 2)."""
+    if not formats:
+        raise QraError(f"no package format given; valid formats are {', '.join(FORMATS)}")
     for name in formats:
         if name not in FORMATS:
             raise QraError(f"unknown package format {name!r}; valid formats are {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+def _checked(formats: list[str], ctx: PackageContext) -> list[str]:
+    """`check_formats`, and a request that cannot be built is a QraError before anything is written."""
+    formats = check_formats(formats)
     if "gptq" in formats and not ctx.calibration:
         raise QraError("the gptq format re-quantizes the merged model and needs calibration token lists; none were given")
-    return list(dict.fromkeys(formats))
+    return formats
 
 
 def _replace(staging: Path, target: Path) -> None:
