@@ -21,7 +21,7 @@ from qra.compiler.importance import Importance, flat_importance
 from qra.compiler.journal import Journal
 from qra.compiler.priors import PriorSettings, measure_priors
 from qra.compiler.qcache import QuantCache
-from qra.compiler.space import Granularity, SearchSpace, build_space, config_key
+from qra.compiler.space import Config, Granularity, SearchSpace, build_space, config_key
 from qra.compiler.strategies import BASELINES, STRATEGIES, Baseline, Evaluation, Problem, SearchResult, run_search
 from qra.errors import QraError
 from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
@@ -166,9 +166,22 @@ def _baseline_scores(problem: Problem, evaluator: FidelityEvaluator, journal: Pa
     return {f"uniform {gene.bits}-bit rank {gene.rank}": result.best_score}
 
 
-def compile_plan(request: CompileRequest, on_progress: Callable[[Evaluation], None] | None = None) -> CompileOutcome:
-    """Run every stage and return the verified plan (not yet written) with the search's record."""
-    began = time.perf_counter()
+@dataclass
+class Prepared:
+    """Everything a search or a baseline needs, built once per request: the model, the space, the
+    evaluator (with its quantization cache) and the problem (budget and importance priors)."""
+
+    source: ModelSource
+    spec: ModelSpec
+    space: SearchSpace
+    effort: Effort
+    evaluator: FidelityEvaluator
+    problem: Problem
+    above_maximum: bool
+
+
+def prepare(request: CompileRequest) -> Prepared:
+    """Check the request, load the model and data, and measure (or replay) the importance priors."""
     _check_request(request)
     source, spec = _model(request)
     space = build_space(spec, request.bits, request.ranks, request.training, request.device, request.granularity, request.group_size)
@@ -178,32 +191,69 @@ def compile_plan(request: CompileRequest, on_progress: Callable[[Evaluation], No
     evaluator = _evaluator(request, source, space, effort, work)
     importance = _importance(request, evaluator, effort, work)
     problem = Problem(space, importance, request.budget.bytes, fidelities=tuple(range(effort.ladder.levels)))
-    journal = Journal(request.journal) if request.journal is not None else None
-    log.info("searching: %s, %d evaluations", request.strategy, effort.evaluations)
-    result = run_search(_strategy(problem, request.strategy, request.training.seed), evaluator, effort.evaluations, on_progress, journal)
-    baselines = _baseline_scores(problem, evaluator, request.journal)
-    log.info("quantization cache: %s", evaluator.cache.stats)
+    return Prepared(source, spec, space, effort, evaluator, problem, above_maximum)
+
+
+def _plan(request: CompileRequest, prepared: Prepared, config: Config, predicted: Prediction, provenance: Provenance) -> Plan:
+    """The configuration as a plan with its memory record, verified against the budget."""
     plan = Plan(
-        model=model_ref(spec, source.name, content_hash(source)),
+        model=model_ref(prepared.spec, prepared.source.name, content_hash(prepared.source)),
         budget=request.budget,
         training=request.training,
         device=request.device,
-        layers=space.layer_plans(result.best_config),
-        predicted=Prediction(score=result.best_score, metric="held-out loss", fidelity=f"f{result.best_fidelity}"),
-        provenance=Provenance(
-            strategy=request.strategy,
-            seed=request.training.seed,
-            evaluations={f"f{fidelity}": count for fidelity, count in result.evaluations.items()},
-            wall_time_s=round(time.perf_counter() - began, 1),
-            versions=_versions(),
-            baselines=baselines,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            note=f"effort {request.effort if isinstance(request.effort, str) else 'custom'}, granularity {request.granularity}, data {request.data}, "
-            f"best {config_key(result.best_config)}",
-        ),
+        layers=prepared.space.layer_plans(config),
+        predicted=predicted,
+        provenance=provenance,
     )
-    plan = with_memory(plan, spec)
-    verdict = verify_plan(plan, spec)
+    plan = with_memory(plan, prepared.spec)
+    verdict = verify_plan(plan, prepared.spec)
     if not verdict.verified:
-        raise QraError(f"internal error: the compiled plan does not verify: {verdict.problems[0]}", exit_code=1)
-    return CompileOutcome(plan, result, above_maximum)
+        raise QraError(f"internal error: the {provenance.strategy} plan does not verify: {verdict.problems[0]}", exit_code=1)
+    return plan
+
+
+def _note(request: CompileRequest, config: Config) -> str:
+    effort = request.effort if isinstance(request.effort, str) else "custom"
+    return f"effort {effort}, granularity {request.granularity}, data {request.data}, best {config_key(config)}"
+
+
+def compile_plan(
+    request: CompileRequest, on_progress: Callable[[Evaluation], None] | None = None, prepared: Prepared | None = None
+) -> CompileOutcome:
+    """Run every stage and return the verified plan (not yet written) with the search's record."""
+    began = time.perf_counter()
+    prepared = prepared or prepare(request)
+    journal = Journal(request.journal) if request.journal is not None else None
+    log.info("searching: %s, %d evaluations", request.strategy, prepared.effort.evaluations)
+    strategy = _strategy(prepared.problem, request.strategy, request.training.seed)
+    result = run_search(strategy, prepared.evaluator, prepared.effort.evaluations, on_progress, journal)
+    baselines = _baseline_scores(prepared.problem, prepared.evaluator, request.journal)
+    log.info("quantization cache: %s", prepared.evaluator.cache.stats)
+    provenance = Provenance(
+        strategy=request.strategy,
+        seed=request.training.seed,
+        evaluations={f"f{fidelity}": count for fidelity, count in result.evaluations.items()},
+        wall_time_s=round(time.perf_counter() - began, 1),
+        versions=_versions(),
+        baselines=baselines,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        note=_note(request, result.best_config),
+    )
+    predicted = Prediction(score=result.best_score, metric="held-out loss", fidelity=f"f{result.best_fidelity}")
+    return CompileOutcome(_plan(request, prepared, result.best_config, predicted, provenance), result, prepared.above_maximum)
+
+
+def baseline_plan(request: CompileRequest, prepared: Prepared, name: str) -> Plan:
+    """A baseline's configuration (uniform, sequential, heuristic) at the request's budget, as a plan that
+    is built from the same priors and space as the search's but not scored (its prediction is empty)."""
+    if name not in BASELINES:
+        raise QraError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    config = BASELINES[name](prepared.problem)
+    provenance = Provenance(
+        strategy=name,
+        seed=request.training.seed,
+        versions=_versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        note=_note(request, config),
+    )
+    return _plan(request, prepared, config, Prediction(), provenance)

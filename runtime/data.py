@@ -2,7 +2,8 @@
 
 `--data` is either a JSONL file, each line `{"text": ...}` or `{"prompt": ..., "response": ...}`, or a bundled
 name: `python-reference` (CPython's language reference, for domain adaptation) or `arithmetic` (a generated
-question/answer task with exact answers). Every example is a prompt and a response and the loss falls on the
+question/answer task with exact answers), or several of these joined by `+` (`python-reference+arithmetic`):
+their training sets and their held-out sets, each concatenated. Every example is a prompt and a response and the loss falls on the
 response only; plain text is an example with an empty prompt, so the loss falls on all of it.
 
 Sequence length: the functions here cut to any `seq_len`; checking it against the model's
@@ -66,11 +67,15 @@ def load_dataset(spec: str, held_out: str | None = None, seed: int = 0, held_out
     if spec in BUNDLED:
         dataset = BUNDLED[spec](seed)
         return dataset if held_out is None else Dataset(dataset.name, dataset.train, read_jsonl(held_out))
-    if Path(spec).exists() or _looks_like_path(spec):
+    if Path(spec).exists() or (_looks_like_path(spec) and "+" not in spec):
         examples = read_jsonl(spec)
         if held_out is None:
             return _split(spec, examples, seed, held_out_fraction)
         return Dataset(spec, examples, read_jsonl(held_out))
+    if "+" in spec:
+        parts = [load_dataset(part, seed=seed, held_out_fraction=held_out_fraction) for part in spec.split("+")]
+        dataset = Dataset(spec, [e for part in parts for e in part.train], [e for part in parts for e in part.held_out])
+        return dataset if held_out is None else Dataset(dataset.name, dataset.train, read_jsonl(held_out))
     raise QraError(f"unknown data {spec!r}: not a file, and the bundled data sets are {', '.join(sorted(BUNDLED))}")
 
 
@@ -226,10 +231,10 @@ def pack_text(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, s
 
 def training_features(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> list[Feature]:
     """How `qra materialize` and the search tokenize: plain text packed into full blocks, prompt/response
-    examples one per sequence with the loss on the response."""
-    if examples and all(example.is_text for example in examples):
-        return pack_text(examples, tokenizer, seq_len)
-    return tokenize_examples(examples, tokenizer, seq_len)
+    examples one per sequence with the loss on the response (a mixed set: the packed blocks, then the pairs)."""
+    texts = [example for example in examples if example.is_text]
+    pairs = [example for example in examples if not example.is_text]
+    return (pack_text(texts, tokenizer, seq_len) if texts else []) + (tokenize_examples(pairs, tokenizer, seq_len) if pairs else [])
 
 
 def batches(features: Sequence[Feature], batch_size: int, seed: int, epoch: int, pad: int) -> list[Batch]:

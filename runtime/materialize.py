@@ -2,7 +2,11 @@
 
 Stages, each resumable (a finished stage leaves its folder under OUT/work and is skipped next time):
 check the plan against the model → tokenize the data → GPTQ-quantize each module to its planned bits →
-attach LoRA at each module's rank → train (memory measured on the first step) → package.
+attach LoRA at each module's rank → train (memory measured on the first step) → evaluate → package.
+
+With a shared `cache` folder, the dequantized base and each quantization (keyed by the model, the bits and
+group size of every module, and the calibration tokens) are kept there and reused by later runs, e.g. the
+seeds of a benchmark or a rerun with another learning rate.
 """
 
 import hashlib
@@ -11,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +31,11 @@ from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import model_problems
 from qra.runtime.data import Dataset, Example, batches, exact_match, load_dataset, pad_id, training_features
 from qra.runtime.quantize import gptqmodel_log_dir, load_quantized, quantize_to_plan
-from qra.runtime.train import StepLog, TrainResult, train_lora
+from qra.runtime.train import StepLog, TrainResult, held_out_loss, train_lora
 
 log = logging.getLogger(__name__)
 MARKER = "qra-run.json"
 CALIBRATION_SAMPLES = 32
-EXACT_MATCH_EXAMPLES = 32
 
 
 @dataclass
@@ -43,6 +47,9 @@ class MaterializeRequest:
     model: str | None = None
     resume: bool = False
     checkpoint_every: int = 25
+    cache: Path | None = None
+    held_out_batches: int = 8
+    exact_match_examples: int = 32
 
 
 def plan_digest(plan: Plan) -> str:
@@ -114,8 +121,16 @@ def _base_folder(source: ModelSource, work: Path) -> Path:
     return folder
 
 
-def _quantized_model(base: Path, spec: ModelSpec, plan: Plan, calibration: list[list[int]], work: Path):
-    """The base with every module at its planned bits (the quantization pass runs once per run folder)."""
+def quantization_key(source: ModelSource, spec: ModelSpec, plan: Plan, calibration: list[list[int]]) -> str:
+    """What a quantization depends on: the weights, every module's bits and group size, the calibration tokens."""
+    settings = plan_settings(plan)
+    modules = [(i, m.name, settings(i, m).bits, settings(i, m).group_size) for i, layer in enumerate(spec.layers) for m in layer]
+    record = {"model": content_hash(source) or source.name, "modules": modules, "calibration": calibration}
+    return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
+
+
+def _quantized_model(base: Path, spec: ModelSpec, plan: Plan, calibration: list[list[int]], folder: Path):
+    """The base with every module at its planned bits; the quantization pass runs once per `folder`."""
     from qra.runtime.qlinear import enable_dequantize_in_backward
 
     settings = plan_settings(plan)
@@ -123,10 +138,10 @@ def _quantized_model(base: Path, spec: ModelSpec, plan: Plan, calibration: list[
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, plan.training.compute_dtype)), None
-    folder = work / "quantized"
     if not (folder / "config.json").is_file():
-        staging = work / "quantized.tmp"
+        staging = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
         quantize_to_plan(base, spec, settings, calibration, staging)
         os.replace(staging, folder)
     model = load_quantized(folder, plan.training.compute_dtype).model
@@ -135,9 +150,10 @@ def _quantized_model(base: Path, spec: ModelSpec, plan: Plan, calibration: list[
     return model, folder
 
 
-def held_out_exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int = 12) -> float | None:
-    """Share of held-out prompt/response examples answered exactly (greedy decoding); None for plain text."""
-    answerable = [example for example in examples if not example.is_text][:EXACT_MATCH_EXAMPLES]
+def held_out_exact_match(model, tokenizer, examples: list[Example], limit: int = 32, max_new_tokens: int = 12) -> float | None:
+    """Share of the first `limit` held-out prompt/response examples answered exactly (greedy decoding);
+    None for plain text."""
+    answerable = [example for example in examples if not example.is_text][:limit]
     if not answerable:
         return None
     model.eval()
@@ -171,21 +187,40 @@ def memory_report(plan: Plan, spec: ModelSpec, result: TrainResult) -> dict:
     }
 
 
-def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] | None = None) -> dict:
-    """Run every stage; returns the results that are also written to OUT/results.json."""
-    from qra.runtime.lora import attach_lora
-    from qra.runtime.package import PackageContext, check_formats, package
+def task_losses(model, data: str, tokenizer, plan: Plan, batch_count: int) -> dict[str, float]:
+    """Held-out loss of each part of a `+`-joined data set, on its own (empty for a single data set)."""
+    parts = data.split("+") if "+" in data and not Path(data).exists() else []
+    training, pad = plan.training, pad_id(tokenizer)
+    losses = {}
+    for part in parts:
+        features = training_features(load_dataset(part, seed=training.seed).held_out, tokenizer, training.seq_len)
+        losses[part] = held_out_loss(model, batches(features, training.batch_size, training.seed, 0, pad)[:batch_count])
+    return losses
+
+
+def check_request(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, Dataset]:
+    """Everything `materialize` checks before it writes anything: formats, output folder, model, data."""
+    from qra.runtime.package import check_formats
 
     check_formats(request.formats)
     _check_output(request)
-    plan, training = request.plan, request.plan.training
     source, spec = _model_for(request)
-    dataset = load_dataset(request.data, seed=training.seed)
+    return source, spec, load_dataset(request.data, seed=request.plan.training.seed)
+
+
+def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] | None = None) -> dict:
+    """Run every stage; returns the results that are also written to OUT/results.json."""
+    from qra.runtime.lora import attach_lora
+    from qra.runtime.package import PackageContext, package
+
+    plan, training = request.plan, request.plan.training
+    source, spec, dataset = check_request(request)
     out, work = request.output, request.output / "work"
+    shared = request.cache or work
     work.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"plan_digest": plan_digest(plan)}))
     log.info("preparing the base model %s", source.name)
-    base = _base_folder(source, work)
+    base = _base_folder(source, shared)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -193,7 +228,10 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     calibration = [feature["input_ids"] for feature in train_features[:CALIBRATION_SAMPLES]]
     log.info("quantizing to the plan's bits with gptqmodel (%d calibration sequences; its log: %s)",
              len(calibration), gptqmodel_log_dir())
-    model, quantized_folder = _quantized_model(base, spec, plan, calibration, work)
+    began = time.perf_counter()
+    folder = shared / "quantized" / quantization_key(source, spec, plan, calibration) if request.cache else work / "quantized"
+    model, quantized_folder = _quantized_model(base, spec, plan, calibration, folder)
+    wall = {"quantize": time.perf_counter() - began}
     model.config.use_cache = False
     if training.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -201,18 +239,24 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     peft_model = attach_lora(model, spec, plan_settings(plan), dropout=training.lora_dropout)
     pad = pad_id(tokenizer)
     log.info("training %d steps on %d sequences of %d tokens", training.steps, len(train_features), training.seq_len)
-    held_out = batches(held_out_features, training.batch_size, training.seed, 0, pad)[:8]
+    held_out = batches(held_out_features, training.batch_size, training.seed, 0, pad)[: request.held_out_batches]
+    began = time.perf_counter()
     result = train_lora(
         peft_model, training, _batch_source(train_features, plan, pad), held_out=held_out,
         checkpoint_dir=work / "checkpoint", checkpoint_every=request.checkpoint_every, resume=request.resume, on_step=on_step,
     )
+    wall["train"] = time.perf_counter() - began
     adapter_folder = work / "adapter"
     peft_model.save_pretrained(adapter_folder)
+    began = time.perf_counter()
     results = {
         "training": result.to_dict(),
         "data": dataset.name,
-        "exact_match": held_out_exact_match(peft_model, tokenizer, dataset.held_out),
+        "held_out_by_task": task_losses(peft_model, request.data, tokenizer, plan, request.held_out_batches),
+        "exact_match": held_out_exact_match(peft_model, tokenizer, dataset.held_out, request.exact_match_examples),
     }
+    wall["evaluate"] = time.perf_counter() - began
+    results["wall_s"] = wall
     if result.measured is not None:
         results["memory"] = memory_report(plan, spec, result)
     log.info("packaging: %s", ", ".join(request.formats))

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qra.cli import app
-from qra.compiler.compile import CompileRequest, Effort, budget_bounds, compile_plan
+from qra.compiler.compile import CompileRequest, Effort, baseline_plan, budget_bounds, compile_plan, prepare
 from qra.compiler.fidelity import FidelityLadder
 from qra.compiler.space import build_space
 from qra.errors import QraError
@@ -75,6 +75,23 @@ def test_interrupted_compile_resumes_to_the_same_plan(tiny_folder, tmp_path):
     assert resumed.plan.layers == whole.plan.layers
     assert resumed.result.replayed >= kill_at
     assert resumed.plan.predicted.score == pytest.approx(whole.plan.predicted.score)
+
+
+def test_baseline_plans_share_the_searchs_priors_and_verify_unscored(tiny_folder, tmp_path):
+    compiled = request(tiny_folder, tmp_path)
+    prepared = prepare(compiled)
+    outcome = compile_plan(compiled, prepared=prepared)
+    priors = (tmp_path / "work" / "priors.json").read_text()
+    spec = tiny_spec("llama", layers=2)
+    for name in ("uniform", "sequential", "heuristic"):
+        plan = baseline_plan(compiled, prepared, name)
+        assert plan.provenance.strategy == name and plan.predicted.score is None
+        assert verify_plan(plan, spec).verified
+        assert plan.model == outcome.plan.model and plan.budget == outcome.plan.budget
+    assert {layer.bits for layer in baseline_plan(compiled, prepared, "uniform").layers} == {4}
+    assert (tmp_path / "work" / "priors.json").read_text() == priors
+    with pytest.raises(QraError, match="unknown baseline"):
+        baseline_plan(compiled, prepared, "best")
 
 
 def test_budget_below_the_minimum_fails_with_the_minimum(tiny_folder, tmp_path):

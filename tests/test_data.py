@@ -25,6 +25,7 @@ from qra.runtime.data import (
     pad_id,
     python_reference,
     tokenize_examples,
+    training_features,
 )
 from tiny import tiny_tokenizer
 
@@ -176,6 +177,19 @@ def test_arithmetic_is_seeded_sized_and_disjoint():
     assert len(arithmetic(train_size=10, held_out_size=4).held_out) == 4
 
 
+def test_bundled_sets_joined_by_plus_concatenate_their_train_and_held_out_sets():
+    joined = load_dataset("python-reference+arithmetic", seed=3)
+    reference, questions = python_reference(), arithmetic(seed=3)
+    assert joined.name == "python-reference+arithmetic"
+    assert joined.train == reference.train + questions.train
+    assert joined.held_out == reference.held_out + questions.held_out
+
+
+def test_a_joined_set_names_the_part_it_cannot_find(tmp_path):
+    with pytest.raises(QraError, match="unknown data 'nonsense'"):
+        load_dataset("arithmetic+nonsense")
+
+
 # --- tokenization --------------------------------------------------------------------------------------------
 
 
@@ -211,6 +225,13 @@ def test_packing_yields_full_blocks_of_text_separated_by_eos(tokenizer):
     assert all(feature["attention_mask"] == [1] * 32 for feature in features)
     stream = [token for feature in features for token in feature["input_ids"]]
     assert tokenizer.eos_token_id in stream
+
+
+def test_a_mixed_set_packs_its_text_and_keeps_one_sequence_per_question(tokenizer):
+    text = python_reference().train[:3]
+    questions = arithmetic(train_size=5, held_out_size=0).train
+    features = training_features(text + questions, tokenizer, seq_len=32)
+    assert features == pack_text(text, tokenizer, 32) + tokenize_examples(questions, tokenizer, 32)
 
 
 def test_packing_refuses_prompt_response_examples(tokenizer):

@@ -11,6 +11,7 @@ from qra.models import content_hash, resolve_model
 from qra.plans.build import model_ref, uniform_plan, with_memory
 from qra.plans.io import save_plan
 from qra.plans.schema import Budget, Device, Training
+from qra.runtime.materialize import MaterializeRequest, materialize
 from tiny import save_tiny_model, tiny_spec
 
 LAYER_BITS = [2, 3, 4, 8]
@@ -117,3 +118,34 @@ def test_rerunning_with_resume_reuses_the_run_folder(tiny_folder, tmp_path):
     again = run("materialize", plan_path, "-o", tmp_path / "run", "--resume")
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "run" / "results.json").read_text())["training"]["resumed_from"] == 4
+
+
+def test_check_accepts_a_matching_plan_and_writes_nothing(tiny_folder, tmp_path):
+    plan_path = tmp_path / "plan.yaml"
+    save_plan(mixed_plan(tiny_folder), plan_path)
+    result = run("materialize", plan_path, "-o", tmp_path / "run", "--check")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"accepted: {plan_path} matches {tiny_folder}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_refuses_a_plan_for_another_model(tiny_folder, tmp_path):
+    other = save_tiny_model(tmp_path / "qwen", "qwen2", layers=4)
+    assert_refused(bad_run(tmp_path, mixed_plan(tiny_folder), "--model", other, "--check"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_joined_data_reports_each_tasks_held_out_loss_and_seeds_share_one_quantization(tiny_folder, tmp_path):
+    cache = tmp_path / "cache"
+    plan = mixed_plan(tiny_folder, steps=2)
+    results = []
+    for seed in (0, 1):
+        seeded = plan.model_copy(update={"training": plan.training.model_copy(update={"seed": seed})})
+        request = MaterializeRequest(plan=seeded, output=tmp_path / f"seed{seed}", data="python-reference+arithmetic",
+                                     cache=cache, held_out_batches=2, exact_match_examples=3)
+        results.append(materialize(request))
+    assert set(results[0]["held_out_by_task"]) == {"python-reference", "arithmetic"}
+    assert results[0]["held_out_by_task"] != results[1]["held_out_by_task"]
+    assert len(list((cache / "quantized").iterdir())) == 1
+    assert not (tmp_path / "seed1" / "work" / "quantized").exists()
+    assert results[1]["wall_s"]["quantize"] < results[0]["wall_s"]["quantize"]

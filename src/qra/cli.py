@@ -220,18 +220,29 @@ def _spec_of_plan(plan, model: str | None):
 def plan_show(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="plan YAML")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="model to size the layers with (default: the plan's)")] = None,
+    plot: Annotated[Path | None, typer.Option(help="also write bits and rank by layer as a PNG here")] = None,
 ) -> None:
-    """Per-layer table (bits, rank, bytes), totals and the memory estimate."""
+    """Per-layer table (bits, rank, bytes), totals, the memory estimate, and the bits/rank pattern."""
     from qra.plans.io import load_plan
+    from qra.plans.plot import bits_rank_pattern, plot_plan
     from qra.plans.report import memory_table, plan_table
 
     plan = load_plan(plan_path)
     spec, _ = _spec_of_plan(plan, model)
+    if plot is not None and not plot.parent.is_dir():
+        raise QraError(f"--plot {plot}: folder {plot.parent} does not exist")
     console = Console()
     console.print(f"{plan_path}: {plan.model.id} ({plan.model.architecture}), budget {plan.budget.text}, strategy {plan.provenance.strategy}")
     console.print(plan_table(plan, spec))
     if plan.memory is not None:
         console.print(memory_table(plan.memory.components, plan.budget.bytes))
+    if spec is not None:
+        console.print(bits_rank_pattern(plan, spec).describe())
+    if plot is not None:
+        if spec is None:
+            raise QraError("--plot needs the model's layer shapes: pass --model (a config, folder or alias)")
+        plot_plan(plan, spec, plot)
+        console.print(f"wrote {plot}")
 
 
 @plan_app.command("verify")
@@ -278,16 +289,17 @@ def plan_diff(
 def materialize(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="plan YAML")],
     output: Annotated[Path, typer.Option("--output", "-o", help="run folder: work files, packages, results.json")],
-    data: Annotated[str, typer.Option(help="JSONL file ({text} or {prompt, response} lines), or python-reference / arithmetic")] = "python-reference",
+    data: Annotated[str, typer.Option(help="JSONL file ({text} or {prompt, response} lines), or python-reference / arithmetic, or several joined by +")] = "python-reference",
     formats: Annotated[str, typer.Option("--format", help="comma-separated: adapter, merged, gptq, onnx")] = "adapter",
     model: Annotated[str | None, typer.Option("--model", "-m", help="the model's weights (default: the plan's model id)")] = None,
     resume: Annotated[bool, typer.Option(help="continue a previous run of this plan in OUTPUT")] = False,
+    check: Annotated[bool, typer.Option("--check", help="only check that the plan, model, data and formats are accepted; write nothing")] = False,
 ) -> None:
     """Quantize each module to its planned bits, attach LoRA at each rank, fine-tune, and package."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from qra.plans.io import load_plan
-    from qra.runtime.materialize import MaterializeRequest, materialize as run
+    from qra.runtime.materialize import MaterializeRequest, check_request, materialize as run
 
     plan = load_plan(plan_path)
     _log_progress()
@@ -295,6 +307,13 @@ def materialize(
         plan=plan, output=output, data=data, formats=[f.strip() for f in formats.split(",") if f.strip()],
         model=model, resume=resume,
     )
+    if check:
+        source, _, dataset = check_request(request)
+        typer.echo(
+            f"accepted: {plan_path} matches {source.name}; {len(plan.layers)} layers, {plan.training.steps} steps on "
+            f"{dataset.name} ({len(dataset.train)} examples); formats {', '.join(request.formats)}; output {output}"
+        )
+        return
     columns = (TextColumn("training"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[rate]:.0f} tok/s"), TimeRemainingColumn())
     progress = Progress(*columns, console=Console(stderr=True))
@@ -343,7 +362,7 @@ def compile_command(
     budget: Annotated[str, typer.Option(help="memory budget of the fine-tune, e.g. 8GB, 8GiB, 300MB")],
     output: Annotated[Path, typer.Option("--output", "-o", help="where to write the plan (YAML)")],
     model: ModelOption = "smollm2-135m",
-    data: Annotated[str, typer.Option(help="JSONL file, or python-reference / arithmetic")] = "python-reference",
+    data: Annotated[str, typer.Option(help="JSONL file, or python-reference / arithmetic, or several joined by +")] = "python-reference",
     bits: Annotated[str, typer.Option(help="bit-widths to choose from")] = "2,3,4,8",
     ranks: Annotated[str, typer.Option(help="LoRA ranks to choose from")] = "4,8,16,32",
     granularity: Annotated[str, typer.Option(help="layer: one gene per layer; module: one per linear module")] = "layer",
@@ -352,6 +371,7 @@ def compile_command(
     seed: Annotated[int, typer.Option()] = 0,
     journal: Annotated[Path | None, typer.Option(help="evaluation journal (default: OUTPUT.journal.jsonl)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the compile recorded in the journal")] = False,
+    work: Annotated[Path | None, typer.Option(help="folder for the quantization cache and the priors, reusable across budgets (default: OUTPUT.work)")] = None,
     seq_len: Annotated[int, typer.Option()] = 256,
     batch_size: Annotated[int, typer.Option()] = 4,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = False,
@@ -378,7 +398,7 @@ def compile_command(
     request = CompileRequest(
         model=model, budget=Budget(bytes=parse_bytes(budget), text=budget), data=data, bits=bit_choices, ranks=rank_choices,
         granularity=granularity, effort=effort, strategy=strategy, training=training, device=_device(device, context),
-        journal=journal, work=output.with_name(output.name + ".work"), resume=resume,
+        journal=journal, work=work or output.with_name(output.name + ".work"), resume=resume,
     )
     _log_progress()
     columns = (TextColumn("search"), BarColumn(), TextColumn("{task.completed}/{task.total} evaluations"),

@@ -1,0 +1,80 @@
+"""tools/bench_quality.py: how seed runs become the reported table, targets and plot (the runs themselves are
+`qra compile` and `qra materialize`, tested on their own)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+from bench_quality import CEILING, budget_for, gap_closed, markdown, plot_quality, summarize, verdicts  # noqa: E402
+
+from qra.plans.memory import estimate_memory, uniform_settings  # noqa: E402
+from qra.plans.schema import Device, Training  # noqa: E402
+from tiny import tiny_spec  # noqa: E402
+
+
+def seed_run(reference: float, arithmetic: float, exact: float = 0.5, peak: int = 10**9) -> dict:
+    """What `materialize` reports for one seed, reduced to what the benchmark reads."""
+    return {
+        "held_out_by_task": {"python-reference": reference, "arithmetic": arithmetic},
+        "exact_match": exact,
+        "memory": {"measured_peak_bytes": peak},
+        "wall_s": {"train": 60.0},
+    }
+
+
+def row(losses: list[float], peak: int = 10**9) -> dict:
+    return summarize([seed_run(loss, loss, peak=peak) for loss in losses])
+
+
+def table(auto: list[float], uniform: list[float], sequential: list[float], ceiling: list[float]) -> dict:
+    rows = {"autoqra": row(auto), "uniform": row(uniform), "sequential": row(sequential), "heuristic": row(uniform), CEILING: row(ceiling)}
+    for entry in rows.values():
+        entry["gap_closed"] = gap_closed(entry["loss"]["mean"], rows["uniform"]["loss"]["mean"], rows[CEILING]["loss"]["mean"])
+    return rows
+
+
+def test_summary_takes_the_mean_of_the_two_tasks_then_mean_and_spread_over_seeds():
+    summary = summarize([seed_run(2.0, 1.0, 0.25, 900), seed_run(2.2, 1.2, 0.75, 1000)])
+    assert summary["loss"]["values"] == pytest.approx([1.5, 1.7])
+    assert summary["loss"]["mean"] == pytest.approx(1.6)
+    assert summary["loss"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert summary["loss arithmetic"]["mean"] == pytest.approx(1.1)
+    assert summary["exact_match"]["mean"] == pytest.approx(0.5)
+    assert summary["measured_peak_bytes"] == 1000
+
+
+def test_gap_closed_is_the_share_of_uniform_to_ceiling_recovered():
+    assert gap_closed(2.5, uniform=3.0, ceiling=2.0) == pytest.approx(0.5)
+    assert gap_closed(3.0, uniform=3.0, ceiling=2.0) == 0
+    assert gap_closed(3.2, uniform=3.0, ceiling=2.0) == pytest.approx(-0.2)
+    assert gap_closed(2.5, uniform=2.0, ceiling=2.0) is None
+
+
+def test_targets_need_a_win_beyond_the_seed_spread_and_half_the_gap():
+    clear = verdicts(table(auto=[2.4, 2.41, 2.42], uniform=[3.0, 3.01, 3.02], sequential=[2.9, 2.91, 2.92], ceiling=[2.0, 2.0, 2.0]))
+    assert clear == {"beats_uniform_beyond_spread": True, "beats_sequential_beyond_spread": True, "closes_half_the_gap": True}
+    overlapping = verdicts(table(auto=[2.8, 3.0, 2.6], uniform=[3.0, 2.9, 3.1], sequential=[2.7, 2.8, 2.9], ceiling=[2.0, 2.0, 2.0]))
+    assert overlapping == {"beats_uniform_beyond_spread": False, "beats_sequential_beyond_spread": False, "closes_half_the_gap": False}
+
+
+def test_the_budget_is_the_uniform_footprint_rounded_up_to_a_tenth_of_a_megabyte():
+    spec, training, device = tiny_spec(), Training(seq_len=128, batch_size=4), Device()
+    footprint = estimate_memory(spec, uniform_settings(4, 8), training, device).total_bytes
+    budget = budget_for(spec, 4, training, device)
+    assert footprint <= budget.bytes < footprint + 10**5
+    assert budget.text.endswith("MB") and budget.bytes == int(float(budget.text[:-2]) * 10**6)
+
+
+def test_report_has_one_table_row_per_method_and_budget_and_a_plot(tmp_path):
+    rows = table(auto=[2.4, 2.5, 2.45], uniform=[3.0, 3.1, 3.05], sequential=[2.9, 2.95, 3.0], ceiling=[2.0, 2.1, 2.05])
+    report = {
+        "model": "tiny", "data": "python-reference+arithmetic", "steps": 40, "batch_size": 4, "seq_len": 128, "seeds": [0, 1, 2],
+        "budgets": {"1.5MB": {"budget_bytes": 10**9, "rows": rows, "targets": verdicts(rows), "pattern": "mean rank by bits: ..."}},
+    }
+    text = markdown(report)
+    assert sum(line.startswith("| 1.5MB |") for line in text.splitlines()) == 5
+    assert "| 1.5MB | autoqra | 1000.0 MB | 2.4500 ± 0.0500 |" in text
+    plot_quality(report, tmp_path / "quality.png")
+    assert (tmp_path / "quality.png").read_bytes().startswith(b"\x89PNG")

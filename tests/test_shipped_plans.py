@@ -1,0 +1,38 @@
+"""Every plan shipped in plans/ is a reusable artifact: it verifies against its model (fingerprint and
+budget) and `qra materialize` accepts it. The shipped plans are for the embedded SmolLM2-135M, which the
+install puts in place (tools/install.sh)."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qra.cli import app
+from qra.plans.io import load_plan
+
+SHIPPED = sorted((Path(__file__).parents[1] / "plans").glob("*.yaml"))
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_plans_are_shipped_and_named_by_model_and_budget():
+    assert SHIPPED, "no plan in plans/"
+    for path in SHIPPED:
+        plan = load_plan(path)
+        assert path.name == f"{plan.model.id}-{plan.budget.text}.yaml"
+        assert plan.provenance.strategy == "autoqra" and plan.provenance.evaluations
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_a_shipped_plan_verifies_against_its_model(path):
+    result = run("plan", "verify", path)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_materialize_accepts_a_shipped_plan(path, tmp_path):
+    result = run("materialize", path, "-o", tmp_path / "run", "--data", "python-reference+arithmetic", "--check")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("accepted:")
