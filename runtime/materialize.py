@@ -50,6 +50,12 @@ class MaterializeRequest:
     cache: Path | None = None
     held_out_batches: int = 8
     exact_match_examples: int = 32
+    data_seed: int | None = None
+    """Seeds the data (generated sets, JSONL splits); None: the plan's training seed."""
+
+    @property
+    def seed_of_data(self) -> int:
+        return self.plan.training.seed if self.data_seed is None else self.data_seed
 
 
 def plan_digest(plan: Plan) -> str:
@@ -187,13 +193,13 @@ def memory_report(plan: Plan, spec: ModelSpec, result: TrainResult) -> dict:
     }
 
 
-def task_losses(model, data: str, tokenizer, plan: Plan, batch_count: int) -> dict[str, float]:
+def task_losses(model, data: str, data_seed: int, tokenizer, plan: Plan, batch_count: int) -> dict[str, float]:
     """Held-out loss of each part of a `+`-joined data set, on its own (empty for a single data set)."""
     parts = data.split("+") if "+" in data and not Path(data).exists() else []
     training, pad = plan.training, pad_id(tokenizer)
     losses = {}
     for part in parts:
-        features = training_features(load_dataset(part, seed=training.seed).held_out, tokenizer, training.seq_len)
+        features = training_features(load_dataset(part, seed=data_seed).held_out, tokenizer, training.seq_len)
         losses[part] = held_out_loss(model, batches(features, training.batch_size, training.seed, 0, pad)[:batch_count])
     return losses
 
@@ -205,7 +211,7 @@ def check_request(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, 
     check_formats(request.formats)
     _check_output(request)
     source, spec = _model_for(request)
-    return source, spec, load_dataset(request.data, seed=request.plan.training.seed)
+    return source, spec, load_dataset(request.data, seed=request.seed_of_data)
 
 
 def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] | None = None) -> dict:
@@ -252,7 +258,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     results = {
         "training": result.to_dict(),
         "data": dataset.name,
-        "held_out_by_task": task_losses(peft_model, request.data, tokenizer, plan, request.held_out_batches),
+        "held_out_by_task": task_losses(peft_model, request.data, request.seed_of_data, tokenizer, plan, request.held_out_batches),
         "exact_match": held_out_exact_match(peft_model, tokenizer, dataset.held_out, request.exact_match_examples),
     }
     wall["evaluate"] = time.perf_counter() - began

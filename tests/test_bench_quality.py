@@ -75,6 +75,12 @@ def test_report_has_one_table_row_per_method_and_budget_and_a_plot(tmp_path):
     }
     text = markdown(report)
     assert sum(line.startswith("| 1.5MB |") for line in text.splitlines()) == 5
-    assert "| 1.5MB | autoqra | 1000.0 MB | 2.4500 ± 0.0500 |" in text
+    assert "| 1.5MB | autoqra | 3 | 1000.0 MB | 2.4500 ± 0.0500 |" in text
     plot_quality(report, tmp_path / "quality.png")
     assert (tmp_path / "quality.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_with_one_seed_there_is_no_spread_to_beat_so_the_comparison_is_undecided():
+    targets = verdicts(table(auto=[2.4], uniform=[3.0], sequential=[2.9], ceiling=[2.0]))
+    assert targets["beats_uniform_beyond_spread"] is None and targets["beats_sequential_beyond_spread"] is None
+    assert targets["closes_half_the_gap"] is True

@@ -15,7 +15,8 @@ each under the same training settings and steps, once per seed:
 
 The baselines are built from the same priors and search space as the compile. Every fine-tune is
 `qra materialize` (adapter only) with a shared quantization cache, so each plan is GPTQ-quantized once
-and its seeds differ only in LoRA initialisation and batch order. The data is the two demo tasks joined
+and its seeds differ only in LoRA initialisation and batch order (the data is generated and split with
+seed 0 for every run, as the compile's was). The data is the two demo tasks joined
 (`python-reference+arithmetic`); each run reports the held-out loss of each task on its own, exact
 match on held-out arithmetic, and the measured peak (on CPU: the measured persistent terms plus the
 memory model's transient terms and overhead, see `qra.runtime.materialize.memory_report`).
@@ -70,9 +71,9 @@ class Settings:
         return Training(seq_len=self.seq_len, batch_size=self.batch_size, steps=self.steps, seed=seed)
 
 
-def budget_for(prepared_spec, bits: int, training: Training, device: Device) -> Budget:
-    """The footprint of uniform `bits` at rank 8, rounded up to 0.1 MB, as a budget."""
-    footprint = estimate_memory(prepared_spec, uniform_settings(bits, BUDGET_RANK), training, device).total_bytes
+def budget_for(spec, bits: int, training: Training, device: Device, rank: int = BUDGET_RANK) -> Budget:
+    """The footprint of uniform `bits` at `rank`, rounded up to 0.1 MB, as a budget."""
+    footprint = estimate_memory(spec, uniform_settings(bits, rank), training, device).total_bytes
     megabytes = math.ceil(footprint / 10**5) / 10
     return Budget(bytes=int(megabytes * 10**6), text=f"{megabytes:.1f}MB")
 
@@ -104,7 +105,7 @@ def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict) -> di
     paths = {method: folder / f"{plan_name(settings, budget)}{'' if method == 'autoqra' else '.' + method}.yaml" for method in METHODS}
     if all(path.is_file() for path in paths.values()):
         return {method: load_plan(path) for method, path in paths.items()}
-    prepared: Prepared = _timed(timings, f"priors and quantization cache, at {budget.text}", lambda: prepare(request))
+    prepared: Prepared = _timed(timings, f"prepare at {budget.text} (priors measured, or replayed from OUT/work)", lambda: prepare(request))
     if not paths["autoqra"].is_file():
         outcome = _timed(timings, f"search at {budget.text}", lambda: compile_plan(request, prepared=prepared))
         save_plan(outcome.plan, paths["autoqra"])
@@ -115,11 +116,8 @@ def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict) -> di
 
 def ceiling_plan(settings: Settings, reference: Plan, spec) -> Plan:
     """LoRA rank 8 on the unquantized model; its budget is its own footprint."""
-    training = settings.training()
-    device = reference.device
-    footprint = estimate_memory(spec, uniform_settings(16, CEILING_RANK), training, device).total_bytes
-    megabytes = math.ceil(footprint / 10**5) / 10
-    budget = Budget(bytes=int(megabytes * 10**6), text=f"{megabytes:.1f}MB")
+    training, device = settings.training(), reference.device
+    budget = budget_for(spec, 16, training, device, CEILING_RANK)
     return uniform_plan(spec, reference.model, budget, 16, CEILING_RANK, training=training, device=device)
 
 
@@ -127,14 +125,14 @@ def run_one(settings: Settings, plan: Plan, seed: int, folder: Path, cache: Path
     """One fine-tune of `plan` with `seed` (skipped when its results exist); returns its results."""
     results_file = folder / "results.json"
     if results_file.is_file():
-        return json.loads(results_file.read_text())
+        return json.loads(results_file.read_text()) | {"seed": seed}
     seeded = plan.model_copy(update={"training": plan.training.model_copy(update={"seed": seed})})
     request = MaterializeRequest(
-        plan=seeded, output=folder, data=settings.data, model=settings.model, resume=folder.exists(), cache=cache,
+        plan=seeded, output=folder, data=settings.data, data_seed=0, model=settings.model, resume=folder.exists(), cache=cache,
         held_out_batches=settings.held_out_batches, exact_match_examples=settings.exact_match_examples,
     )
-    log.info("fine-tuning %s, seed %d", folder.parent.name, seed)
-    return materialize(request)
+    log.info("fine-tuning %s, seed %d", folder.parent, seed)
+    return materialize(request) | {"seed": seed}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -151,6 +149,7 @@ def summarize(runs: list[dict]) -> dict:
         "exact_match": stats([run["exact_match"] for run in runs]),
         "measured_peak_bytes": max(run["memory"]["measured_peak_bytes"] for run in runs),
         "train_s": stats([run["wall_s"]["train"] for run in runs]),
+        "seeds": len(runs),
     }
 
 
@@ -161,10 +160,13 @@ def gap_closed(method: float, uniform: float, ceiling: float) -> float | None:
 
 def verdicts(rows: dict[str, dict]) -> dict:
     """The issue's targets at one budget: autoqra below uniform and sequential beyond the seed spread
-    (mean + std below the other's mean - std), and at least half of the uniform-to-16-bit gap closed."""
+    (mean + std below the other's mean - std; undecided, None, with fewer than 2 seeds), and at least half of
+    the uniform-to-16-bit gap closed."""
     auto = rows["autoqra"]["loss"]
 
-    def beyond(other: str) -> bool:
+    def beyond(other: str) -> bool | None:
+        if min(rows["autoqra"]["seeds"], rows[other]["seeds"]) < 2:
+            return None
         theirs = rows[other]["loss"]
         return auto["mean"] + auto["std"] < theirs["mean"] - theirs["std"]
 
@@ -179,23 +181,25 @@ def verdicts(rows: dict[str, dict]) -> dict:
 def markdown(report: dict) -> str:
     lines = [
         f"Model {report['model']}, data {report['data']}, {report['steps']} steps at batch {report['batch_size']} x "
-        f"{report['seq_len']} tokens, seeds {', '.join(map(str, report['seeds']))}; mean ± std over seeds.",
+        f"{report['seq_len']} tokens, seeds {', '.join(map(str, report['seeds']))}; mean ± std over seeds; gap closed: "
+        "the share of the held-out loss gap between uniform and 16-bit that a method recovers.",
         "",
-        "| budget | method | measured peak | loss (mean of tasks) | python-reference | arithmetic | exact match | gap closed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| budget | method | seeds | measured peak | loss (mean of tasks) | python-reference | arithmetic | exact match | gap closed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for budget, block in report["budgets"].items():
         for method, row in block["rows"].items():
             closed = row.get("gap_closed")
             lines.append(
-                f"| {budget} | {method} | {row['measured_peak_bytes'] / 1e6:.1f} MB | {_pm(row['loss'])} | "
+                f"| {budget} | {method} | {row['seeds']} | {row['measured_peak_bytes'] / 1e6:.1f} MB | {_pm(row['loss'])} | "
                 f"{_pm(row['loss python-reference'])} | {_pm(row['loss arithmetic'])} | "
                 f"{row['exact_match']['mean']:.1%} ± {row['exact_match']['std']:.1%} | "
                 f"{'' if closed is None else f'{closed:.0%}'} |"
             )
     lines.append("")
     for budget, block in report["budgets"].items():
-        met = ", ".join(f"{name.replace('_', ' ')}: {'yes' if ok else 'no'}" for name, ok in block["targets"].items())
+        answers = {True: "yes", False: "no", None: "undecided (fewer than 2 seeds)"}
+        met = ", ".join(f"{name.replace('_', ' ')}: {answers[ok]}" for name, ok in block["targets"].items())
         lines.append(f"- {budget}: {met}. autoqra plan: {block['pattern']}")
     return "\n".join(lines) + "\n"
 
@@ -266,53 +270,62 @@ def main() -> None:
 
 
 def run_benchmark(settings: Settings, budget_bits: list[int], out: Path, ship: Path | None, report_dir: Path | None) -> dict:
+    """Compile every budget's plans first, then fine-tune seed by seed (every method and budget at one seed
+    before the next seed), rewriting the report after each round, so a partial run reports every budget."""
     from qra.models import load_config, resolve_model
     from qra.plans.spec import spec_from_config
 
     out.mkdir(parents=True, exist_ok=True)
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    source = resolve_model(settings.model)
-    spec = spec_from_config(load_config(source))
-    device = Device()
-    report = {
-        "model": settings.model, "data": settings.data, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
-        "steps": settings.steps, "seeds": list(settings.seeds), "effort": settings.effort, "budgets": {},
-    }
-    cache = out / "cache"
-    ceiling_runs: list[dict] | None = None
-    for bits in budget_bits:
-        budget = budget_for(spec, bits, settings.training(), device)
-        plans = plans_at(settings, budget, out, timings)
+    spec = spec_from_config(load_config(resolve_model(settings.model)))
+    budgets = [budget_for(spec, bits, settings.training(), Device()) for bits in budget_bits]
+    plans = {}
+    for budget in budgets:
+        plans[budget.text] = plans_at(settings, budget, out, timings)
         _write(timings_file, json.dumps(timings, indent=2))
-        ceiling = ceiling_plan(settings, plans["uniform"], spec)
-        if ceiling_runs is None:
-            ceiling_runs = [run_one(settings, ceiling, seed, out / "runs" / CEILING / f"seed{seed}", cache) for seed in settings.seeds]
-        rows = {}
-        for method, plan in plans.items():
-            runs = [run_one(settings, plan, seed, out / "runs" / budget.text / method / f"seed{seed}", cache) for seed in settings.seeds]
-            rows[method] = summarize(runs)
-        rows[CEILING] = summarize(ceiling_runs)
-        for row in rows.values():
-            row["gap_closed"] = gap_closed(row["loss"]["mean"], rows["uniform"]["loss"]["mean"], rows[CEILING]["loss"]["mean"])
-        pattern = bits_rank_pattern(plans["autoqra"], spec)
-        plot_plan(plans["autoqra"], spec, out / f"plan-{budget.text}.png")
-        report["budgets"][budget.text] = {
-            "budget_bytes": budget.bytes, "uniform_bits": bits, "rows": rows, "targets": verdicts(rows),
-            "pattern": pattern.describe(), "lower_bits_higher_rank": pattern.lower_bits_higher_rank,
-            "autoqra_wall_time_s": plans["autoqra"].provenance.wall_time_s,
-        }
-        report["timings_s"] = timings
+        plot_plan(plans[budget.text]["autoqra"], spec, out / f"plan-{budget.text}.png")
+        if ship is not None:
+            name = f"{plan_name(settings, budget)}.yaml"
+            shutil.copyfile(out / "plans" / name, ship / name)
+    ceiling = ceiling_plan(settings, plans[budgets[0].text]["uniform"], spec)
+    runs: dict[tuple[str, str], list[dict]] = {}
+    cache = out / "cache"
+    for seed in settings.seeds:
+        for budget in budgets:
+            for method, plan in plans[budget.text].items():
+                folder = out / "runs" / budget.text / method / f"seed{seed}"
+                runs.setdefault((budget.text, method), []).append(run_one(settings, plan, seed, folder, cache))
+        runs.setdefault(("", CEILING), []).append(run_one(settings, ceiling, seed, out / "runs" / CEILING / f"seed{seed}", cache))
+        report = _report(settings, budgets, budget_bits, plans, runs, spec, timings)
         _write(out / "quality.json", json.dumps(report, indent=2))
         _write(out / "quality.md", markdown(report))
         plot_quality(report, out / "quality.png")
-        if ship is not None:
-            shutil.copyfile(out / "plans" / f"{plan_name(settings, budget)}.yaml", ship / f"{plan_name(settings, budget)}.yaml")
-    if report_dir is not None:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        for name in ["quality.json", "quality.md", "quality.png", *(f"plan-{b}.png" for b in report["budgets"])]:
-            shutil.copyfile(out / name, report_dir / name)
-    log.info("wrote %s", out / "quality.md")
+        if report_dir is not None:
+            report_dir.mkdir(parents=True, exist_ok=True)
+            for name in ["quality.json", "quality.md", "quality.png", *(f"plan-{b.text}.png" for b in budgets)]:
+                shutil.copyfile(out / name, report_dir / name)
+        log.info("seed %d done for every method and budget: %s", seed, out / "quality.md")
+    return report
+
+
+def _report(settings: Settings, budgets: list[Budget], budget_bits: list[int], plans: dict, runs: dict, spec, timings: dict) -> dict:
+    report = {
+        "model": settings.model, "data": settings.data, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
+        "steps": settings.steps, "seeds": sorted({run["seed"] for group in runs.values() for run in group}),
+        "effort": settings.effort, "budgets": {}, "timings_s": timings,
+    }
+    for budget, bits in zip(budgets, budget_bits):
+        rows = {method: summarize(runs[(budget.text, method)]) for method in METHODS}
+        rows[CEILING] = summarize(runs[("", CEILING)])
+        for row in rows.values():
+            row["gap_closed"] = gap_closed(row["loss"]["mean"], rows["uniform"]["loss"]["mean"], rows[CEILING]["loss"]["mean"])
+        pattern = bits_rank_pattern(plans[budget.text]["autoqra"], spec)
+        report["budgets"][budget.text] = {
+            "budget_bytes": budget.bytes, "uniform_bits": bits, "rows": rows, "targets": verdicts(rows),
+            "pattern": pattern.describe(), "lower_bits_higher_rank": pattern.lower_bits_higher_rank,
+            "autoqra_compile_wall_time_s": plans[budget.text]["autoqra"].provenance.wall_time_s,
+        }
     return report
 
 
