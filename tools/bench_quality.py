@@ -39,12 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, compile_plan, prepare
+from qra.compiler.fidelity import FidelityEvaluator
+from qra.compiler.space import Gene
 from qra.plans.build import uniform_plan
 from qra.plans.io import load_plan, save_plan
-from qra.plans.memory import estimate_memory, uniform_settings
+from qra.plans.memory import estimate_memory, estimate_plan, uniform_settings
 from qra.plans.plot import bits_rank_pattern, plot_plan
 from qra.plans.schema import Budget, Device, Plan, Training
-from qra.runtime.materialize import MaterializeRequest, materialize
+from qra.runtime.data import batches, load_dataset, pad_id, training_features
+from qra.runtime.materialize import MaterializeRequest, held_out_exact_match, materialize
+from qra.runtime.train import held_out_loss, train_lora
 
 log = logging.getLogger("bench_quality")
 
@@ -97,21 +101,22 @@ def _timed(timings: dict, key: str, action):
     return result
 
 
-def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict) -> dict[str, Plan]:
-    """The autoqra plan (compiled, or loaded when a previous run wrote it) and the baselines' plans."""
+def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict) -> tuple[dict[str, Plan], Prepared | None]:
+    """The autoqra plan (compiled, or loaded when a previous run wrote it) and the baselines' plans, with
+    the prepared compile when one was needed to make them."""
     request = compile_request(settings, budget, out)
     folder = out / "plans"
     folder.mkdir(parents=True, exist_ok=True)
     paths = {method: folder / f"{plan_name(settings, budget)}{'' if method == 'autoqra' else '.' + method}.yaml" for method in METHODS}
     if all(path.is_file() for path in paths.values()):
-        return {method: load_plan(path) for method, path in paths.items()}
+        return {method: load_plan(path) for method, path in paths.items()}, None
     prepared: Prepared = _timed(timings, f"prepare at {budget.text} (priors measured, or replayed from OUT/work)", lambda: prepare(request))
     if not paths["autoqra"].is_file():
         outcome = _timed(timings, f"search at {budget.text}", lambda: compile_plan(request, prepared=prepared))
         save_plan(outcome.plan, paths["autoqra"])
     for method in METHODS[1:]:
         save_plan(baseline_plan(request, prepared, method), paths[method])
-    return {method: load_plan(path) for method, path in paths.items()}
+    return {method: load_plan(path) for method, path in paths.items()}, prepared
 
 
 def ceiling_plan(settings: Settings, reference: Plan, spec) -> Plan:
@@ -121,18 +126,72 @@ def ceiling_plan(settings: Settings, reference: Plan, spec) -> Plan:
     return uniform_plan(spec, reference.model, budget, 16, CEILING_RANK, training=training, device=device)
 
 
-def run_one(settings: Settings, plan: Plan, seed: int, folder: Path, cache: Path) -> dict:
-    """One fine-tune of `plan` with `seed` (skipped when its results exist); returns its results."""
+def _finished(folder: Path) -> dict | None:
     results_file = folder / "results.json"
-    if results_file.is_file():
-        return json.loads(results_file.read_text()) | {"seed": seed}
+    return json.loads(results_file.read_text()) if results_file.is_file() else None
+
+
+def _save(folder: Path, results: dict) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder / "results.json", json.dumps(results, indent=2, default=str))
+    return results
+
+
+def run_materialize(settings: Settings, plan: Plan, seed: int, folder: Path, cache: Path) -> dict:
+    """One fine-tune through `qra materialize` (packed GPTQ modules, measured peak); skipped when done."""
+    if (done := _finished(folder / "bench")) is not None:
+        return done
     seeded = plan.model_copy(update={"training": plan.training.model_copy(update={"seed": seed})})
     request = MaterializeRequest(
         plan=seeded, output=folder, data=settings.data, data_seed=0, model=settings.model, resume=folder.exists(), cache=cache,
         held_out_batches=settings.held_out_batches, exact_match_examples=settings.exact_match_examples,
     )
-    log.info("fine-tuning %s, seed %d", folder.parent, seed)
-    return materialize(request) | {"seed": seed}
+    log.info("fine-tuning %s, seed %d (materialize)", folder.parent, seed)
+    results = materialize(request)
+    return _save(folder / "bench", {
+        "seed": seed, "held_out_by_task": results["held_out_by_task"], "exact_match": results["exact_match"],
+        "peak_bytes": results["memory"]["measured_peak_bytes"], "peak": "measured", "train_s": results["wall_s"]["train"],
+    })
+
+
+class EvaluatorRuns:
+    """Fine-tunes on the compile's evaluator: the float model with each module's GPTQ weight from the
+    quantization cache swapped in (gptqmodel's own GPTQ, the values the packed module dequantizes to), LoRA
+    attached and trained by the runtime's `attach_lora` / `train_lora` under the plan's training settings, in
+    the fastest dtype of this CPU. The peak is the memory model's estimate for the plan."""
+
+    def __init__(self, evaluator: FidelityEvaluator, settings: Settings) -> None:
+        self.evaluator = evaluator
+        self.settings = settings
+        tokenizer = evaluator.tokenizer
+        self.pad = pad_id(tokenizer)
+        dataset = load_dataset(settings.data, seed=0)
+        self.train = training_features(dataset.train, tokenizer, settings.seq_len)
+        self.held_out = {
+            task: batches(training_features(load_dataset(task, seed=0).held_out, tokenizer, settings.seq_len),
+                          settings.batch_size, 0, 0, self.pad)[: settings.held_out_batches]
+            for task in TASKS
+        }
+        self.answers = [example for example in dataset.held_out if not example.is_text]
+
+    def run(self, plan: Plan, spec, seed: int, folder: Path) -> dict:
+        if (done := _finished(folder)) is not None:
+            return done
+        log.info("fine-tuning %s, seed %d (evaluator)", folder.parent, seed)
+        evaluator, training = self.evaluator, plan.training.model_copy(update={"seed": seed})
+        config = tuple(Gene(layer.bits, layer.rank) for layer in plan.layers)
+        order = batches(self.train, training.batch_size, seed, 0, self.pad)
+        evaluator.seed = seed
+        began = time.perf_counter()
+        with evaluator.quantized(config), evaluator.adapted(config) as peft_model:
+            train_lora(peft_model, training, lambda step, micro: order[step % len(order)], measure=False)
+            train_s = time.perf_counter() - began
+            losses = {task: held_out_loss(peft_model, held_out) for task, held_out in self.held_out.items()}
+            exact = held_out_exact_match(peft_model, evaluator.tokenizer, self.answers, self.settings.exact_match_examples)
+        return _save(folder, {
+            "seed": seed, "held_out_by_task": losses, "exact_match": exact,
+            "peak_bytes": estimate_plan(spec, plan).total_bytes, "peak": "estimated", "train_s": train_s,
+        })
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -147,8 +206,9 @@ def summarize(runs: list[dict]) -> dict:
         "loss": stats(mean_loss),
         **{f"loss {task}": stats(values) for task, values in task_losses.items()},
         "exact_match": stats([run["exact_match"] for run in runs]),
-        "measured_peak_bytes": max(run["memory"]["measured_peak_bytes"] for run in runs),
-        "train_s": stats([run["wall_s"]["train"] for run in runs]),
+        "peak_bytes": max(run["peak_bytes"] for run in runs),
+        "peak": runs[0]["peak"],
+        "train_s": stats([run["train_s"] for run in runs]),
         "seeds": len(runs),
     }
 
@@ -184,14 +244,14 @@ def markdown(report: dict) -> str:
         f"{report['seq_len']} tokens, seeds {', '.join(map(str, report['seeds']))}; mean ± std over seeds; gap closed: "
         "the share of the held-out loss gap between uniform and 16-bit that a method recovers.",
         "",
-        "| budget | method | seeds | measured peak | loss (mean of tasks) | python-reference | arithmetic | exact match | gap closed |",
+        "| budget | method | seeds | peak | loss (mean of tasks) | python-reference | arithmetic | exact match | gap closed |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for budget, block in report["budgets"].items():
         for method, row in block["rows"].items():
             closed = row.get("gap_closed")
             lines.append(
-                f"| {budget} | {method} | {row['seeds']} | {row['measured_peak_bytes'] / 1e6:.1f} MB | {_pm(row['loss'])} | "
+                f"| {budget} | {method} | {row['seeds']} | {row['peak_bytes'] / 1e6:.1f} MB ({row['peak']}) | {_pm(row['loss'])} | "
                 f"{_pm(row['loss python-reference'])} | {_pm(row['loss arithmetic'])} | "
                 f"{row['exact_match']['mean']:.1%} ± {row['exact_match']['std']:.1%} | "
                 f"{'' if closed is None else f'{closed:.0%}'} |"
@@ -221,14 +281,15 @@ def plot_quality(report: dict, path: Path) -> None:
     for budget, block in report["budgets"].items():
         for method, row in block["rows"].items():
             colour = "black" if method == CEILING else colours[budget]
-            axis.errorbar(row["measured_peak_bytes"] / 1e6, row["loss"]["mean"], yerr=row["loss"]["std"], fmt=markers[method],
+            axis.errorbar(row["peak_bytes"] / 1e6, row["loss"]["mean"], yerr=row["loss"]["std"], fmt=markers[method],
                           color=colour, markersize=10 if method == "autoqra" else 6, capsize=3,
                           label=f"{method} @ {budget}" if method != CEILING else CEILING)
         axis.axvline(block["budget_bytes"] / 1e6, color=colours[budget], linestyle=":", linewidth=1)
     handles, labels = axis.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     axis.legend(unique.values(), unique.keys(), fontsize=7, ncol=2)
-    axis.set_xlabel("measured peak memory (MB); dotted: budget")
+    kinds = sorted({row["peak"] for block in report["budgets"].values() for row in block["rows"].values()})
+    axis.set_xlabel(f"peak memory, {' / '.join(kinds)} (MB); dotted: budget")
     axis.set_ylabel("held-out loss, mean of the two tasks (lower is better)")
     axis.set_title(f"{report['model']}: quality at equal memory ({len(report['seeds'])} seeds, mean ± std)", fontsize=10)
     axis.grid(alpha=0.3)
@@ -258,6 +319,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--exact-match-examples", type=int, default=50)
     parser.add_argument("--held-out-batches", type=int, default=8)
+    parser.add_argument("--fine-tune", choices=("materialize", "evaluator"), default="materialize",
+                        help="materialize: qra materialize (packed GPTQ modules, measured peak); evaluator: the compile's "
+                        "evaluator (cached GPTQ weights in the float model, the fastest dtype of this CPU, estimated peak)")
     parser.add_argument("--ship", type=Path, help="copy the autoqra plans here as <model>-<budget>.yaml")
     parser.add_argument("--report", type=Path, help="copy the table, JSON and plots here")
     args = parser.parse_args()
@@ -266,10 +330,12 @@ def main() -> None:
         args.model, args.data, args.seq_len, args.batch_size, args.steps, args.effort,
         tuple(int(s) for s in args.seeds.split(",")), args.exact_match_examples, args.held_out_batches,
     )
-    run_benchmark(settings, [int(b) for b in args.budget_bits.split(",")], args.out, args.ship, args.report)
+    run_benchmark(settings, [int(b) for b in args.budget_bits.split(",")], args.out, args.ship, args.report, args.fine_tune)
 
 
-def run_benchmark(settings: Settings, budget_bits: list[int], out: Path, ship: Path | None, report_dir: Path | None) -> dict:
+def run_benchmark(
+    settings: Settings, budget_bits: list[int], out: Path, ship: Path | None, report_dir: Path | None, fine_tune: str = "materialize"
+) -> dict:
     """Compile every budget's plans first, then fine-tune seed by seed (every method and budget at one seed
     before the next seed), rewriting the report after each round, so a partial run reports every budget."""
     from qra.models import load_config, resolve_model
@@ -280,9 +346,9 @@ def run_benchmark(settings: Settings, budget_bits: list[int], out: Path, ship: P
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     spec = spec_from_config(load_config(resolve_model(settings.model)))
     budgets = [budget_for(spec, bits, settings.training(), Device()) for bits in budget_bits]
-    plans = {}
+    plans, prepared = {}, None
     for budget in budgets:
-        plans[budget.text] = plans_at(settings, budget, out, timings)
+        plans[budget.text], prepared = plans_at(settings, budget, out, timings)
         _write(timings_file, json.dumps(timings, indent=2))
         plot_plan(plans[budget.text]["autoqra"], spec, out / f"plan-{budget.text}.png")
         if ship is not None:
@@ -291,13 +357,21 @@ def run_benchmark(settings: Settings, budget_bits: list[int], out: Path, ship: P
     ceiling = ceiling_plan(settings, plans[budgets[0].text]["uniform"], spec)
     runs: dict[tuple[str, str], list[dict]] = {}
     cache = out / "cache"
+    if fine_tune == "evaluator":
+        evaluator = (prepared or prepare(compile_request(settings, budgets[0], out))).evaluator
+        on_evaluator = EvaluatorRuns(evaluator, settings)
+
+    def run_one(plan: Plan, seed: int, folder: Path) -> dict:
+        if fine_tune == "evaluator":
+            return on_evaluator.run(plan, spec, seed, folder)
+        return run_materialize(settings, plan, seed, folder, cache)
     for seed in settings.seeds:
         for budget in budgets:
             for method, plan in plans[budget.text].items():
                 folder = out / "runs" / budget.text / method / f"seed{seed}"
-                runs.setdefault((budget.text, method), []).append(run_one(settings, plan, seed, folder, cache))
-        runs.setdefault(("", CEILING), []).append(run_one(settings, ceiling, seed, out / "runs" / CEILING / f"seed{seed}", cache))
-        report = _report(settings, budgets, budget_bits, plans, runs, spec, timings)
+                runs.setdefault((budget.text, method), []).append(run_one(plan, seed, folder))
+        runs.setdefault(("", CEILING), []).append(run_one(ceiling, seed, out / "runs" / CEILING / f"seed{seed}"))
+        report = _report(settings, budgets, budget_bits, plans, runs, spec, timings, fine_tune)
         _write(out / "quality.json", json.dumps(report, indent=2))
         _write(out / "quality.md", markdown(report))
         plot_quality(report, out / "quality.png")
@@ -309,11 +383,13 @@ def run_benchmark(settings: Settings, budget_bits: list[int], out: Path, ship: P
     return report
 
 
-def _report(settings: Settings, budgets: list[Budget], budget_bits: list[int], plans: dict, runs: dict, spec, timings: dict) -> dict:
+def _report(
+    settings: Settings, budgets: list[Budget], budget_bits: list[int], plans: dict, runs: dict, spec, timings: dict, fine_tune: str
+) -> dict:
     report = {
         "model": settings.model, "data": settings.data, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
         "steps": settings.steps, "seeds": sorted({run["seed"] for group in runs.values() for run in group}),
-        "effort": settings.effort, "budgets": {}, "timings_s": timings,
+        "effort": settings.effort, "fine_tune": fine_tune, "budgets": {}, "timings_s": timings,
     }
     for budget, bits in zip(budgets, budget_bits):
         rows = {method: summarize(runs[(budget.text, method)]) for method in METHODS}
