@@ -85,3 +85,31 @@ def test_with_one_seed_there_is_no_spread_to_beat_so_the_comparison_is_undecided
     targets = verdicts(table(auto=[2.4], uniform=[3.0], sequential=[2.9], ceiling=[2.0]))
     assert targets["beats_uniform_beyond_spread"] is None and targets["beats_sequential_beyond_spread"] is None
     assert targets["closes_half_the_gap"] is True
+
+
+def test_a_fine_tune_on_the_evaluator_reports_each_task_and_is_not_repeated(tmp_path):
+    from bench_quality import EvaluatorRuns, Settings
+
+    from qra.compiler.compile import CompileRequest, Effort, baseline_plan, prepare
+    from qra.compiler.fidelity import FidelityLadder
+    from qra.plans.memory import estimate_plan
+    from qra.plans.schema import Budget
+    from tiny import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model", layers=2)
+    training = Training(seq_len=24, batch_size=2, steps=2, learning_rate=5e-3)
+    request = CompileRequest(
+        model=str(folder), budget=Budget(bytes=10**9, text="1GB"), data="python-reference+arithmetic", bits=(2, 4), ranks=(4, 8),
+        effort=Effort(2, FidelityLadder(steps=(0, 1, 2)), prior_probe_steps=1, calibration_batches=1, held_out_batches=1),
+        training=training, device=Device(kind="cpu", context_bytes=0), work=tmp_path / "work",
+    )
+    prepared = prepare(request)
+    plan = baseline_plan(request, prepared, "uniform")
+    settings = Settings(str(folder), request.data, 24, 2, 2, "quick", (0, 1), exact_match_examples=3, held_out_batches=1)
+    runs = EvaluatorRuns(prepared.evaluator, settings)
+    first = runs.run(plan, prepared.spec, 0, tmp_path / "seed0")
+    assert set(first["held_out_by_task"]) == {"python-reference", "arithmetic"}
+    assert 0.0 <= first["exact_match"] <= 1.0
+    assert first["peak_bytes"] == estimate_plan(prepared.spec, plan).total_bytes and first["peak"] == "estimated"
+    assert runs.run(plan, prepared.spec, 0, tmp_path / "seed0") == first
+    assert runs.run(plan, prepared.spec, 1, tmp_path / "seed1")["held_out_by_task"] != first["held_out_by_task"]
