@@ -21,3 +21,5 @@ def test_wheel_holds_only_the_qra_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("qra/plans/memory.py", "qra/compiler/__init__.py", "qra/runtime/measure.py", "qra/runtime/package/onnx.py", "qra/compiler/strategies/trbo.py", "qra/cli.py", "qra/configs/llama-3-8b.json"):
         assert module in names
+    shipped = [f"qra/plans/{plan.name}" for plan in (ROOT / "plans").glob("*.yaml")]
+    assert shipped and set(shipped) <= set(names)
