@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, prepare_data
+from qra.compiler.fidelity import FidelityEvaluator, FidelityLadder, prepare_data
 from qra.compiler.importance import Importance, flat_importance
 from qra.compiler.journal import Journal
 from qra.compiler.priors import PriorSettings, measure_priors
@@ -141,9 +141,7 @@ def _evaluator(request: CompileRequest, source: ModelSource, space: SearchSpace,
     training = request.training
     data = prepare_data(dataset, tokenizer, training.seq_len, training.batch_size, training.seed, effort.held_out_batches)
     cache = QuantCache(model, space.spec, data.train[: effort.calibration_batches], request.group_size, folder=work / "qcache")
-    return FidelityEvaluator(
-        model, space, EvalData(data.train, data.held_out, data.answers), cache, effort.ladder, tokenizer, dtype=dtype
-    )
+    return FidelityEvaluator(model, space, data, cache, effort.ladder, tokenizer, dtype=dtype)
 
 
 def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: Effort, work: Path) -> Importance:
@@ -215,7 +213,10 @@ def _plan(request: CompileRequest, prepared: Prepared, config: Config, predicted
 
 def _note(request: CompileRequest, config: Config) -> str:
     effort = request.effort if isinstance(request.effort, str) else "custom"
-    return f"effort {effort}, granularity {request.granularity}, data {request.data}, best {config_key(config)}"
+    return (
+        f"effort {effort}, granularity {request.granularity}, data {request.data}, "
+        f"score: held-out loss averaged over the data's tasks, best {config_key(config)}"
+    )
 
 
 def compile_plan(

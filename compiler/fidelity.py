@@ -36,7 +36,7 @@ from qra.compiler.qcache import QuantCache, batches_digest
 from qra.compiler.space import Config, SearchSpace, config_key
 from qra.runtime.data import Batch, Dataset, Example, batches, pad_id, training_features
 from qra.runtime.lora import attach_lora
-from qra.runtime.train import held_out_loss, train_lora
+from qra.runtime.train import task_mean_loss, train_lora
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,12 @@ class FidelityLadder:
 
 @dataclass(frozen=True)
 class EvalData:
-    """Training batches (fine-tunes cycle through them in order), held-out batches, and held-out
-    prompt/response examples for exact match (empty for plain text)."""
+    """Training batches (fine-tunes cycle through them in order), held-out batches (one group per task of
+    the data set; the score is the mean of the tasks' losses), and held-out prompt/response examples for
+    exact match (empty for plain text)."""
 
     train: tuple[Batch, ...]
-    held_out: tuple[Batch, ...]
+    held_out: tuple[tuple[Batch, ...], ...]
     answers: tuple[Example, ...] = ()
 
 
@@ -78,14 +79,18 @@ class Evaluation:
 def prepare_data(
     dataset: Dataset, tokenizer, seq_len: int, batch_size: int, seed: int = 0, held_out_batches: int = 8
 ) -> EvalData:
-    """Tokenize a data set as `qra materialize` does (plain text packed, prompt/response one per sequence)."""
+    """Tokenize a data set as `qra materialize` does (plain text packed, prompt/response one per sequence);
+    `held_out_batches` batches from each task."""
     pad = pad_id(tokenizer)
     train = batches(training_features(dataset.train, tokenizer, seq_len), batch_size, seed, 0, pad)
-    held_out = batches(training_features(dataset.held_out, tokenizer, seq_len), batch_size, seed, 0, pad)[:held_out_batches]
-    if not train or not held_out:
+    held_out = tuple(
+        tuple(batches(training_features(examples, tokenizer, seq_len), batch_size, seed, 0, pad)[:held_out_batches])
+        for examples in dataset.held_out_by_task().values()
+    )
+    if not train or not all(held_out):
         raise ValueError(f"data {dataset.name!r} gives no training or no held-out sequence at seq_len {seq_len}")
     answers = tuple(example for example in dataset.held_out if not example.is_text)
-    return EvalData(tuple(train), tuple(held_out), answers)
+    return EvalData(tuple(train), held_out, answers)
 
 
 class FidelityEvaluator:
@@ -125,7 +130,7 @@ class FidelityEvaluator:
             "calibration": self.cache.calibration_hash,
             "group_size": self.cache.group_size,
             "train": batches_digest(self.data.train),
-            "held_out": batches_digest(self.data.held_out),
+            "held_out": [batches_digest(task) for task in self.data.held_out],
             "ladder": asdict(self.ladder),
             "units": [unit.label for unit in self.space.units],
             "training": self.space.training.model_dump(),
@@ -196,8 +201,9 @@ class FidelityEvaluator:
         train = self.data.train
         train_lora(peft_model, training, lambda step, micro: train[step % len(train)], measure=False)
 
-    def loss(self, model: nn.Module, held_out: Sequence[Batch] | None = None) -> float:
-        return held_out_loss(model, self.data.held_out if held_out is None else held_out)
+    def loss(self, model: nn.Module, held_out: Sequence[Sequence[Batch]] | None = None) -> float:
+        """The held-out loss the search minimizes: the mean over tasks (`task_mean_loss`)."""
+        return task_mean_loss(model, self.data.held_out if held_out is None else held_out)
 
     def _exact_match(self, model: nn.Module) -> float | None:
         if not (self.ladder.exact_match and self.tokenizer is not None and self.data.answers):

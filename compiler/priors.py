@@ -149,7 +149,7 @@ def measure_priors(
     space = evaluator.space
     expected = 1 + len(space.units) * (len(space.bits) + len(space.ranks))
     record = _Journal(journal, _journal_key(evaluator, settings), expected)
-    held_out = evaluator.data.held_out[: settings.held_out_batches]
+    held_out = tuple(task[: settings.held_out_batches] for task in evaluator.data.held_out)
     base = record.get("base", lambda: evaluator.loss(evaluator.model, held_out))
     sensitivity = _measure_sensitivity(evaluator, record, held_out, base)
     plasticity = _measure_plasticity(evaluator, record, held_out, settings.probe_steps)

@@ -51,11 +51,19 @@ class Example:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Examples to train on and examples held out for evaluation, never overlapping."""
+    """Examples to train on and examples held out for evaluation, never overlapping; a joined set
+    (`a+b`) keeps its parts, so each task's held-out examples can be scored on their own."""
 
     name: str
     train: list[Example]
     held_out: list[Example]
+    parts: tuple["Dataset", ...] = ()
+
+    def held_out_by_task(self) -> dict[str, list[Example]]:
+        """Each part's held-out examples by its name; a set that is not joined is one task."""
+        if not self.parts:
+            return {self.name: self.held_out}
+        return {part.name: part.held_out for part in self.parts}
 
 
 def load_dataset(spec: str, held_out: str | None = None, seed: int = 0, held_out_fraction: float = 0.1) -> Dataset:
@@ -74,8 +82,10 @@ def load_dataset(spec: str, held_out: str | None = None, seed: int = 0, held_out
         return Dataset(spec, examples, read_jsonl(held_out))
     if "+" in spec:
         parts = [load_dataset(part, seed=seed, held_out_fraction=held_out_fraction) for part in spec.split("+")]
-        dataset = Dataset(spec, [e for part in parts for e in part.train], [e for part in parts for e in part.held_out])
-        return dataset if held_out is None else Dataset(dataset.name, dataset.train, read_jsonl(held_out))
+        train = [e for part in parts for e in part.train]
+        if held_out is not None:
+            return Dataset(spec, train, read_jsonl(held_out))
+        return Dataset(spec, train, [e for part in parts for e in part.held_out], tuple(parts))
     raise QraError(f"unknown data {spec!r}: not a file, and the bundled data sets are {', '.join(sorted(BUNDLED))}")
 
 

@@ -71,6 +71,12 @@ def held_out_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
     return total / count if count else math.nan
 
 
+def task_mean_loss(model: nn.Module, tasks: Sequence[Sequence[Batch]]) -> float:
+    """The mean over tasks of each task's held-out loss, so that a task with long sequences (packed text)
+    does not outweigh one whose loss falls on a few answer tokens."""
+    return sum(held_out_loss(model, batches) for batches in tasks) / len(tasks)
+
+
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 

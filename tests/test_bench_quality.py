@@ -113,3 +113,6 @@ def test_a_fine_tune_on_the_evaluator_reports_each_task_and_is_not_repeated(tmp_
     assert first["peak_bytes"] == estimate_plan(prepared.spec, plan).total_bytes and first["peak"] == "estimated"
     assert runs.run(plan, prepared.spec, 0, tmp_path / "seed0") == first
     assert runs.run(plan, prepared.spec, 1, tmp_path / "seed1")["held_out_by_task"] != first["held_out_by_task"]
+    first_layer = plan.layers[0]
+    recompiled = plan.model_copy(update={"layers": [first_layer.model_copy(update={"rank": first_layer.rank * 2}), *plan.layers[1:]]})
+    assert runs.run(recompiled, prepared.spec, 0, tmp_path / "seed0")["plan"] != first["plan"]  # run again, not reused

@@ -185,6 +185,19 @@ def test_bundled_sets_joined_by_plus_concatenate_their_train_and_held_out_sets()
     assert joined.held_out == reference.held_out + questions.held_out
 
 
+def test_a_joined_set_keeps_each_tasks_held_out_examples_apart():
+    joined = load_dataset("python-reference+arithmetic", seed=3)
+    assert joined.held_out_by_task() == {"python-reference": python_reference().held_out, "arithmetic": arithmetic(seed=3).held_out}
+    assert load_dataset("arithmetic").held_out_by_task() == {"arithmetic": arithmetic().held_out}
+
+
+def test_a_separate_held_out_file_is_one_task_even_for_a_joined_set(tmp_path):
+    path = tmp_path / "held.jsonl"
+    path.write_text('{"prompt": "Q", "response": "A"}\n')
+    joined = load_dataset("python-reference+arithmetic", held_out=str(path))
+    assert joined.held_out_by_task() == {"python-reference+arithmetic": [Example("Q", "A")]}
+
+
 def test_a_joined_set_names_the_part_it_cannot_find(tmp_path):
     with pytest.raises(QraError, match="unknown data 'nonsense'"):
         load_dataset("arithmetic+nonsense")

@@ -12,6 +12,7 @@ from qra.compiler.space import Gene, build_space
 from qra.plans.schema import Device, Training
 from qra.plans.spec import spec_from_config
 from qra.runtime.data import load_dataset
+from qra.runtime.train import held_out_loss, task_mean_loss
 
 GROUP = 32
 
@@ -39,7 +40,7 @@ def setup(tmp_path_factory):
     folder = save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", "llama", layers=4)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     text = prepare_data(load_dataset("python-reference"), tiny_tokenizer(), seq_len=32, batch_size=8)
-    data = EvalData(train=text.train[:2], held_out=text.train[:2])
+    data = EvalData(train=text.train[:2], held_out=(text.train[:2],))
     _memorize(model, data.train)
     spec = spec_from_config(model.config)
     training = Training(seq_len=32, batch_size=8, steps=1, seed=0)
@@ -135,3 +136,19 @@ def test_exact_match_is_an_optional_extra_metric(setup):
     assert result.exact_match is not None and 0.0 <= result.exact_match <= 1.0
     assert result.loss == setup.evaluate(setup.space.uniform(8, 2), 0)
     assert setup.measure(setup.space.uniform(8, 2), 0).exact_match is None
+
+
+def test_held_out_batches_are_drawn_from_each_task_of_a_joined_set():
+    data = prepare_data(load_dataset("python-reference+arithmetic"), tiny_tokenizer(), seq_len=32, batch_size=4, held_out_batches=2)
+    text, questions = data.held_out
+    assert len(text) == 2 and len(questions) == 2
+    assert all(bool(batch["attention_mask"].all()) for batch in text)  # packed text: full blocks
+    assert all(bool((batch["labels"] == -100).any()) for batch in questions)  # loss on the answers only
+
+
+def test_the_search_scores_each_task_equally_however_many_tokens_it_has(setup):
+    data = prepare_data(load_dataset("python-reference+arithmetic"), tiny_tokenizer(), seq_len=32, batch_size=4, held_out_batches=2)
+    per_task = [held_out_loss(setup.model, task) for task in data.held_out]
+    pooled = held_out_loss(setup.model, [batch for task in data.held_out for batch in task])
+    assert task_mean_loss(setup.model, data.held_out) == pytest.approx(sum(per_task) / 2)
+    assert pooled != pytest.approx(sum(per_task) / 2, rel=1e-3)  # pooling would weigh packed text by its tokens

@@ -28,6 +28,7 @@ them there, `--ship DIR` copies the autoqra plans there as `<model>-<budget>.yam
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -126,20 +127,34 @@ def ceiling_plan(settings: Settings, reference: Plan, spec) -> Plan:
     return uniform_plan(spec, reference.model, budget, 16, CEILING_RANK, training=training, device=device)
 
 
-def _finished(folder: Path) -> dict | None:
-    results_file = folder / "results.json"
-    return json.loads(results_file.read_text()) if results_file.is_file() else None
+def plan_key(plan: Plan) -> str:
+    """What a fine-tune's result depends on in a plan: its layers and training settings (the seed aside)."""
+    identity = [[layer.model_dump() for layer in plan.layers], plan.training.model_dump(exclude={"seed"})]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _save(folder: Path, results: dict) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    _write(folder / "results.json", json.dumps(results, indent=2, default=str))
+def _finished(run: Path, results_file: Path, plan: Plan) -> dict | None:
+    """The saved results of this plan's run; a run of another plan in `run` (a plan that was compiled
+    again since) is removed, so that it is run afresh."""
+    if not results_file.is_file():
+        return None
+    results = json.loads(results_file.read_text())
+    if results.get("plan") == plan_key(plan):
+        return results
+    shutil.rmtree(run)
+    return None
+
+
+def _save(results_file: Path, plan: Plan, results: dict) -> dict:
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    results = {"plan": plan_key(plan), **results}
+    _write(results_file, json.dumps(results, indent=2, default=str))
     return results
 
 
 def run_materialize(settings: Settings, plan: Plan, seed: int, folder: Path, cache: Path) -> dict:
     """One fine-tune through `qra materialize` (packed GPTQ modules, measured peak); skipped when done."""
-    if (done := _finished(folder / "bench")) is not None:
+    if (done := _finished(folder, folder / "bench" / "results.json", plan)) is not None:
         return done
     seeded = plan.model_copy(update={"training": plan.training.model_copy(update={"seed": seed})})
     request = MaterializeRequest(
@@ -148,7 +163,7 @@ def run_materialize(settings: Settings, plan: Plan, seed: int, folder: Path, cac
     )
     log.info("fine-tuning %s, seed %d (materialize)", folder.parent, seed)
     results = materialize(request)
-    return _save(folder / "bench", {
+    return _save(folder / "bench" / "results.json", plan, {
         "seed": seed, "held_out_by_task": results["held_out_by_task"], "exact_match": results["exact_match"],
         "peak_bytes": results["memory"]["measured_peak_bytes"], "peak": "measured", "train_s": results["wall_s"]["train"],
     })
@@ -175,7 +190,7 @@ class EvaluatorRuns:
         self.answers = [example for example in dataset.held_out if not example.is_text]
 
     def run(self, plan: Plan, spec, seed: int, folder: Path) -> dict:
-        if (done := _finished(folder)) is not None:
+        if (done := _finished(folder, folder / "results.json", plan)) is not None:
             return done
         log.info("fine-tuning %s, seed %d (evaluator)", folder.parent, seed)
         evaluator, training = self.evaluator, plan.training.model_copy(update={"seed": seed})
@@ -188,7 +203,7 @@ class EvaluatorRuns:
             train_s = time.perf_counter() - began
             losses = {task: held_out_loss(peft_model, held_out) for task, held_out in self.held_out.items()}
             exact = held_out_exact_match(peft_model, evaluator.tokenizer, self.answers, self.settings.exact_match_examples)
-        return _save(folder, {
+        return _save(folder / "results.json", plan, {
             "seed": seed, "held_out_by_task": losses, "exact_match": exact,
             "peak_bytes": estimate_plan(spec, plan).total_bytes, "peak": "estimated", "train_s": train_s,
         })
