@@ -193,15 +193,13 @@ def memory_report(plan: Plan, spec: ModelSpec, result: TrainResult) -> dict:
     }
 
 
-def task_losses(model, data: str, data_seed: int, tokenizer, plan: Plan, batch_count: int) -> dict[str, float]:
-    """Held-out loss of each part of a `+`-joined data set, on its own (empty for a single data set)."""
-    parts = data.split("+") if "+" in data and not Path(data).exists() else []
+def task_losses(model, dataset: Dataset, tokenizer, plan: Plan, batch_count: int) -> dict[str, float]:
+    """Held-out loss of each task of the data set (each part of a `+`-joined set), on its own."""
     training, pad = plan.training, pad_id(tokenizer)
-    losses = {}
-    for part in parts:
-        features = training_features(load_dataset(part, seed=data_seed).held_out, tokenizer, training.seq_len)
-        losses[part] = held_out_loss(model, batches(features, training.batch_size, training.seed, 0, pad)[:batch_count])
-    return losses
+    return {
+        task: held_out_loss(model, batches(training_features(examples, tokenizer, training.seq_len), training.batch_size, training.seed, 0, pad)[:batch_count])
+        for task, examples in dataset.held_out_by_task().items()
+    }
 
 
 def check_request(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, Dataset]:
@@ -258,7 +256,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     results = {
         "training": result.to_dict(),
         "data": dataset.name,
-        "held_out_by_task": task_losses(peft_model, request.data, request.seed_of_data, tokenizer, plan, request.held_out_batches),
+        "held_out_by_task": task_losses(peft_model, dataset, tokenizer, plan, request.held_out_batches),
         "exact_match": held_out_exact_match(peft_model, tokenizer, dataset.held_out, request.exact_match_examples),
     }
     wall["evaluate"] = time.perf_counter() - began

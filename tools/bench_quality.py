@@ -183,9 +183,8 @@ class EvaluatorRuns:
         dataset = load_dataset(settings.data, seed=0)
         self.train = training_features(dataset.train, tokenizer, settings.seq_len)
         self.held_out = {
-            task: batches(training_features(load_dataset(task, seed=0).held_out, tokenizer, settings.seq_len),
-                          settings.batch_size, 0, 0, self.pad)[: settings.held_out_batches]
-            for task in TASKS
+            task: batches(training_features(examples, tokenizer, settings.seq_len), settings.batch_size, 0, 0, self.pad)[: settings.held_out_batches]
+            for task, examples in dataset.held_out_by_task().items()
         }
         self.answers = [example for example in dataset.held_out if not example.is_text]
 
