@@ -6,7 +6,9 @@ the plan, verified by the memory model and written atomically. A rerun with `--r
 journal and the priors record and ends at the same plan as an uninterrupted run with the same seed.
 """
 
+import hashlib
 import importlib.metadata
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -156,10 +158,31 @@ def _strategy(problem: Problem, name: str, seed: int):
     return STRATEGIES[name](problem, seed) if name in STRATEGIES else Baseline(problem, name)
 
 
-def _baseline_scores(problem: Problem, evaluator: FidelityEvaluator, journal: Path | None) -> dict[str, float]:
+def journal_key(request: CompileRequest, prepared: "Prepared", strategy: str) -> str:
+    """Everything a journaled score depends on besides the configuration: the evaluator (model, data,
+    objective, ladder), the priors, the budget, the space, the strategy, its seed and its evaluations."""
+    identity = {
+        "evaluator": prepared.evaluator.fingerprint,
+        "importance": prepared.problem.importance.to_dict(),
+        "budget": request.budget.bytes,
+        "bits": list(request.bits),
+        "ranks": list(request.ranks),
+        "granularity": request.granularity,
+        "strategy": strategy,
+        "seed": request.training.seed,
+        "evaluations": prepared.effort.evaluations,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _baseline_scores(request: CompileRequest, prepared: "Prepared") -> dict[str, float]:
     """The uniform (QLoRA-style) configuration at the same budget, scored at the top fidelity in this run
     (journaled on its own, beside the search's journal)."""
-    baseline_journal = Journal(journal.with_name(journal.stem + ".baseline.jsonl")) if journal is not None else None
+    problem, evaluator, journal = prepared.problem, prepared.evaluator, request.journal
+    baseline_journal = (
+        Journal(journal.with_name(journal.stem + ".baseline.jsonl"), journal_key(request, prepared, "uniform baseline"))
+        if journal is not None else None
+    )
     result = run_search(Baseline(problem, "uniform"), evaluator, 1, journal=baseline_journal)
     gene = result.best_config[0]
     return {f"uniform {gene.bits}-bit rank {gene.rank}": result.best_score}
@@ -225,11 +248,11 @@ def compile_plan(
     """Run every stage and return the verified plan (not yet written) with the search's record."""
     began = time.perf_counter()
     prepared = prepared or prepare(request)
-    journal = Journal(request.journal) if request.journal is not None else None
+    journal = Journal(request.journal, journal_key(request, prepared, request.strategy)) if request.journal is not None else None
     log.info("searching: %s, %d evaluations", request.strategy, prepared.effort.evaluations)
     strategy = _strategy(prepared.problem, request.strategy, request.training.seed)
     result = run_search(strategy, prepared.evaluator, prepared.effort.evaluations, on_progress, journal)
-    baselines = _baseline_scores(prepared.problem, prepared.evaluator, request.journal)
+    baselines = _baseline_scores(request, prepared)
     log.info("quantization cache: %s", prepared.evaluator.cache.stats)
     provenance = Provenance(
         strategy=request.strategy,

@@ -1,7 +1,9 @@
 """The journal: every evaluation is appended to disk as it completes, so an interrupted compile resumes.
 
-One JSON object per line, `{"index", "config", "fidelity", "score", "seconds", "stage"}`, flushed and
-fsync'ed per record. Resume is by replay (DESIGN, "The search": an interrupted compile resumes and
+The first line is a header, `{"journal": "qra-search", "key"}`: the key names everything a score depends on
+besides the configuration (model, data, objective, priors, budget, strategy, seed), so a journal written by
+another compile is refused before any of its scores is replayed. Then one JSON object per evaluation,
+`{"index", "config", "fidelity", "score", "seconds", "stage"}`, flushed and fsync'ed per record. Resume is by replay (DESIGN, "The search": an interrupted compile resumes and
 reaches the same plan as an uninterrupted one with the same seed): a search is deterministic given its
 seed and the scores it is told, so a rerun asks for the same evaluations in the same order, and the
 k-th request is answered from the k-th record instead of being evaluated again. A record counts once
@@ -22,6 +24,8 @@ from qra.errors import QraError
 
 log = logging.getLogger(__name__)
 
+KIND = "qra-search"
+
 
 class Objective(Protocol):
     """What the search scores: held-out loss of `config` at `fidelity` (lower is better)."""
@@ -40,6 +44,7 @@ class Record:
 
 
 def _parse(path: Path, number: int, line: bytes) -> Record:
+    """The evaluation record on line `number` of the file (line 1 is the header, so its index is number - 2)."""
     try:
         data = json.loads(line)
         record = Record(
@@ -48,16 +53,39 @@ def _parse(path: Path, number: int, line: bytes) -> Record:
         )
     except (ValueError, KeyError, TypeError) as error:
         raise QraError(f"journal {path} line {number} is not an evaluation record ({error})") from None
-    if record.index != number - 1:
-        raise QraError(f"journal {path} line {number} has index {record.index}, expected {number - 1}")
+    if record.index != number - 2:
+        raise QraError(f"journal {path} line {number} has index {record.index}, expected {number - 2}")
     return record
 
 
-class Journal:
-    """An append-only JSONL file of evaluations; `records` are the complete ones already on disk."""
+def _header(key: str) -> bytes:
+    return (json.dumps({"journal": KIND, "key": key}) + "\n").encode()
 
-    def __init__(self, path: Path | str) -> None:
+
+def _check_header(path: Path, line: bytes, key: str) -> None:
+    try:
+        header = json.loads(line)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("journal") != KIND:
+        raise QraError(
+            f"journal {path} has no header (it predates keyed journals, or is not a qra search journal): "
+            "delete it and compile again", exit_code=2,
+        )
+    if header.get("key") != key:
+        raise QraError(
+            f"journal {path} was written by another compile (other model, data, objective, budget, strategy or "
+            "seed): delete it, or rerun with the original settings", exit_code=2,
+        )
+
+
+class Journal:
+    """An append-only JSONL file of evaluations for the compile named by `key`; `records` are the complete
+    ones already on disk."""
+
+    def __init__(self, path: Path | str, key: str) -> None:
         self.path = Path(path)
+        self.key = key
         self.records: list[Record] = []
         self._valid_bytes = 0
         if self.path.exists():
@@ -66,7 +94,10 @@ class Journal:
     def _load(self) -> None:
         data = self.path.read_bytes()
         *complete, tail = data.split(b"\n")
-        self.records = [_parse(self.path, number, line) for number, line in enumerate(complete, 1)]
+        if not complete:
+            return  # a header cut off mid-write: nothing was evaluated yet, the file is started afresh
+        _check_header(self.path, complete[0], self.key)
+        self.records = [_parse(self.path, number, line) for number, line in enumerate(complete[1:], 2)]
         self._valid_bytes = len(data) - len(tail)
         if tail:
             log.warning("journal %s: ignoring a last record cut off mid-write (%d bytes)", self.path, len(tail))
@@ -76,6 +107,8 @@ class Journal:
         record = Record(len(self.records), config_key(config), int(fidelity), float(score), float(seconds), stage)
         line = (json.dumps(asdict(record)) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._valid_bytes == 0:
+            line = _header(self.key) + line
         with open(self.path, "ab") as handle:
             if handle.tell() > self._valid_bytes:
                 handle.truncate(self._valid_bytes)

@@ -77,6 +77,19 @@ def test_interrupted_compile_resumes_to_the_same_plan(tiny_folder, tmp_path):
     assert resumed.plan.predicted.score == pytest.approx(whole.plan.predicted.score)
 
 
+def test_resuming_with_another_budget_refuses_the_journal_instead_of_replaying_its_scores(tiny_folder, tmp_path):
+    def kill(evaluation):
+        if evaluation.index == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        compile_plan(request(tiny_folder, tmp_path), on_progress=kill)
+    other = Budget(bytes=middle_budget() - 1, text="other")
+    with pytest.raises(QraError, match="written by another compile") as error:
+        compile_plan(request(tiny_folder, tmp_path, budget=other, resume=True))
+    assert error.value.exit_code == 2
+
+
 def test_baseline_plans_share_the_searchs_priors_and_verify_unscored(tiny_folder, tmp_path):
     compiled = request(tiny_folder, tmp_path)
     prepared = prepare(compiled)

@@ -6,6 +6,7 @@ The priors are one-unit-at-a-time probes of it, so they miss the interactions, a
 """
 
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -157,8 +158,11 @@ def test_autoqra_finds_the_optimum_more_often_than_random(space: SearchSpace, pr
 # the journal
 
 
-def _journaled(problem: Problem, path, objective: Synthetic, seed: int = 5):
-    return run_search(AutoQRA(problem, seed), objective, 30, journal=Journal(path))
+KEY = "compile-a"
+
+
+def _journaled(problem: Problem, path, objective: Synthetic, seed: int = 5, key: str = KEY):
+    return run_search(AutoQRA(problem, seed), objective, 30, journal=Journal(path, key))
 
 
 def test_an_interrupted_search_resumes_to_the_same_result(problem: Problem, tmp_path) -> None:
@@ -166,7 +170,7 @@ def test_an_interrupted_search_resumes_to_the_same_result(problem: Problem, tmp_
     path = tmp_path / "journal.jsonl"
     with pytest.raises(KeyboardInterrupt):
         _journaled(problem, path, Synthetic(fail_at=17))
-    assert len(Journal(path).records) == 17
+    assert len(Journal(path, KEY).records) == 17
     resumed_objective = Synthetic()
     resumed = _journaled(problem, path, resumed_objective)
     assert resumed.best_config == uninterrupted.best_config
@@ -174,7 +178,7 @@ def test_an_interrupted_search_resumes_to_the_same_result(problem: Problem, tmp_
     assert resumed.replayed == 17
     assert resumed_objective.calls == len(uninterrupted.history) - 17
     assert resumed_objective.asked == [(config_key(e.config), e.fidelity) for e in uninterrupted.history[17:]]
-    assert len(Journal(path).records) == len(uninterrupted.history)
+    assert len(Journal(path, KEY).records) == len(uninterrupted.history)
 
 
 def test_a_journal_from_another_compile_is_refused(problem: Problem, tmp_path) -> None:
@@ -186,24 +190,41 @@ def test_a_journal_from_another_compile_is_refused(problem: Problem, tmp_path) -
     assert error.value.exit_code == 2
 
 
+def test_a_journal_for_another_key_is_refused_before_any_replay(problem: Problem, tmp_path) -> None:
+    path = tmp_path / "journal.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        _journaled(problem, path, Synthetic(fail_at=5))
+    objective = Synthetic()
+    with pytest.raises(QraError, match="written by another compile") as error:
+        _journaled(problem, path, objective, key="compile-b")
+    assert error.value.exit_code == 2 and objective.calls == 0
+
+
+def test_a_journal_without_a_header_is_refused(problem: Problem, tmp_path) -> None:
+    path = tmp_path / "journal.jsonl"
+    path.write_text('{"index": 0, "config": "4:8,4:8", "fidelity": 0, "score": 2.0, "seconds": 1.0, "stage": "x"}\n')
+    with pytest.raises(QraError, match="no header"):
+        Journal(path, KEY)
+
+
 def test_a_truncated_last_journal_line_is_ignored(problem: Problem, tmp_path) -> None:
     path = tmp_path / "journal.jsonl"
     with pytest.raises(KeyboardInterrupt):
         _journaled(problem, path, Synthetic(fail_at=6))
     with open(path, "ab") as handle:
         handle.write(b'{"index": 6, "config": "8:4,8:')  # killed mid-write
-    assert len(Journal(path).records) == 6
+    assert len(Journal(path, KEY).records) == 6
     objective = Synthetic()
     resumed = _journaled(problem, path, objective)
     assert resumed.replayed == 6 and objective.calls == len(resumed.history) - 6
-    assert len(Journal(path).records) == len(resumed.history)
+    assert len(Journal(path, KEY).records) == len(resumed.history)
 
 
 def test_a_corrupt_journal_line_is_an_error(tmp_path) -> None:
     path = tmp_path / "journal.jsonl"
-    path.write_text('{"index": 0}\n')
-    with pytest.raises(QraError, match="line 1"):
-        Journal(path)
+    path.write_text(json.dumps({"journal": "qra-search", "key": KEY}) + '\n{"index": 0}\n')
+    with pytest.raises(QraError, match="line 2"):
+        Journal(path, KEY)
 
 
 # baselines
