@@ -26,12 +26,12 @@ from qra.errors import QraError
 from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
 from qra.plans.io import dump_plan
 from qra.plans.memory import PERSISTENT, estimate_plan, plan_settings
-from qra.plans.schema import Plan
+from qra.plans.schema import Plan, Training
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import model_problems
 from qra.runtime.data import Dataset, Example, batches, exact_match, load_dataset, pad_id, training_features
 from qra.runtime.quantize import gptqmodel_log_dir, load_quantized, quantize_to_plan
-from qra.runtime.train import StepLog, TrainResult, held_out_loss, train_lora
+from qra.runtime.train import StepLog, TrainResult, train_lora
 
 log = logging.getLogger(__name__)
 MARKER = "qra-run.json"
@@ -89,12 +89,11 @@ def _model_for(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec]:
     return source, spec
 
 
-def _features(dataset: Dataset, tokenizer, seq_len: int) -> tuple[list, list]:
+def _train_features(dataset: Dataset, tokenizer, seq_len: int) -> list:
     train = training_features(dataset.train, tokenizer, seq_len)
-    held_out = training_features(dataset.held_out, tokenizer, seq_len)
     if not train:
         raise QraError(f"data {dataset.name!r} gives no training sequence of {seq_len} tokens")
-    return train, held_out
+    return train
 
 
 def _batch_source(features: list, plan: Plan, pad: int) -> Callable[[int, int], dict[str, torch.Tensor]]:
@@ -193,13 +192,15 @@ def memory_report(plan: Plan, spec: ModelSpec, result: TrainResult) -> dict:
     }
 
 
-def task_losses(model, dataset: Dataset, tokenizer, plan: Plan, batch_count: int) -> dict[str, float]:
-    """Held-out loss of each task of the data set (each part of a `+`-joined set), on its own."""
-    training, pad = plan.training, pad_id(tokenizer)
-    return {
-        task: held_out_loss(model, batches(training_features(examples, tokenizer, training.seq_len), training.batch_size, training.seed, 0, pad)[:batch_count])
+def held_out_by_task(dataset: Dataset, tokenizer, training: Training, batch_count: int) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """The first `batch_count` held-out batches of each task of the data set (each part of a `+`-joined
+    set); a task whose held-out examples make no batch is left out."""
+    pad = pad_id(tokenizer)
+    by_task = {
+        task: batches(training_features(examples, tokenizer, training.seq_len), training.batch_size, training.seed, 0, pad)[:batch_count]
         for task, examples in dataset.held_out_by_task().items()
     }
+    return {task: task_batches for task, task_batches in by_task.items() if task_batches}
 
 
 def check_request(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, Dataset]:
@@ -228,7 +229,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    train_features, held_out_features = _features(dataset, tokenizer, training.seq_len)
+    train_features = _train_features(dataset, tokenizer, training.seq_len)
     calibration = [feature["input_ids"] for feature in train_features[:CALIBRATION_SAMPLES]]
     log.info("quantizing to the plan's bits with gptqmodel (%d calibration sequences; its log: %s)",
              len(calibration), gptqmodel_log_dir())
@@ -243,7 +244,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     peft_model = attach_lora(model, spec, plan_settings(plan), dropout=training.lora_dropout)
     pad = pad_id(tokenizer)
     log.info("training %d steps on %d sequences of %d tokens", training.steps, len(train_features), training.seq_len)
-    held_out = batches(held_out_features, training.batch_size, training.seed, 0, pad)[: request.held_out_batches]
+    held_out = held_out_by_task(dataset, tokenizer, training, request.held_out_batches)
     began = time.perf_counter()
     result = train_lora(
         peft_model, training, _batch_source(train_features, plan, pad), held_out=held_out,
@@ -256,7 +257,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     results = {
         "training": result.to_dict(),
         "data": dataset.name,
-        "held_out_by_task": task_losses(peft_model, dataset, tokenizer, plan, request.held_out_batches),
+        "held_out_by_task": result.held_out_by_task_after,
         "exact_match": held_out_exact_match(peft_model, tokenizer, dataset.held_out, request.exact_match_examples),
     }
     wall["evaluate"] = time.perf_counter() - began

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,8 +43,10 @@ class StepLog:
 class TrainResult:
     steps: int
     losses: list[float]
-    held_out_loss_before: float | None
+    held_out_loss_before: float | None  # the mean over tasks of `held_out_by_task_before`
     held_out_loss_after: float | None
+    held_out_by_task_before: dict[str, float] | None
+    held_out_by_task_after: dict[str, float] | None
     tokens_per_s: float
     wall_s: float
     resumed_from: int
@@ -75,6 +77,15 @@ def task_mean_loss(model: nn.Module, tasks: Sequence[Sequence[Batch]]) -> float:
     """The mean over tasks of each task's held-out loss, so that a task with long sequences (packed text)
     does not outweigh one whose loss falls on a few answer tokens."""
     return sum(held_out_loss(model, batches) for batches in tasks) / len(tasks)
+
+
+def losses_by_task(model: nn.Module, tasks: Mapping[str, Sequence[Batch]]) -> tuple[dict[str, float], float] | tuple[None, None]:
+    """Each task's held-out loss and their mean (the score the compiler's plans predict), or Nones
+    when there is nothing held out."""
+    if not tasks:
+        return None, None
+    losses = {task: held_out_loss(model, batches) for task, batches in tasks.items()}
+    return losses, sum(losses.values()) / len(losses)
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -118,7 +129,7 @@ def train_lora(
     model: nn.Module,
     training: Training,
     batch_for: Callable[[int, int], Batch],
-    held_out: Sequence[Batch] = (),
+    held_out: Mapping[str, Sequence[Batch]] | None = None,
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 50,
     resume: bool = False,
@@ -127,7 +138,8 @@ def train_lora(
 ) -> TrainResult:
     """Fine-tune the trainable parameters of `model` for `training.steps` optimizer steps.
 
-    `batch_for(step, micro)` gives micro-batch `micro` of optimizer step `step`. With `measure`, the
+    `batch_for(step, micro)` gives micro-batch `micro` of optimizer step `step`; `held_out` maps each task
+    to its held-out batches, scored before (unless resumed) and after training. With `measure`, the
     first step run in this process is measured (`TrainResult.measured`). With `resume`, training continues from the
     checkpoint in `checkpoint_dir` and ends where an uninterrupted run with the same seed ends.
     """
@@ -138,7 +150,7 @@ def train_lora(
     start, losses = 0, []
     if resume and checkpoint_dir is not None and (checkpoint_dir / _PROGRESS).is_file():
         start, losses = _load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
-    before = held_out_loss(model, held_out) if held_out and start == 0 else None
+    before_by_task, before = losses_by_task(model, held_out or {}) if start == 0 else (None, None)
     model.train()
     measured = None
     must_measure = measure
@@ -174,12 +186,14 @@ def train_lora(
             eta = elapsed / (done - start) * (training.steps - done)
             on_step(StepLog(done, training.steps, step_loss, rate, eta))
     wall = time.perf_counter() - began
-    after = held_out_loss(model, held_out) if held_out else None
+    after_by_task, after = losses_by_task(model, held_out or {})
     return TrainResult(
         steps=training.steps,
         losses=losses,
         held_out_loss_before=before,
         held_out_loss_after=after,
+        held_out_by_task_before=before_by_task,
+        held_out_by_task_after=after_by_task,
         tokens_per_s=tokens_seen / wall if wall > 0 else 0.0,
         wall_s=wall,
         resumed_from=start,

@@ -135,7 +135,7 @@ def test_check_refuses_a_plan_for_another_model(tiny_folder, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_joined_data_reports_each_tasks_held_out_loss_and_seeds_share_one_quantization(tiny_folder, tmp_path):
+def test_joined_data_reports_each_tasks_held_out_loss_their_mean_as_headline_and_seeds_share_one_quantization(tiny_folder, tmp_path):
     cache = tmp_path / "cache"
     plan = mixed_plan(tiny_folder, steps=2)
     results = []
@@ -146,6 +146,8 @@ def test_joined_data_reports_each_tasks_held_out_loss_and_seeds_share_one_quanti
         results.append(materialize(request))
     assert set(results[0]["held_out_by_task"]) == {"python-reference", "arithmetic"}
     assert results[0]["held_out_by_task"] != results[1]["held_out_by_task"]
+    by_task = results[0]["held_out_by_task"]
+    assert results[0]["training"]["held_out_loss_after"] == pytest.approx(sum(by_task.values()) / 2)
     assert len(list((cache / "quantized").iterdir())) == 1
     assert not (tmp_path / "seed1" / "work" / "quantized").exists()
     assert results[1]["wall_s"]["quantize"] < results[0]["wall_s"]["quantize"]

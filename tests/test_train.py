@@ -37,11 +37,22 @@ TRAINING = Training(steps=6, batch_size=2, seq_len=32, grad_accumulation=2, lear
 
 def test_training_lowers_held_out_loss_and_measures_its_first_step():
     model = lora_model()
-    held_out = [repeating_batches(0, 0)]
+    held_out = {"corpus": [repeating_batches(0, 0)]}
     result = train_lora(model, TRAINING.model_copy(update={"steps": 12}), repeating_batches, held_out=held_out)
     assert result.held_out_loss_after < result.held_out_loss_before
+    assert result.held_out_by_task_after == {"corpus": result.held_out_loss_after}
     assert result.measured is not None and result.measured.saved_activation_bytes > 0
     assert len(result.losses) == 12
+
+
+def test_the_headline_held_out_loss_is_the_mean_of_the_tasks_own_losses():
+    model = lora_model()
+    long_task = [repeating_batches(0, 0)] * 3
+    short_task = [{"input_ids": batch["input_ids"][:, :4], "labels": batch["labels"][:, :4]} for batch in [repeating_batches(1, 0)]]
+    result = train_lora(model, TRAINING.model_copy(update={"steps": 1}), repeating_batches, held_out={"long": long_task, "short": short_task})
+    by_task = result.held_out_by_task_before
+    assert set(by_task) == {"long", "short"}
+    assert result.held_out_loss_before == pytest.approx((by_task["long"] + by_task["short"]) / 2)
 
 
 def test_resume_after_interruption_reaches_the_same_adapter(tmp_path):

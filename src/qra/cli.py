@@ -329,7 +329,11 @@ def materialize(
         progress.stop()
     training = results["training"]
     before, after = training["held_out_loss_before"], training["held_out_loss_after"]
-    typer.echo(f"held-out loss {'(resumed)' if before is None else f'{before:.4f}'} -> {after:.4f}")
+    tasks = results.get("held_out_by_task") or {}
+    scored = f"held-out loss (the mean of {len(tasks)} tasks' own)" if len(tasks) > 1 else "held-out loss"
+    typer.echo(f"{scored} {'(resumed)' if before is None else f'{before:.4f}'} -> {after:.4f}")
+    if len(tasks) > 1:
+        typer.echo("  after: " + ", ".join(f"{task} {loss:.4f}" for task, loss in tasks.items()))
     if results.get("exact_match") is not None:
         typer.echo(f"held-out exact match {results['exact_match']:.1%}")
     memory = results.get("memory")
