@@ -175,15 +175,22 @@ def journal_key(request: CompileRequest, prepared: "Prepared", strategy: str) ->
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _baseline_scores(request: CompileRequest, prepared: "Prepared") -> dict[str, float]:
+def _journals(request: CompileRequest, prepared: "Prepared") -> tuple[Journal | None, Journal | None]:
+    """The search's journal and the uniform baseline's beside it, both opened (and checked against this
+    compile) before anything is evaluated."""
+    if request.journal is None:
+        return None, None
+    baseline = request.journal.with_name(request.journal.stem + ".baseline.jsonl")
+    return (
+        Journal(request.journal, journal_key(request, prepared, request.strategy)),
+        Journal(baseline, journal_key(request, prepared, "uniform baseline")),
+    )
+
+
+def _baseline_scores(prepared: "Prepared", journal: Journal | None) -> dict[str, float]:
     """The uniform (QLoRA-style) configuration at the same budget, scored at the top fidelity in this run
     (journaled on its own, beside the search's journal)."""
-    problem, evaluator, journal = prepared.problem, prepared.evaluator, request.journal
-    baseline_journal = (
-        Journal(journal.with_name(journal.stem + ".baseline.jsonl"), journal_key(request, prepared, "uniform baseline"))
-        if journal is not None else None
-    )
-    result = run_search(Baseline(problem, "uniform"), evaluator, 1, journal=baseline_journal)
+    result = run_search(Baseline(prepared.problem, "uniform"), prepared.evaluator, 1, journal=journal)
     gene = result.best_config[0]
     return {f"uniform {gene.bits}-bit rank {gene.rank}": result.best_score}
 
@@ -248,11 +255,11 @@ def compile_plan(
     """Run every stage and return the verified plan (not yet written) with the search's record."""
     began = time.perf_counter()
     prepared = prepared or prepare(request)
-    journal = Journal(request.journal, journal_key(request, prepared, request.strategy)) if request.journal is not None else None
+    journal, baseline_journal = _journals(request, prepared)
     log.info("searching: %s, %d evaluations", request.strategy, prepared.effort.evaluations)
     strategy = _strategy(prepared.problem, request.strategy, request.training.seed)
     result = run_search(strategy, prepared.evaluator, prepared.effort.evaluations, on_progress, journal)
-    baselines = _baseline_scores(request, prepared)
+    baselines = _baseline_scores(prepared, baseline_journal)
     log.info("quantization cache: %s", prepared.evaluator.cache.stats)
     provenance = Provenance(
         strategy=request.strategy,

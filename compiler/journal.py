@@ -1,13 +1,14 @@
 """The journal: every evaluation is appended to disk as it completes, so an interrupted compile resumes.
 
 The first line is a header, `{"journal": "qra-search", "key"}`: the key names everything a score depends on
-besides the configuration (model, data, objective, priors, budget, strategy, seed), so a journal written by
-another compile is refused before any of its scores is replayed. Then one JSON object per evaluation,
-`{"index", "config", "fidelity", "score", "seconds", "stage"}`, flushed and fsync'ed per record. Resume is by replay (DESIGN, "The search": an interrupted compile resumes and
-reaches the same plan as an uninterrupted one with the same seed): a search is deterministic given its
-seed and the scores it is told, so a rerun asks for the same evaluations in the same order, and the
-k-th request is answered from the k-th record instead of being evaluated again. A record counts once
-its newline is on disk; a last line cut off mid-write (the process was killed) is dropped.
+besides the configuration (model, data, objective, priors, budget, search space, effort, strategy, seed),
+so a journal written by another compile is refused before any of its scores is replayed. Then one JSON
+object per evaluation, `{"index", "config", "fidelity", "score", "seconds", "stage"}`, flushed and fsync'ed
+per record. Resume is by replay (DESIGN, "The search": an interrupted compile resumes and reaches the same
+plan as an uninterrupted one with the same seed): a search is deterministic given its seed and the scores
+it is told, so a rerun asks for the same evaluations in the same order, and the k-th request is answered
+from the k-th record instead of being evaluated again. A record counts once its newline is on disk; a last
+line cut off mid-write (the process was killed) is dropped.
 """
 
 import json
@@ -74,8 +75,8 @@ def _check_header(path: Path, line: bytes, key: str) -> None:
         )
     if header.get("key") != key:
         raise QraError(
-            f"journal {path} was written by another compile (other model, data, objective, budget, strategy or "
-            "seed): delete it, or rerun with the original settings", exit_code=2,
+            f"journal {path} was written by another compile (other model, data, objective, priors, budget, bits, "
+            "ranks, granularity, effort, strategy or seed): delete it, or rerun with the original settings", exit_code=2,
         )
 
 
@@ -95,7 +96,9 @@ class Journal:
         data = self.path.read_bytes()
         *complete, tail = data.split(b"\n")
         if not complete:
-            return  # a header cut off mid-write: nothing was evaluated yet, the file is started afresh
+            if data:
+                log.warning("journal %s: its header was cut off mid-write, nothing was evaluated: starting it afresh", self.path)
+            return
         _check_header(self.path, complete[0], self.key)
         self.records = [_parse(self.path, number, line) for number, line in enumerate(complete[1:], 2)]
         self._valid_bytes = len(data) - len(tail)

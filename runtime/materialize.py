@@ -194,13 +194,16 @@ def memory_report(plan: Plan, spec: ModelSpec, result: TrainResult) -> dict:
 
 def held_out_by_task(dataset: Dataset, tokenizer, training: Training, batch_count: int) -> dict[str, list[dict[str, torch.Tensor]]]:
     """The first `batch_count` held-out batches of each task of the data set (each part of a `+`-joined
-    set); a task whose held-out examples make no batch is left out."""
+    set); a task whose held-out examples make no batch is left out, with a warning."""
     pad = pad_id(tokenizer)
     by_task = {
         task: batches(training_features(examples, tokenizer, training.seq_len), training.batch_size, training.seed, 0, pad)[:batch_count]
         for task, examples in dataset.held_out_by_task().items()
     }
-    return {task: task_batches for task, task_batches in by_task.items() if task_batches}
+    for task in [task for task, task_batches in by_task.items() if not task_batches]:
+        log.warning("task %s has no held-out sequence of %d tokens: its held-out loss is not reported", task, training.seq_len)
+        del by_task[task]
+    return by_task
 
 
 def check_request(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, Dataset]:

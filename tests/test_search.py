@@ -220,6 +220,17 @@ def test_a_truncated_last_journal_line_is_ignored(problem: Problem, tmp_path) ->
     assert len(Journal(path, KEY).records) == len(resumed.history)
 
 
+def test_a_journal_whose_header_was_cut_off_starts_afresh(problem: Problem, tmp_path) -> None:
+    path = tmp_path / "journal.jsonl"
+    path.write_text('{"journal": "qra-sea')  # killed while writing the header
+    assert Journal(path, KEY).records == []
+    objective = Synthetic()
+    result = _journaled(problem, path, objective)
+    assert result.replayed == 0 and objective.calls == len(result.history)
+    assert json.loads(path.read_text().splitlines()[0]) == {"journal": "qra-search", "key": KEY}
+    assert len(Journal(path, KEY).records) == len(result.history)
+
+
 def test_a_corrupt_journal_line_is_an_error(tmp_path) -> None:
     path = tmp_path / "journal.jsonl"
     path.write_text(json.dumps({"journal": "qra-search", "key": KEY}) + '\n{"index": 0}\n')

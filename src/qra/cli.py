@@ -331,7 +331,10 @@ def materialize(
     before, after = training["held_out_loss_before"], training["held_out_loss_after"]
     tasks = results.get("held_out_by_task") or {}
     scored = f"held-out loss (the mean of {len(tasks)} tasks' own)" if len(tasks) > 1 else "held-out loss"
-    typer.echo(f"{scored} {'(resumed)' if before is None else f'{before:.4f}'} -> {after:.4f}")
+    if after is None:
+        typer.echo("held-out loss: none (the data has no held-out sequence of the plan's seq_len)")
+    else:
+        typer.echo(f"{scored} {'(resumed)' if before is None else f'{before:.4f}'} -> {after:.4f}")
     if len(tasks) > 1:
         typer.echo("  after: " + ", ".join(f"{task} {loss:.4f}" for task, loss in tasks.items()))
     if results.get("exact_match") is not None:
