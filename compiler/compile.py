@@ -187,12 +187,25 @@ def _journals(request: CompileRequest, prepared: "Prepared") -> tuple[Journal | 
     )
 
 
-def _baseline_scores(prepared: "Prepared", journal: Journal | None) -> dict[str, float]:
+def _uniform_baseline(prepared: "Prepared", journal: Journal | None) -> SearchResult:
     """The uniform (QLoRA-style) configuration at the same budget, scored at the top fidelity in this run
     (journaled on its own, beside the search's journal)."""
-    result = run_search(Baseline(prepared.problem, "uniform"), prepared.evaluator, 1, journal=journal)
-    gene = result.best_config[0]
-    return {f"uniform {gene.bits}-bit rank {gene.rank}": result.best_score}
+    return run_search(Baseline(prepared.problem, "uniform"), prepared.evaluator, 1, journal=journal)
+
+
+def _baseline_name(config: Config) -> str:
+    return f"uniform {config[0].bits}-bit rank {config[0].rank}"
+
+
+def best_measured(result: SearchResult, uniform: SearchResult) -> tuple[Config, float, int]:
+    """The plan's configuration: the search's best, unless the uniform baseline, measured at the same
+    fidelity in this run, scored better (a compile never emits a plan its own measurements rank below
+    the QLoRA-style configuration it was measured against)."""
+    if uniform.best_fidelity == result.best_fidelity and uniform.best_score < result.best_score:
+        log.warning("the search's best (%.4f) does not beat %s (%.4f): the plan is the uniform configuration",
+                    result.best_score, _baseline_name(uniform.best_config), uniform.best_score)
+        return uniform.best_config, uniform.best_score, uniform.best_fidelity
+    return result.best_config, result.best_score, result.best_fidelity
 
 
 @dataclass
@@ -241,11 +254,13 @@ def _plan(request: CompileRequest, prepared: Prepared, config: Config, predicted
     return plan
 
 
-def _note(request: CompileRequest, config: Config) -> str:
+def _note(request: CompileRequest, config: Config, searched: float | None = None) -> str:
+    """The provenance note; `searched` is the search's best score when the plan is not the search's best."""
     effort = request.effort if isinstance(request.effort, str) else "custom"
+    fallback = "" if searched is None else f"; the search's best ({searched:.4f}) did not beat uniform, so the plan is uniform"
     return (
         f"effort {effort}, granularity {request.granularity}, data {request.data}, "
-        f"score: held-out loss averaged over the data's tasks, best {config_key(config)}"
+        f"score: held-out loss averaged over the data's tasks, best {config_key(config)}{fallback}"
     )
 
 
@@ -259,7 +274,8 @@ def compile_plan(
     log.info("searching: %s, %d evaluations", request.strategy, prepared.effort.evaluations)
     strategy = _strategy(prepared.problem, request.strategy, request.training.seed)
     result = run_search(strategy, prepared.evaluator, prepared.effort.evaluations, on_progress, journal)
-    baselines = _baseline_scores(prepared, baseline_journal)
+    uniform = _uniform_baseline(prepared, baseline_journal)
+    config, score, fidelity = best_measured(result, uniform)
     log.info("quantization cache: %s", prepared.evaluator.cache.stats)
     provenance = Provenance(
         strategy=request.strategy,
@@ -267,12 +283,12 @@ def compile_plan(
         evaluations={f"f{fidelity}": count for fidelity, count in result.evaluations.items()},
         wall_time_s=round(time.perf_counter() - began, 1),
         versions=_versions(),
-        baselines=baselines,
+        baselines={_baseline_name(uniform.best_config): uniform.best_score},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        note=_note(request, result.best_config),
+        note=_note(request, config, searched=None if config == result.best_config else result.best_score),
     )
-    predicted = Prediction(score=result.best_score, metric="held-out loss", fidelity=f"f{result.best_fidelity}")
-    return CompileOutcome(_plan(request, prepared, result.best_config, predicted, provenance), result, prepared.above_maximum)
+    predicted = Prediction(score=score, metric="held-out loss", fidelity=f"f{fidelity}")
+    return CompileOutcome(_plan(request, prepared, config, predicted, provenance), result, prepared.above_maximum)
 
 
 def baseline_plan(request: CompileRequest, prepared: Prepared, name: str) -> Plan:

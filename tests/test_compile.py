@@ -8,9 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from qra.cli import app
-from qra.compiler.compile import CompileRequest, Effort, baseline_plan, budget_bounds, compile_plan, prepare
+from qra.compiler.compile import CompileRequest, Effort, best_measured, baseline_plan, budget_bounds, compile_plan, prepare
 from qra.compiler.fidelity import FidelityLadder
-from qra.compiler.space import build_space
+from qra.compiler.space import Gene, build_space
+from qra.compiler.strategies import SearchResult
 from qra.errors import QraError
 from qra.plans.io import save_plan
 from qra.plans.schema import Budget, Device, Training
@@ -88,6 +89,17 @@ def test_resuming_with_another_budget_refuses_the_journal_instead_of_replaying_i
     with pytest.raises(QraError, match="written by another compile") as error:
         compile_plan(request(tiny_folder, tmp_path, budget=other, resume=True))
     assert error.value.exit_code == 2
+
+
+def _result(config, score: float, fidelity: int = 2) -> SearchResult:
+    return SearchResult(config, score, fidelity, history=(), evaluations={fidelity: 1}, cache_hits=0, replayed=0)
+
+
+def test_a_compile_never_emits_a_plan_its_own_measurements_rank_below_uniform():
+    mixed, uniform = (Gene(8, 4), Gene(3, 16)), (Gene(4, 8), Gene(4, 8))
+    assert best_measured(_result(mixed, 2.0), _result(uniform, 1.9)) == (uniform, 1.9, 2)
+    assert best_measured(_result(mixed, 1.8), _result(uniform, 1.9)) == (mixed, 1.8, 2)
+    assert best_measured(_result(mixed, 2.0, fidelity=1), _result(uniform, 1.9)) == (mixed, 2.0, 1)  # not comparable
 
 
 def test_baseline_plans_share_the_searchs_priors_and_verify_unscored(tiny_folder, tmp_path):

@@ -141,6 +141,20 @@ def test_surrogate_screening_evaluates_fewer_candidates_than_it_generates(proble
     assert counts[0] > counts[1] > counts[2] > 0
 
 
+def test_the_first_generation_holds_the_largest_fitting_uniform_of_each_bit_width(problem: Problem) -> None:
+    space = problem.space
+    largest = {}
+    for bits in space.bits:
+        fitting = [rank for rank in space.ranks if problem.fits(space.uniform(bits, rank))]
+        if fitting:
+            largest[bits] = space.uniform(bits, fitting[-1])
+    evolution = Evolution(problem, seed=0, population=8)
+    assert 0 < len(largest) <= 8 // 2 and largest[4] == space.uniform(4, 8)
+    evolution.start(30)
+    first = {candidate.config for candidate in evolution.ask()}
+    assert set(largest.values()) <= first
+
+
 def test_autoqra_finds_the_optimum_more_often_than_random(space: SearchSpace, problem: Problem) -> None:
     genes = [Gene(b, r) for b in space.bits for r in space.ranks]
     feasible = [c for c in itertools.product(genes, repeat=len(space.units)) if problem.fits(c)]

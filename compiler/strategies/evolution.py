@@ -9,6 +9,7 @@ are ranked first by the highest fidelity they reached (promotion is survival), t
 there; the population is the best `population` of all individuals scored so far.
 """
 
+import itertools
 import logging
 import math
 from collections.abc import Iterable
@@ -121,16 +122,26 @@ class Evolution:
 
     # the initial population
     def _initial(self) -> list[Config]:
-        """Warm start: the repaired uniform configs (up to half) and samples from the priors; without
-        the warm start, random repaired configs."""
+        """Warm start: up to half uniform configs (first, for each bit-width that fits, highest first,
+        uniform at its largest fitting rank: the QLoRA-style points a mixed plan has to beat; then
+        repaired uniforms) and the rest samples from the priors; without the warm start, random repaired
+        configs."""
         configs: list[Config] = []
         if self.warm_start:
             space = self.problem.space
-            uniforms = [space.uniform(b, r) for b in reversed(space.bits) for r in reversed(space.ranks)]
-            self._extend(configs, (self.problem.repair(c) for c in uniforms), self.population_size // 2)
+            repaired = (self.problem.repair(space.uniform(b, r)) for b in reversed(space.bits) for r in reversed(space.ranks))
+            self._extend(configs, itertools.chain(self._fitting_uniforms(), repaired), self.population_size // 2)
         draw = self._prior_sample if self.warm_start else self._random_config
         self._extend(configs, (self.problem.repair(draw()) for _ in range(ATTEMPTS * self.population_size)),
                      self.population_size)
+        return configs
+
+    def _fitting_uniforms(self) -> list[Config]:
+        """For each bit-width, highest first, the uniform config at the largest rank that fits, where one does."""
+        space, configs = self.problem.space, []
+        for bits in reversed(space.bits):
+            fitting = [space.uniform(bits, rank) for rank in reversed(space.ranks) if self.problem.fits(space.uniform(bits, rank))]
+            configs.extend(fitting[:1])
         return configs
 
     def _random_config(self) -> Config:
