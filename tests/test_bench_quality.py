@@ -72,9 +72,11 @@ def test_report_has_one_table_row_per_method_and_budget_and_a_plot(tmp_path):
     rows = table(auto=[2.4, 2.5, 2.45], uniform=[3.0, 3.1, 3.05], sequential=[2.9, 2.95, 3.0], ceiling=[2.0, 2.1, 2.05])
     report = {
         "model": "tiny", "data": "python-reference+arithmetic", "steps": 40, "batch_size": 4, "seq_len": 128, "seeds": [0, 1, 2],
-        "budgets": {"1.5MB": {"budget_bytes": 10**9, "rows": rows, "targets": verdicts(rows), "pattern": "mean rank by bits: ..."}},
+        "budgets": {"1.5MB": {"budget_bytes": 10**9, "rows": rows, "targets": verdicts(rows), "pattern": "mean rank by bits: ...",
+                              "compile_scores": {"fidelity": "f2", "autoqra": 1.9231, "uniform 4-bit rank 8": 1.9148}}},
     }
     text = markdown(report)
+    assert "The compile's own scores at f2: autoqra 1.9231, uniform 4-bit rank 8 1.9148." in text
     assert sum(line.startswith("| 1.5MB |") for line in text.splitlines()) == 5
     assert "| 1.5MB | autoqra | 3 | 1000.0 MB (measured) | 2.4500 ± 0.0500 |" in text
     plot_quality(report, tmp_path / "quality.png")

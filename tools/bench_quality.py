@@ -252,6 +252,12 @@ def verdicts(rows: dict[str, dict]) -> dict:
     }
 
 
+def compile_scores(plan: Plan) -> dict:
+    """What the compile itself measured: the plan's predicted score and the uniform baseline's, at the
+    search's top fidelity (its short fine-tune), to set beside the full fine-tunes' results."""
+    return {"fidelity": plan.predicted.fidelity, "autoqra": plan.predicted.score, **plan.provenance.baselines}
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"Model {report['model']}, data {report['data']}, {report['steps']} steps at batch {report['batch_size']} x "
@@ -274,7 +280,11 @@ def markdown(report: dict) -> str:
     for budget, block in report["budgets"].items():
         answers = {True: "yes", False: "no", None: "undecided (fewer than 2 seeds)"}
         met = ", ".join(f"{name.replace('_', ' ')}: {answers[ok]}" for name, ok in block["targets"].items())
-        lines.append(f"- {budget}: {met}. autoqra plan: {block['pattern']}")
+        scores = block.get("compile_scores")
+        measured = "" if not scores else " The compile's own scores at {}: {}.".format(
+            scores["fidelity"], ", ".join(f"{name} {score:.4f}" for name, score in scores.items() if name != "fidelity")
+        )
+        lines.append(f"- {budget}: {met}. autoqra plan: {block['pattern']}.{measured}")
     return "\n".join(lines) + "\n"
 
 
@@ -410,11 +420,13 @@ def _report(
         rows[CEILING] = summarize(runs[("", CEILING)])
         for row in rows.values():
             row["gap_closed"] = gap_closed(row["loss"]["mean"], rows["uniform"]["loss"]["mean"], rows[CEILING]["loss"]["mean"])
-        pattern = bits_rank_pattern(plans[budget.text]["autoqra"], spec)
+        compiled = plans[budget.text]["autoqra"]
+        pattern = bits_rank_pattern(compiled, spec)
         report["budgets"][budget.text] = {
             "budget_bytes": budget.bytes, "uniform_bits": bits, "rows": rows, "targets": verdicts(rows),
             "pattern": pattern.describe(), "lower_bits_higher_rank": pattern.lower_bits_higher_rank,
-            "autoqra_compile_wall_time_s": plans[budget.text]["autoqra"].provenance.wall_time_s,
+            "autoqra_compile_wall_time_s": compiled.provenance.wall_time_s,
+            "compile_scores": compile_scores(compiled),
         }
     return report
 
