@@ -34,7 +34,7 @@ from torch import nn
 
 from qra.compiler.qcache import QuantCache, batches_digest
 from qra.compiler.space import Config, SearchSpace, config_key
-from qra.runtime.data import Batch, Dataset, Example, batches, pad_id, training_features
+from qra.runtime.data import Batch, Dataset, Example, batches, held_out_batches_by_task, pad_id, training_features
 from qra.runtime.lora import attach_lora
 from qra.runtime.train import task_mean_loss, train_lora
 
@@ -84,8 +84,7 @@ def prepare_data(
     pad = pad_id(tokenizer)
     train = batches(training_features(dataset.train, tokenizer, seq_len), batch_size, seed, 0, pad)
     held_out = tuple(
-        tuple(batches(training_features(examples, tokenizer, seq_len), batch_size, seed, 0, pad)[:held_out_batches])
-        for examples in dataset.held_out_by_task().values()
+        tuple(task) for task in held_out_batches_by_task(dataset, tokenizer, seq_len, batch_size, seed, held_out_batches).values()
     )
     if not train or not all(held_out):
         raise ValueError(f"data {dataset.name!r} gives no training or no held-out sequence at seq_len {seq_len}")

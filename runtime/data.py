@@ -278,3 +278,15 @@ def exact_match(generate_fn: Callable[[str], str], examples: Sequence[Example]) 
 
 def _first_line(generation: str) -> str:
     return generation.split("\n", 1)[0].strip()
+
+
+def held_out_batches_by_task(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, batch_size: int, seed: int, count: int
+) -> dict[str, list[Batch]]:
+    """The first `count` held-out batches of each task of the data set (each part of a `+`-joined set,
+    or the set itself), tokenized as for training; a task whose examples make no sequence gets none."""
+    pad = pad_id(tokenizer)
+    return {
+        task: batches(training_features(examples, tokenizer, seq_len), batch_size, seed, 0, pad)[:count]
+        for task, examples in dataset.held_out_by_task().items()
+    }

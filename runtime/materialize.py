@@ -29,7 +29,7 @@ from qra.plans.memory import PERSISTENT, estimate_plan, plan_settings
 from qra.plans.schema import Plan, Training
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import model_problems
-from qra.runtime.data import Dataset, Example, batches, exact_match, load_dataset, pad_id, training_features
+from qra.runtime.data import Dataset, Example, batches, exact_match, held_out_batches_by_task, load_dataset, pad_id, training_features
 from qra.runtime.quantize import gptqmodel_log_dir, load_quantized, quantize_to_plan
 from qra.runtime.train import StepLog, TrainResult, train_lora
 
@@ -193,13 +193,8 @@ def memory_report(plan: Plan, spec: ModelSpec, result: TrainResult) -> dict:
 
 
 def held_out_by_task(dataset: Dataset, tokenizer, training: Training, batch_count: int) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """The first `batch_count` held-out batches of each task of the data set (each part of a `+`-joined
-    set); a task whose held-out examples make no batch is left out, with a warning."""
-    pad = pad_id(tokenizer)
-    by_task = {
-        task: batches(training_features(examples, tokenizer, training.seq_len), training.batch_size, training.seed, 0, pad)[:batch_count]
-        for task, examples in dataset.held_out_by_task().items()
-    }
+    """Each task's held-out batches; a task whose held-out examples make no batch is left out, with a warning."""
+    by_task = held_out_batches_by_task(dataset, tokenizer, training.seq_len, training.batch_size, training.seed, batch_count)
     for task in [task for task, task_batches in by_task.items() if not task_batches]:
         log.warning("task %s has no held-out sequence of %d tokens: its held-out loss is not reported", task, training.seq_len)
         del by_task[task]

@@ -47,7 +47,7 @@ from qra.plans.io import load_plan, save_plan
 from qra.plans.memory import estimate_memory, estimate_plan, uniform_settings
 from qra.plans.plot import bits_rank_pattern, plot_plan
 from qra.plans.schema import Budget, Device, Plan, Training
-from qra.runtime.data import batches, load_dataset, pad_id, training_features
+from qra.runtime.data import batches, held_out_batches_by_task, load_dataset, pad_id, training_features
 from qra.runtime.materialize import MaterializeRequest, held_out_exact_match, materialize
 from qra.runtime.train import held_out_loss, train_lora
 
@@ -182,10 +182,7 @@ class EvaluatorRuns:
         self.pad = pad_id(tokenizer)
         dataset = load_dataset(settings.data, seed=0)
         self.train = training_features(dataset.train, tokenizer, settings.seq_len)
-        self.held_out = {
-            task: batches(training_features(examples, tokenizer, settings.seq_len), settings.batch_size, 0, 0, self.pad)[: settings.held_out_batches]
-            for task, examples in dataset.held_out_by_task().items()
-        }
+        self.held_out = held_out_batches_by_task(dataset, tokenizer, settings.seq_len, settings.batch_size, 0, settings.held_out_batches)
         self.answers = [example for example in dataset.held_out if not example.is_text]
 
     def run(self, plan: Plan, spec, seed: int, folder: Path) -> dict:
