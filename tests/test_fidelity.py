@@ -1,11 +1,14 @@
 """The quantization cache, the fidelity evaluator and the importance priors on a tiny Llama (AutoQRA stages)."""
 
+import json
+
 import pytest
 import torch
 from tiny import save_tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, prepare_data
+from qra.compiler import priors
 from qra.compiler.priors import PriorSettings, measure_priors
 from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Gene, build_space
@@ -124,7 +127,17 @@ def test_priors_are_ordered_and_resume_from_the_journal(setup, tmp_path, monkeyp
 
     monkeypatch.setattr(setup, "loss", fail)
     monkeypatch.setattr(setup, "fine_tune", fail)
+    monkeypatch.setattr(priors, "divergence", fail)
     assert measure_priors(setup, settings, journal) == importance
+
+
+def test_sensitivity_is_the_divergence_from_the_float_model_never_negative_and_larger_at_fewer_bits(setup, tmp_path):
+    measure_priors(setup, PriorSettings(held_out_batches=2, probe_steps=2), tmp_path / "priors.json")
+    entries = json.loads((tmp_path / "priors.json").read_text())["entries"]
+    for unit in range(len(setup.space.units)):
+        assert entries[f"sensitivity-kl/{unit}/2"] > entries[f"sensitivity-kl/{unit}/8"] >= 0
+    float_reference = priors.float_log_probs(setup.model, setup.data.held_out)
+    assert priors.divergence(setup.model, setup.data.held_out, float_reference) == pytest.approx(0, abs=1e-6)
 
 
 def test_exact_match_is_an_optional_extra_metric(setup):
