@@ -25,13 +25,14 @@ import torch
 from qra.errors import QraError
 from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
 from qra.plans.io import dump_plan
-from qra.plans.memory import PERSISTENT, estimate_plan, plan_settings
+from qra.plans.memory import plan_settings
 from qra.plans.schema import Plan, Training
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import model_problems
 from qra.runtime.data import Dataset, Example, batches, exact_match, held_out_batches_by_task, load_dataset, pad_id, training_features
+from qra.runtime.footprint import memory_report
 from qra.runtime.quantize import gptqmodel_log_dir, load_quantized, quantize_to_plan
-from qra.runtime.train import StepLog, TrainResult, train_lora
+from qra.runtime.train import StepLog, train_lora
 
 log = logging.getLogger(__name__)
 MARKER = "qra-run.json"
@@ -172,26 +173,6 @@ def held_out_exact_match(model, tokenizer, examples: list[Example], limit: int =
     return exact_match(generate, answerable)
 
 
-def memory_report(plan: Plan, spec: ModelSpec, result: TrainResult) -> dict:
-    """Estimate vs measured, and whether the budget held. On CPU the harness sees the persistent terms;
-    the transient terms and overhead of the estimate are added to make the measured peak comparable."""
-    estimate = estimate_plan(spec, plan)
-    measured = result.measured
-    persistent = measured.total_bytes
-    peak = measured.cuda_peak_bytes or persistent + estimate.total_bytes - estimate.persistent_bytes
-    return {
-        "estimate": estimate.to_dict(),
-        "measured": measured.to_dict(),
-        "estimated_persistent_bytes": estimate.persistent_bytes,
-        "measured_persistent_bytes": persistent,
-        "persistent_error": (estimate.persistent_bytes - persistent) / persistent,
-        "measured_peak_bytes": peak,
-        "budget_bytes": plan.budget.bytes,
-        "within_budget": peak <= plan.budget.bytes,
-        "components_measured": list(PERSISTENT),
-    }
-
-
 def held_out_by_task(dataset: Dataset, tokenizer, training: Training, batch_count: int) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Each task's held-out batches; a task whose held-out examples make no batch is left out, with a warning."""
     by_task = held_out_batches_by_task(dataset, tokenizer, training.seq_len, training.batch_size, training.seed, batch_count)
@@ -261,7 +242,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     wall["evaluate"] = time.perf_counter() - began
     results["wall_s"] = wall
     if result.measured is not None:
-        results["memory"] = memory_report(plan, spec, result)
+        results["memory"] = memory_report(plan, spec, result.measured)
     log.info("packaging: %s", ", ".join(request.formats))
     context = PackageContext(
         quantized=quantized_folder or base, adapter=adapter_folder, tokenizer=tokenizer, plan=plan,

@@ -11,9 +11,13 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qra.plans.memory import SettingsFor
 from qra.plans.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # gptqmodel compiles a small C++ extension on first use and sizes its CPU pool from the core count.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
@@ -87,7 +91,40 @@ def load_quantized(folder: Path, dtype: str = "bfloat16"):
     with quiet_gptqmodel():
         wrapper = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=getattr(torch, dtype))
     for module in wrapper.model.modules():
-        # gptqmodel torch.compiles each module's dequantize; dynamo then recompiles per module and gives up
-        # past its limit of 128 (SmolLM2 has 210), so keep the eager method.
-        module.__dict__.pop("dequantize_weight", None)
+        _eager_dequantize(module)
     return wrapper
+
+
+def _eager_dequantize(module: "nn.Module") -> None:
+    # gptqmodel torch.compiles each module's dequantize; dynamo then recompiles per module and gives up
+    # past its limit of 128 (SmolLM2 has 210), so keep the eager method.
+    module.__dict__.pop("dequantize_weight", None)
+
+
+def placeholder_quantized(model: "nn.Module", spec: ModelSpec, settings_for: SettingsFor) -> "nn.Module":
+    """`model` with every module below 16 bits replaced, in place, by gptqmodel's TORCH linear at its planned
+    bits and group size (as `load_quantized` builds them), holding zeros instead of a GPTQ quantization.
+    For measuring memory only: the packed tensors match a real quantization's in shape and dtype."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    for index, layer in enumerate(spec.layers):
+        for module in layer:
+            settings = settings_for(index, module)
+            if settings.bits == 16:
+                continue
+            path = spec.module_path(index, module)
+            linear = model.get_submodule(path)
+            packed = TorchLinear(
+                bits=settings.bits, group_size=settings.group_size, sym=True, desc_act=False,
+                in_features=linear.in_features, out_features=linear.out_features, bias=linear.bias is not None,
+                register_buffers=True,
+            )
+            packed.scales = packed.scales.to(linear.weight.dtype)  # as `load_quantized` holds them, in its dtype
+            if linear.bias is not None:
+                packed.bias = linear.bias.detach().clone()  # GPTQ keeps the bias unquantized
+            with quiet_gptqmodel():
+                packed.post_init()
+            _eager_dequantize(packed)
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, packed)
+    return model

@@ -1,6 +1,7 @@
 """tools/bench_quality.py: how seed runs become the reported table, targets and plot (the runs themselves are
 `qra compile` and `qra materialize`, tested on their own)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -89,12 +90,11 @@ def test_with_one_seed_there_is_no_spread_to_beat_so_the_comparison_is_undecided
     assert targets["closes_half_the_gap"] is True
 
 
-def test_a_fine_tune_on_the_evaluator_reports_each_task_and_is_not_repeated(tmp_path):
+def test_a_fine_tune_on_the_evaluator_reports_each_task_and_the_plans_measured_peak_and_is_not_repeated(tmp_path):
     from bench_quality import EvaluatorRuns, Settings
 
     from qra.compiler.compile import CompileRequest, Effort, baseline_plan, prepare
     from qra.compiler.fidelity import FidelityLadder
-    from qra.plans.memory import estimate_plan
     from qra.plans.schema import Budget
     from tiny import save_tiny_model
 
@@ -112,7 +112,9 @@ def test_a_fine_tune_on_the_evaluator_reports_each_task_and_is_not_repeated(tmp_
     first = runs.run(plan, prepared.spec, 0, tmp_path / "seed0")
     assert set(first["held_out_by_task"]) == {"python-reference", "arithmetic"}
     assert 0.0 <= first["exact_match"] <= 1.0
-    assert first["peak_bytes"] == estimate_plan(prepared.spec, plan).total_bytes and first["peak"] == "estimated"
+    footprint = json.loads((tmp_path / "footprint.json").read_text())  # one per plan, shared by its seeds
+    assert first["peak"] == "measured" and first["peak_bytes"] == footprint["memory"]["measured_peak_bytes"]
+    assert abs(footprint["memory"]["persistent_error"]) < 0.05
     assert runs.run(plan, prepared.spec, 0, tmp_path / "seed0") == first
     assert runs.run(plan, prepared.spec, 1, tmp_path / "seed1")["held_out_by_task"] != first["held_out_by_task"]
     first_layer = plan.layers[0]

@@ -1,16 +1,30 @@
 """Quantized modules: packed bytes equal the memory model's to the byte; training through gptqmodel keeps
 dequantized weights (the trap) unless the memory-faithful path is on; both paths are predicted."""
 
+from pathlib import Path
+from typing import NamedTuple
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from qra.plans.memory import packed_linear_bytes
-from qra.plans.schema import ModuleSettings
-from qra.runtime.quantize import load_quantized, quantize_to_plan
+from qra.plans.memory import estimate_memory, packed_linear_bytes
+from qra.plans.schema import Device, ModuleSettings, Training
+from qra.plans.spec import ModelSpec
+from qra.runtime.lora import attach_lora
+from qra.runtime.measure import measure_lora_step
+from qra.runtime.qlinear import enable_dequantize_in_backward
+from qra.runtime.quantize import load_quantized, placeholder_quantized, quantize_to_plan
 from tiny import save_tiny_model, tiny_spec
 
 # every layer gets its own bits, and layers alternate group sizes: 2/3/4/8 bits x group 32/64
 LAYER_SETTINGS = [(2, 32), (3, 64), (4, 32), (8, 64), (2, 64), (3, 32), (4, 64), (8, 32)]
+
+
+class Quantized(NamedTuple):
+    spec: ModelSpec
+    checkpoint: Path
+    float_model: Path
 
 
 def planned(layer, _module):
@@ -26,11 +40,11 @@ def quantized(request, tmp_path_factory):
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.randint(0, 320, (64,), generator=generator).tolist() for _ in range(8)]
     output = quantize_to_plan(folder, spec, planned, calibration, tmp_path_factory.mktemp(f"{family}-gptq"))
-    return spec, output
+    return Quantized(spec, output, folder)
 
 
 def test_every_module_is_quantized_to_its_planned_bits_and_group_size(quantized):
-    spec, checkpoint = quantized
+    spec, checkpoint = quantized.spec, quantized.checkpoint
     modules = dict(load_quantized(checkpoint).model.named_modules())
     for index, layer in enumerate(spec.layers):
         for module in layer:
@@ -39,7 +53,7 @@ def test_every_module_is_quantized_to_its_planned_bits_and_group_size(quantized)
 
 
 def test_packed_bytes_match_real_modules_to_the_byte(quantized):
-    spec, checkpoint = quantized
+    spec, checkpoint = quantized.spec, quantized.checkpoint
     modules = dict(load_quantized(checkpoint).model.named_modules())
     for index, layer in enumerate(spec.layers):
         bits, group_size = LAYER_SETTINGS[index]
@@ -53,11 +67,7 @@ def test_packed_bytes_match_real_modules_to_the_byte(quantized):
 def test_plain_gptqmodel_training_keeps_dequantized_weights_and_the_model_predicts_it(quantized):
     """DESIGN.md's trap, shown by the harness: gptqmodel's TORCH layers save each dequantized weight for
     backward. The memory model with `dequantize_in_backward=False` describes exactly that path."""
-    from qra.plans.memory import estimate_memory
-    from qra.plans.schema import Device, Training
-    from qra.runtime.measure import measure_lora_step
-
-    spec, checkpoint = quantized
+    spec, checkpoint = quantized.spec, quantized.checkpoint
     model = load_quantized(checkpoint).model
     training = Training(batch_size=2, seq_len=40, dequantize_in_backward=False)
     measured = measure_lora_step(model, spec, planned, training)
@@ -77,12 +87,7 @@ def test_plain_gptqmodel_training_keeps_dequantized_weights_and_the_model_predic
 def test_memory_faithful_path_keeps_no_dequantized_weight_and_the_model_predicts_it(quantized):
     """With `enable_dequantize_in_backward`, no weight-shaped tensor is saved for backward, and the
     saved activations match the memory model's default (dequantize_in_backward=True)."""
-    from qra.plans.memory import estimate_memory
-    from qra.plans.schema import Device, Training
-    from qra.runtime.measure import measure_lora_step
-    from qra.runtime.qlinear import enable_dequantize_in_backward
-
-    spec, checkpoint = quantized
+    spec, checkpoint = quantized.spec, quantized.checkpoint
     model = load_quantized(checkpoint).model
     assert enable_dequantize_in_backward(model) == sum(len(layer) for layer in spec.layers)
     training = Training(batch_size=2, seq_len=40)
@@ -94,10 +99,8 @@ def test_memory_faithful_path_keeps_no_dequantized_weight_and_the_model_predicts
 
 
 def test_memory_faithful_path_gives_the_same_loss_and_gradients_as_the_plain_path(quantized):
-    from qra.runtime.lora import attach_lora
-    from qra.runtime.qlinear import enable_dequantize_in_backward
 
-    spec, checkpoint = quantized
+    spec, checkpoint = quantized.spec, quantized.checkpoint
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
     results = []
     for faithful in (False, True):
@@ -119,3 +122,22 @@ def test_memory_faithful_path_gives_the_same_loss_and_gradients_as_the_plain_pat
     assert faithful_loss == pytest.approx(plain_loss, rel=1e-3)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(faithful_grads[name], grad, rtol=2e-2, atol=1e-4)
+
+
+def test_a_placeholder_quantization_holds_the_real_ones_tensors_and_its_training_step_measures_the_same(quantized):
+    """What the quality benchmark measures memory on: gptqmodel's packed modules at the planned bits, filled
+    with zeros instead of a GPTQ pass. Memory depends on shapes and dtypes only, so the step measures alike."""
+    real = load_quantized(quantized.checkpoint).model
+    float_model = AutoModelForCausalLM.from_pretrained(quantized.float_model, dtype=torch.bfloat16)
+    placeholder = placeholder_quantized(float_model, quantized.spec, planned)
+
+    def tensors(model):
+        return {name: (tuple(t.shape), t.dtype) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+    assert tensors(placeholder) == tensors(real)
+    training = Training(batch_size=2, seq_len=40)
+    steps = []
+    for model in (real, placeholder):
+        enable_dequantize_in_backward(model)
+        steps.append(measure_lora_step(model, quantized.spec, planned, training))
+    assert steps[0].to_dict() == steps[1].to_dict()

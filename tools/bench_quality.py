@@ -19,7 +19,9 @@ and its seeds differ only in LoRA initialisation and batch order (the data is ge
 seed 0 for every run, as the compile's was). The data is the two demo tasks joined
 (`python-reference+arithmetic`); each run reports the held-out loss of each task on its own, exact
 match on held-out arithmetic, and the measured peak (on CPU: the measured persistent terms plus the
-memory model's transient terms and overhead, see `qra.runtime.materialize.memory_report`).
+memory model's transient terms and overhead, see `qra.runtime.footprint.memory_report`). With
+`--fine-tune evaluator` the peak is measured once per plan by `qra.runtime.footprint.measure_plan_footprint`
+(one training step of the plan's packed modules, zero-filled: memory depends on shapes, not values).
 
 Gap closed = (uniform loss - method loss) / (uniform loss - 16-bit loss), on the mean of the two tasks'
 held-out losses, from seed means. Every stage is resumable: a rerun skips finished compiles and runs.
@@ -43,11 +45,13 @@ from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, compil
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.compiler.space import Gene
 from qra.plans.build import uniform_plan
+from qra.models import load_model, resolve_model
 from qra.plans.io import load_plan, save_plan
-from qra.plans.memory import estimate_memory, estimate_plan, uniform_settings
+from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.plot import bits_rank_pattern, plot_plan
 from qra.plans.schema import Budget, Device, Plan, Training
 from qra.runtime.data import batches, held_out_batches_by_task, load_dataset, pad_id, training_features
+from qra.runtime.footprint import measure_plan_footprint
 from qra.runtime.materialize import MaterializeRequest, held_out_exact_match, materialize
 from qra.runtime.train import held_out_loss, train_lora
 
@@ -169,11 +173,22 @@ def run_materialize(settings: Settings, plan: Plan, seed: int, folder: Path, cac
     })
 
 
+def measured_footprint(settings: Settings, plan: Plan, spec, folder: Path) -> dict:
+    """The plan's measured peak (`measure_plan_footprint` on a fresh copy of the model), once per plan."""
+    path = folder / "footprint.json"
+    if path.is_file() and (saved := json.loads(path.read_text())).get("plan") == plan_key(plan):
+        return saved
+    log.info("measuring the training step's footprint of %s", folder)
+    model, _ = load_model(resolve_model(settings.model), plan.training.compute_dtype)
+    report = measure_plan_footprint(plan, spec, model)
+    return _save(path, plan, {"peak_bytes": report["measured_peak_bytes"], "memory": report})
+
+
 class EvaluatorRuns:
     """Fine-tunes on the compile's evaluator: the float model with each module's GPTQ weight from the
     quantization cache swapped in (gptqmodel's own GPTQ, the values the packed module dequantizes to), LoRA
     attached and trained by the runtime's `attach_lora` / `train_lora` under the plan's training settings, in
-    the fastest dtype of this CPU. The peak is the memory model's estimate for the plan."""
+    the fastest dtype of this CPU. The peak is measured apart, once per plan (`measured_footprint`)."""
 
     def __init__(self, evaluator: FidelityEvaluator, settings: Settings) -> None:
         self.evaluator = evaluator
@@ -186,8 +201,11 @@ class EvaluatorRuns:
         self.answers = [example for example in dataset.held_out if not example.is_text]
 
     def run(self, plan: Plan, spec, seed: int, folder: Path) -> dict:
-        if (done := _finished(folder, folder / "results.json", plan)) is not None:
-            return done
+        results = _finished(folder, folder / "results.json", plan) or self._fine_tune(plan, seed, folder)
+        footprint = measured_footprint(self.settings, plan, spec, folder.parent)
+        return {**results, "peak_bytes": footprint["peak_bytes"], "peak": "measured"}
+
+    def _fine_tune(self, plan: Plan, seed: int, folder: Path) -> dict:
         log.info("fine-tuning %s, seed %d (evaluator)", folder.parent, seed)
         evaluator, training = self.evaluator, plan.training.model_copy(update={"seed": seed})
         config = tuple(Gene(layer.bits, layer.rank) for layer in plan.layers)
@@ -199,10 +217,7 @@ class EvaluatorRuns:
             train_s = time.perf_counter() - began
             losses = {task: held_out_loss(peft_model, held_out) for task, held_out in self.held_out.items()}
             exact = held_out_exact_match(peft_model, evaluator.tokenizer, self.answers, self.settings.exact_match_examples)
-        return _save(folder / "results.json", plan, {
-            "seed": seed, "held_out_by_task": losses, "exact_match": exact,
-            "peak_bytes": estimate_plan(spec, plan).total_bytes, "peak": "estimated", "train_s": train_s,
-        })
+        return _save(folder / "results.json", plan, {"seed": seed, "held_out_by_task": losses, "exact_match": exact, "train_s": train_s})
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -342,7 +357,8 @@ def main() -> None:
     parser.add_argument("--held-out-batches", type=int, default=8)
     parser.add_argument("--fine-tune", choices=("materialize", "evaluator"), default="materialize",
                         help="materialize: qra materialize (packed GPTQ modules, measured peak); evaluator: the compile's "
-                        "evaluator (cached GPTQ weights in the float model, the fastest dtype of this CPU, estimated peak)")
+                        "evaluator (cached GPTQ weights in the float model, the fastest dtype of this CPU; the peak "
+                        "measured apart on zero-filled packed modules)")
     parser.add_argument("--ship", type=Path, help="copy the autoqra plans here as <model>-<budget>.yaml")
     parser.add_argument("--report", type=Path, help="copy the table, JSON and plots here")
     args = parser.parse_args()
@@ -359,7 +375,7 @@ def run_benchmark(
 ) -> dict:
     """Compile every budget's plans first, then fine-tune seed by seed (every method and budget at one seed
     before the next seed), rewriting the report after each round, so a partial run reports every budget."""
-    from qra.models import load_config, resolve_model
+    from qra.models import load_config
     from qra.plans.spec import spec_from_config
 
     out.mkdir(parents=True, exist_ok=True)
