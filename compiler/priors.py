@@ -49,17 +49,18 @@ class PriorSettings:
 
 
 class _Journal:
-    """Raw measurements by name, persisted after each one when a path is given."""
+    """Raw measurements by name, persisted after each one when a path is given; entries of a journal
+    whose names are not among `names` (a measure this version no longer takes) are dropped."""
 
-    def __init__(self, path: Path | None, key: str, expected: int = 0) -> None:
-        self.expected = expected
+    def __init__(self, path: Path | None, key: str, names: set[str]) -> None:
+        self.expected = len(names)
         self.path = path
         self.key = key
         self.entries: dict[str, float] = {}
         if path is not None and path.is_file():
             data = json.loads(path.read_text())
             if data.get("key") == key:
-                self.entries = {name: float(value) for name, value in data["entries"].items()}
+                self.entries = {name: float(value) for name, value in data["entries"].items() if name in names}
             else:
                 log.warning("priors journal %s is for another model, data or settings: starting afresh", path)
 
@@ -81,6 +82,21 @@ class _Journal:
         staging = self.path.with_name(self.path.name + ".tmp")
         staging.write_text(json.dumps({"key": self.key, "entries": self.entries}, indent=1))
         os.replace(staging, self.path)
+
+
+def _sensitivity_name(unit: int, bits: int) -> str:
+    # named by the measure, so a journal of loss-difference sensitivities still lends its plasticity
+    return f"sensitivity-kl/{unit}/{bits}"
+
+
+def _plasticity_name(unit: int, rank: int) -> str:
+    return f"plasticity/{unit}/{rank}"
+
+
+def _entry_names(evaluator: FidelityEvaluator) -> set[str]:
+    space, units = evaluator.space, range(len(evaluator.space.units))
+    sensitivities = {_sensitivity_name(unit, bits) for unit in units for bits in space.bits if bits < FLOAT_BITS}
+    return {"base", *sensitivities, *(_plasticity_name(unit, rank) for unit in units for rank in space.ranks)}
 
 
 def _journal_key(evaluator: FidelityEvaluator, settings: PriorSettings) -> str:
@@ -138,8 +154,7 @@ def _measure_sensitivity(
                 with evaluator.quantized(_only(evaluator, unit, Gene(bits, rank), rank)):
                     return divergence(evaluator.model, held_out, reference)
 
-            # named by the measure, so a journal of loss-difference sensitivities still lends its plasticity
-            losses[bits] = journal.get(f"sensitivity-kl/{unit}/{bits}", measure)
+            losses[bits] = journal.get(_sensitivity_name(unit, bits), measure)
         raw.append(losses)
     return raw
 
@@ -158,7 +173,7 @@ def _probe(evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple, ran
             without = evaluator.loss(peft_model, held_out)
             for layer in layers:
                 layer.enable_adapters(True)
-            journal.record(f"plasticity/{index}/{rank}", without - full)
+            journal.record(_plasticity_name(index, rank), without - full)
 
 
 def _measure_plasticity(
@@ -166,9 +181,9 @@ def _measure_plasticity(
 ) -> list[dict[int, float]]:
     units = range(len(evaluator.space.units))
     for rank in evaluator.space.ranks:
-        if not all(f"plasticity/{unit}/{rank}" in journal for unit in units):
+        if not all(_plasticity_name(unit, rank) in journal for unit in units):
             _probe(evaluator, journal, held_out, rank, steps)
-    return [{rank: journal.entries[f"plasticity/{unit}/{rank}"] for rank in evaluator.space.ranks} for unit in units]
+    return [{rank: journal.entries[_plasticity_name(unit, rank)] for rank in evaluator.space.ranks} for unit in units]
 
 
 def _monotone(values: dict[int, float], scale: float, descending: bool) -> dict[int, float]:
@@ -184,9 +199,7 @@ def measure_priors(
     evaluator: FidelityEvaluator, settings: PriorSettings = PriorSettings(), journal: Path | None = None
 ) -> Importance:
     """AutoQRA's importance priors for every unit of the evaluator's space (resumable through `journal`)."""
-    space = evaluator.space
-    expected = 1 + len(space.units) * (len(space.bits) + len(space.ranks))
-    record = _Journal(journal, _journal_key(evaluator, settings), expected)
+    record = _Journal(journal, _journal_key(evaluator, settings), _entry_names(evaluator))
     held_out = tuple(task[: settings.held_out_batches] for task in evaluator.data.held_out)
     base = record.get("base", lambda: evaluator.loss(evaluator.model, held_out))
     sensitivity = _measure_sensitivity(evaluator, record, held_out)

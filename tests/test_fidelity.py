@@ -128,6 +128,9 @@ def test_priors_are_ordered_and_resume_from_the_journal(setup, tmp_path, monkeyp
     monkeypatch.setattr(setup, "loss", fail)
     monkeypatch.setattr(setup, "fine_tune", fail)
     monkeypatch.setattr(priors, "divergence", fail)
+    recorded = json.loads(journal.read_text())
+    recorded["entries"]["sensitivity/0/2"] = -0.5  # a measure this version no longer takes
+    journal.write_text(json.dumps(recorded))
     assert measure_priors(setup, settings, journal) == importance
 
 
