@@ -173,9 +173,13 @@ def held_out_exact_match(model, tokenizer, examples: list[Example], limit: int =
     return exact_match(generate, answerable)
 
 
-def held_out_by_task(dataset: Dataset, tokenizer, training: Training, batch_count: int) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Each task's held-out batches; a task whose held-out examples make no batch is left out, with a warning."""
-    by_task = held_out_batches_by_task(dataset, tokenizer, training.seq_len, training.batch_size, training.seed, batch_count)
+def held_out_by_task(
+    dataset: Dataset, tokenizer, training: Training, batch_count: int, seed: int
+) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Each task's held-out batches, chosen by the data's `seed` (not the training seed, so that runs of one
+    plan with different seeds score the same batches); a task whose held-out examples make no batch is left
+    out, with a warning."""
+    by_task = held_out_batches_by_task(dataset, tokenizer, training.seq_len, training.batch_size, seed, batch_count)
     for task in [task for task, task_batches in by_task.items() if not task_batches]:
         log.warning("task %s has no held-out sequence of %d tokens: its held-out loss is not reported", task, training.seq_len)
         del by_task[task]
@@ -223,7 +227,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     peft_model = attach_lora(model, spec, plan_settings(plan), dropout=training.lora_dropout)
     pad = pad_id(tokenizer)
     log.info("training %d steps on %d sequences of %d tokens", training.steps, len(train_features), training.seq_len)
-    held_out = held_out_by_task(dataset, tokenizer, training, request.held_out_batches)
+    held_out = held_out_by_task(dataset, tokenizer, training, request.held_out_batches, request.seed_of_data)
     began = time.perf_counter()
     result = train_lora(
         peft_model, training, _batch_source(train_features, plan, pad), held_out=held_out,

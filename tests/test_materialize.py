@@ -135,17 +135,19 @@ def test_check_refuses_a_plan_for_another_model(tiny_folder, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_joined_data_reports_each_tasks_held_out_loss_their_mean_as_headline_and_seeds_share_one_quantization(tiny_folder, tmp_path):
+def test_joined_data_reports_each_tasks_held_out_loss_their_mean_as_headline_and_seeds_share_one_quantization_and_held_out_set(tiny_folder, tmp_path):
     cache = tmp_path / "cache"
     plan = mixed_plan(tiny_folder, steps=2)
     results = []
     for seed in (0, 1):
         seeded = plan.model_copy(update={"training": plan.training.model_copy(update={"seed": seed})})
         request = MaterializeRequest(plan=seeded, output=tmp_path / f"seed{seed}", data="python-reference+arithmetic",
-                                     cache=cache, held_out_batches=2, exact_match_examples=3)
+                                     cache=cache, held_out_batches=2, exact_match_examples=3, data_seed=0)
         results.append(materialize(request))
     assert set(results[0]["held_out_by_task"]) == {"python-reference", "arithmetic"}
     assert results[0]["held_out_by_task"] != results[1]["held_out_by_task"]
+    before = [result["training"]["held_out_by_task_before"] for result in results]
+    assert before[0] == before[1]  # one base model, one held-out set: the seeds differ only in training
     by_task = results[0]["held_out_by_task"]
     assert results[0]["training"]["held_out_loss_after"] == pytest.approx(sum(by_task.values()) / 2)
     assert len(list((cache / "quantized").iterdir())) == 1
