@@ -142,10 +142,10 @@ def _measure_sensitivity(
     reference: list[list[torch.Tensor]] = []
     raw = []
     for unit in range(len(evaluator.space.units)):
-        losses = {}
+        by_bits = {}
         for bits in evaluator.space.bits:
             if bits >= FLOAT_BITS:
-                losses[bits] = 0.0
+                by_bits[bits] = 0.0
                 continue
 
             def measure(unit: int = unit, bits: int = bits) -> float:
@@ -154,8 +154,8 @@ def _measure_sensitivity(
                 with evaluator.quantized(_only(evaluator, unit, Gene(bits, rank), rank)):
                     return divergence(evaluator.model, held_out, reference)
 
-            losses[bits] = journal.get(_sensitivity_name(unit, bits), measure)
-        raw.append(losses)
+            by_bits[bits] = journal.get(_sensitivity_name(unit, bits), measure)
+        raw.append(by_bits)
     return raw
 
 
