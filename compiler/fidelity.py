@@ -124,18 +124,22 @@ class FidelityEvaluator:
     @property
     def fingerprint(self) -> str:
         """What a measurement depends on besides the configuration: model, calibration, data, ladder, space."""
-        identity = {
+        identity = {**self.identity(), "ladder": asdict(self.ladder)}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def identity(self, held_out_batches: int | None = None) -> dict:
+        """The fingerprint's parts except the ladder, with the held-out set cut to its first
+        `held_out_batches` per task (all by default): what the importance priors depend on."""
+        return {
             "model": self.cache.fingerprint,
             "calibration": self.cache.calibration_hash,
             "group_size": self.cache.group_size,
             "train": batches_digest(self.data.train),
-            "held_out": [batches_digest(task) for task in self.data.held_out],
-            "ladder": asdict(self.ladder),
+            "held_out": [batches_digest(task[:held_out_batches]) for task in self.data.held_out],
             "units": [unit.label for unit in self.space.units],
             "training": self.space.training.model_dump(),
             "dtype": str(self.dtype),
         }
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def evaluate(self, config: Config, fidelity: int) -> float:
         """Held-out loss of `config` at `fidelity` (0 = no training); lower is better."""

@@ -18,7 +18,8 @@ Both are divided by the float model's held-out loss (relative loss change), so t
 and each unit's values are made monotone: fewer bits never hurt less, more rank never gains less.
 
 Every measurement is journaled as it completes (`journal`, JSON, replaced atomically); a rerun with the same
-evaluator and settings reuses the finished entries, and a journal for anything else is started afresh.
+model, data and settings reuses the finished entries (also under another fidelity ladder, as long as its
+learning rate, which the probes train at, is the same), and a journal for anything else is started afresh.
 """
 
 import hashlib
@@ -100,7 +101,13 @@ def _entry_names(evaluator: FidelityEvaluator) -> set[str]:
 
 
 def _journal_key(evaluator: FidelityEvaluator, settings: PriorSettings) -> str:
-    identity = {"evaluator": evaluator.fingerprint, "settings": asdict(settings)}
+    """What the priors depend on: the evaluator without its ladder's steps (the probes train at its learning
+    rate) and with the held-out batches they score, and the settings; so a new ladder keeps them."""
+    identity = {
+        "evaluator": evaluator.identity(settings.held_out_batches),
+        "probe_learning_rate": evaluator.ladder.learning_rate,
+        "settings": asdict(settings),
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

@@ -134,6 +134,25 @@ def test_priors_are_ordered_and_resume_from_the_journal(setup, tmp_path, monkeyp
     assert measure_priors(setup, settings, journal) == importance
 
 
+def test_priors_outlive_a_change_of_the_ladders_steps_but_not_of_its_learning_rate(setup, tmp_path, monkeypatch):
+    journal = tmp_path / "priors.json"
+    settings = PriorSettings(held_out_batches=1, probe_steps=2)
+    importance = measure_priors(setup, settings, journal)
+
+    def evaluator(ladder: FidelityLadder) -> FidelityEvaluator:
+        return FidelityEvaluator(setup.model, setup.space, setup.data, setup.cache, ladder)
+
+    longer = evaluator(FidelityLadder(steps=(0, 4, 40), learning_rate=setup.ladder.learning_rate))
+    assert longer.fingerprint != setup.fingerprint
+    monkeypatch.setattr(priors, "divergence", lambda *args: pytest.fail("a journaled prior was measured again"))
+    assert measure_priors(longer, settings, journal) == importance
+    monkeypatch.undo()
+    measured = []
+    monkeypatch.setattr(priors, "divergence", lambda *args: measured.append(args) or 0.0)
+    measure_priors(evaluator(FidelityLadder(steps=setup.ladder.steps, learning_rate=1e-4)), settings, journal)
+    assert measured
+
+
 def test_sensitivity_is_the_divergence_from_the_float_model_never_negative_and_larger_at_fewer_bits(setup, tmp_path):
     measure_priors(setup, PriorSettings(held_out_batches=2, probe_steps=2), tmp_path / "priors.json")
     entries = json.loads((tmp_path / "priors.json").read_text())["entries"]
