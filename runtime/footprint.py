@@ -15,6 +15,8 @@ from qra.plans.memory import PERSISTENT, estimate_plan, plan_settings
 from qra.plans.schema import Plan
 from qra.plans.spec import ModelSpec
 from qra.runtime.measure import MeasuredFootprint, measure_lora_step
+from qra.runtime.qlinear import enable_dequantize_in_backward
+from qra.runtime.quantize import placeholder_quantized
 
 
 def memory_report(plan: Plan, spec: ModelSpec, measured: MeasuredFootprint) -> dict:
@@ -39,9 +41,6 @@ def memory_report(plan: Plan, spec: ModelSpec, measured: MeasuredFootprint) -> d
 def measure_plan_footprint(plan: Plan, spec: ModelSpec, model: nn.Module) -> dict:
     """The memory report of one training step of `plan` on `model` (a float model of the plan's
     architecture, consumed: its planned modules are replaced by zero-filled packed ones)."""
-    from qra.runtime.qlinear import enable_dequantize_in_backward
-    from qra.runtime.quantize import placeholder_quantized
-
     settings = plan_settings(plan)
     model = model.to(getattr(torch, plan.training.compute_dtype))
     placeholder_quantized(model, spec, settings)

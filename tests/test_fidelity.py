@@ -7,8 +7,8 @@ import torch
 from tiny import save_tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, prepare_data
 from qra.compiler import priors
+from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, prepare_data
 from qra.compiler.priors import PriorSettings, measure_priors
 from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Gene, build_space

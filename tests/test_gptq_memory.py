@@ -99,7 +99,6 @@ def test_memory_faithful_path_keeps_no_dequantized_weight_and_the_model_predicts
 
 
 def test_memory_faithful_path_gives_the_same_loss_and_gradients_as_the_plain_path(quantized):
-
     spec, checkpoint = quantized.spec, quantized.checkpoint
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
     results = []

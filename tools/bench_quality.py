@@ -44,12 +44,13 @@ from pathlib import Path
 from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, compile_plan, prepare
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.compiler.space import Gene
+from qra.models import load_config, load_model, resolve_model
 from qra.plans.build import uniform_plan
-from qra.models import load_model, resolve_model
 from qra.plans.io import load_plan, save_plan
 from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.plot import bits_rank_pattern, plot_plan
 from qra.plans.schema import Budget, Device, Plan, Training
+from qra.plans.spec import spec_from_config
 from qra.runtime.data import batches, held_out_batches_by_task, load_dataset, pad_id, training_features
 from qra.runtime.footprint import measure_plan_footprint
 from qra.runtime.materialize import MaterializeRequest, held_out_exact_match, materialize
@@ -375,9 +376,6 @@ def run_benchmark(
 ) -> dict:
     """Compile every budget's plans first, then fine-tune seed by seed (every method and budget at one seed
     before the next seed), rewriting the report after each round, so a partial run reports every budget."""
-    from qra.models import load_config
-    from qra.plans.spec import spec_from_config
-
     out.mkdir(parents=True, exist_ok=True)
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
