@@ -17,9 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-from qra.compiler.fidelity import FidelityEvaluator, FidelityLadder, prepare_data
+from qra.compiler.fidelity import FidelityEvaluator, FidelityLadder, ladder_for, prepare_data
+from qra.compiler.finalists import FinalPick, final_pick
 from qra.compiler.importance import Importance, flat_importance
-from qra.compiler.journal import Journal
+from qra.compiler.journal import Journal, JournaledObjective
 from qra.compiler.priors import PriorSettings, measure_priors
 from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Config, Granularity, SearchSpace, build_space, config_key
@@ -27,7 +28,7 @@ from qra.compiler.strategies import BASELINES, STRATEGIES, Baseline, Evaluation,
 from qra.errors import QraError
 from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
 from qra.plans.build import model_ref, with_memory
-from qra.plans.schema import Budget, Device, Plan, Prediction, Provenance, Training
+from qra.plans.schema import Budget, Device, Plan, Prediction, Provenance, SeedScores, Training
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import verify_plan
 from qra.runtime.data import load_dataset
@@ -41,20 +42,30 @@ PRIORS_STRATEGIES = ("autoqra", "sequential", "heuristic")
 
 @dataclass(frozen=True)
 class Effort:
-    """How much a compile spends: evaluations of the search, the fidelity ladder, the priors' probes,
-    and how many batches calibrate GPTQ and measure held-out loss."""
+    """How much a compile spends: evaluations of the search; the rungs of the fidelity ladder (fractions
+    of the plan's own schedule, whose last step is the top rung unless `max_steps` caps it); the priors'
+    probe steps and held-out batches per task; GPTQ's calibration batches; and the final paired
+    comparison: how many finalists, on how many fresh seeds."""
 
     evaluations: int
-    ladder: FidelityLadder
+    rungs: tuple[float, ...]
+    max_steps: int | None
     prior_probe_steps: int
     calibration_batches: int
     held_out_batches: int
+    finalists: int = 1
+    seeds: int = 3
+    screen_share: float = 0.25
+
+    def ladder(self, plan_steps: int) -> FidelityLadder:
+        return ladder_for(plan_steps, self.rungs, self.max_steps, self.screen_share)
 
 
 EFFORTS = {
-    "quick": Effort(24, FidelityLadder(steps=(0, 6, 24)), prior_probe_steps=6, calibration_batches=4, held_out_batches=2),
-    "standard": Effort(64, FidelityLadder(steps=(0, 16, 64)), prior_probe_steps=16, calibration_batches=8, held_out_batches=4),
-    "thorough": Effort(160, FidelityLadder(steps=(0, 32, 128)), prior_probe_steps=32, calibration_batches=16, held_out_batches=8),
+    "quick": Effort(16, (0, 0.25, 1), 100, prior_probe_steps=6, calibration_batches=4, held_out_batches=2, finalists=1),
+    "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, calibration_batches=8, held_out_batches=4, finalists=2),
+    "thorough": Effort(120, (0, 0.125, 0.5, 1), None, prior_probe_steps=32, calibration_batches=16, held_out_batches=8,
+                       finalists=3, seeds=4),
 }
 
 
@@ -141,9 +152,9 @@ def _evaluator(request: CompileRequest, source: ModelSource, space: SearchSpace,
     model, tokenizer = load_model(source, "bfloat16")
     dataset = load_dataset(request.data, seed=request.training.seed)
     training = request.training
-    data = prepare_data(dataset, tokenizer, training.seq_len, training.batch_size, training.seed, effort.held_out_batches)
+    data = prepare_data(dataset, tokenizer, training.seq_len, training.batch_size, training.seed)
     cache = QuantCache(model, space.spec, data.train[: effort.calibration_batches], request.group_size, folder=work / "qcache")
-    return FidelityEvaluator(model, space, data, cache, effort.ladder, tokenizer, dtype=dtype)
+    return FidelityEvaluator(model, space, data, cache, effort.ladder(training.steps), tokenizer, dtype=dtype)
 
 
 def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: Effort, work: Path) -> Importance:
@@ -197,15 +208,55 @@ def _baseline_name(config: Config) -> str:
     return f"uniform {config[0].bits}-bit rank {config[0].rank}"
 
 
-def best_measured(result: SearchResult, uniform: SearchResult) -> tuple[Config, float, int]:
-    """The plan's configuration: the search's best, unless the uniform baseline, measured at the same
-    fidelity in this run, scored better (a compile never emits a plan its own measurements rank below
-    the QLoRA-style configuration it was measured against)."""
-    if uniform.best_fidelity == result.best_fidelity and uniform.best_score < result.best_score:
-        log.warning("the search's best (%.4f) does not beat %s (%.4f): the plan is the uniform configuration",
-                    result.best_score, _baseline_name(uniform.best_config), uniform.best_score)
-        return uniform.best_config, uniform.best_score, uniform.best_fidelity
-    return result.best_config, result.best_score, result.best_fidelity
+def _is_uniform(config: Config) -> bool:
+    return len(set(config)) == 1
+
+
+def finalists_of(result: SearchResult, uniform: SearchResult, count: int) -> tuple[list[Config], Config]:
+    """The `count` best distinct non-uniform configurations the search scored at the top rung, and the best
+    uniform configuration scored there (the search's own uniform starts, or the uniform baseline)."""
+    top = [e for e in (*result.history, *uniform.history) if e.fidelity == uniform.best_fidelity]
+    ranked = sorted(top, key=lambda e: e.score)
+    best_uniform = next(e.config for e in ranked if _is_uniform(e.config))
+    finalists = list(dict.fromkeys(e.config for e in ranked if not _is_uniform(e.config)))[:count]
+    return finalists, best_uniform
+
+
+class _SeededObjective:
+    """The evaluator at another seed (the finalists' fresh seeds), as an `Objective` a journal can wrap."""
+
+    def __init__(self, evaluator: FidelityEvaluator, seed: int) -> None:
+        self.evaluator, self.seed = evaluator, seed
+
+    def evaluate(self, config: Config, fidelity: int) -> float:
+        return self.evaluator.measure(config, fidelity, self.seed).loss
+
+
+def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResult, uniform: SearchResult) -> FinalPick:
+    """The final paired comparison (`qra.compiler.finalists`) on fresh seeds, each seed's runs journaled
+    beside the search's journal, so a resumed compile replays them."""
+    finalists, best_uniform = finalists_of(result, uniform, prepared.effort.finalists)
+    top = prepared.problem.top
+    seeds = [request.training.seed + 1 + index for index in range(prepared.effort.seeds)]
+    objectives = {}
+    for seed in seeds:
+        objective = _SeededObjective(prepared.evaluator, seed)
+        if request.journal is None:
+            objectives[seed] = objective
+        else:
+            path = request.journal.with_name(f"{request.journal.stem}.seed{seed}.jsonl")
+            objectives[seed] = JournaledObjective(objective, Journal(path, journal_key(request, prepared, f"finalists seed {seed}")))
+    log.info("final comparison: %d finalist(s) and %s on seeds %s", len(finalists), _baseline_name(best_uniform), seeds)
+    return final_pick(lambda config, seed: objectives[seed].evaluate(config, top), finalists, best_uniform, seeds)
+
+
+def _seed_scores(pick: FinalPick) -> list[SeedScores]:
+    records = [SeedScores(name=_baseline_name(pick.uniform), config=config_key(pick.uniform),
+                          scores=pick.scores[config_key(pick.uniform)])]
+    for index, (key, difference) in enumerate(pick.differences.items(), 1):
+        records.append(SeedScores(name=f"finalist {index}", config=key, scores=pick.scores[key],
+                                  paired_difference=difference.mean, paired_se=difference.se))
+    return records
 
 
 @dataclass
@@ -232,7 +283,7 @@ def prepare(request: CompileRequest) -> Prepared:
     work = request.work or Path(".qra-work")
     evaluator = _evaluator(request, source, space, effort, work)
     importance = _importance(request, evaluator, effort, work)
-    problem = Problem(space, importance, request.budget.bytes, fidelities=tuple(range(effort.ladder.levels)))
+    problem = Problem(space, importance, request.budget.bytes, fidelities=tuple(range(evaluator.ladder.levels)))
     return Prepared(source, spec, space, effort, evaluator, problem, above_maximum)
 
 
@@ -254,13 +305,19 @@ def _plan(request: CompileRequest, prepared: Prepared, config: Config, predicted
     return plan
 
 
-def _note(request: CompileRequest, config: Config, searched: float | None = None) -> str:
-    """The provenance note; `searched` is the search's best score when the plan is not the search's best."""
+def _note(request: CompileRequest, config: Config, pick: FinalPick | None = None) -> str:
+    """The provenance note: what was searched and, for a compiled plan, what the paired comparison decided."""
     effort = request.effort if isinstance(request.effort, str) else "custom"
-    fallback = "" if searched is None else f"; the search's best ({searched:.4f}) did not beat uniform, so the plan is uniform"
+    verdict = ""
+    if pick is not None and pick.differences:
+        best = min(pick.differences.values(), key=lambda d: d.mean)
+        verdict = (f"; the best finalist's paired difference from {_baseline_name(pick.uniform)} over seeds "
+                   f"{list(pick.seeds)}: {best.mean:+.4f} ± {best.se:.4f} (SE)")
+        if pick.is_uniform:
+            verdict += ", not beyond 2 SE: the plan is the uniform configuration"
     return (
         f"effort {effort}, granularity {request.granularity}, data {request.data}, "
-        f"score: held-out loss averaged over the data's tasks, best {config_key(config)}{fallback}"
+        f"score: held-out loss averaged over the data's tasks, plan {config_key(config)}{verdict}"
     )
 
 
@@ -275,8 +332,9 @@ def compile_plan(
     strategy = _strategy(prepared.problem, request.strategy, request.training.seed)
     result = run_search(strategy, prepared.evaluator, prepared.effort.evaluations, on_progress, journal)
     uniform = _uniform_baseline(prepared, baseline_journal)
-    config, score, fidelity = best_measured(result, uniform)
+    pick = pick_plan(request, prepared, result, uniform)
     log.info("quantization cache: %s", prepared.evaluator.cache.stats)
+    ladder = prepared.evaluator.ladder
     provenance = Provenance(
         strategy=request.strategy,
         seed=request.training.seed,
@@ -285,10 +343,13 @@ def compile_plan(
         versions=_versions(),
         baselines={_baseline_name(uniform.best_config): uniform.best_score},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        note=_note(request, config, searched=None if config == result.best_config else result.best_score),
+        note=_note(request, pick.config, pick),
+        finalists=_seed_scores(pick),
+        truncated_at_step=ladder.steps[-1] if ladder.truncated else None,
     )
-    predicted = Prediction(score=score, metric="held-out loss", fidelity=f"f{fidelity}")
-    return CompileOutcome(_plan(request, prepared, config, predicted, provenance), result, prepared.above_maximum)
+    fidelity = f"f{prepared.problem.top} (step {ladder.steps[-1]} of {ladder.plan_steps}), mean of seeds {list(pick.seeds)}"
+    predicted = Prediction(score=pick.predicted, metric="held-out loss", fidelity=fidelity)
+    return CompileOutcome(_plan(request, prepared, pick.config, predicted, provenance), result, prepared.above_maximum)
 
 
 def baseline_plan(request: CompileRequest, prepared: Prepared, name: str) -> Plan:

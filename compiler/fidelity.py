@@ -1,95 +1,140 @@
 """AutoQRA stage "fidelity ladder": the objective the search calls, `evaluate(config, fidelity)`, lower is better.
 
-A candidate is the float model with each module's weight replaced by its cached GPTQ weight at the gene's
-bits (16 keeps the float weight), and LoRA attached with each unit's rank, through the runtime's own
-`attach_lora` and `train_lora`, so what the search measures is what `qra materialize` trains.
+A candidate's score is the held-out loss of the plan's own fine-tune: the runtime's `Run` (LoRA at each
+unit's rank, the plan's learning rate, warm-up, cosine decay and batch order), on the float model with each
+module's weight swapped for its cached GPTQ weight (`CachedWeights`). The fidelities are checkpoints of
+that one run (successive halving; optuna's report-and-prune):
 
-- f0: held-out loss with no training (a proxy: quantization damage only; LoRA's B starts at zero, so the
-  adapter cannot change it and is not attached);
-- f1: held-out loss after a short LoRA fine-tune (`FidelityLadder.steps[1]` steps) on the first training batches;
-- f2: the same after a longer one (`steps[2]`, 4x f1 by default), which sees more of the data.
+- f0: step 0, no training (quantization damage only; LoRA's B starts at zero, so the adapter changes nothing);
+- f1 … top: the loss after the first `ladder.steps[k]` steps of the plan's schedule (rungs below the top
+  are scored on the first `ladder.screen_share` of each task's held-out batches: on SmolLM2, scoring every
+  held-out sequence costs as much as 14 training steps, and a lower rung only decides promotion). A promoted candidate
+  resumes from its last checkpoint (kept in memory) instead of restarting; the top rung is the plan's
+  last step, so a top-rung score *is* the fine-tune's result for that seed, to the last bit.
 
-Exact-match accuracy on held-out prompt/response examples (greedy decoding) is an optional extra metric of
-`measure` (`FidelityLadder.exact_match`); it is off by default because generation costs more than the loss.
+Where the plan's schedule is too long to run per candidate, the effort caps the top rung
+(`FidelityLadder.truncated`) and the plan's provenance says so.
+
+The score is the mean over the data's tasks of each task's held-out loss, on every held-out sequence
+(`qra.runtime.heldout`, which also gives each task's standard error). Every candidate is run with the same
+seed, so the same LoRA initialisation and the same batches (common random numbers); `measure(config,
+fidelity, seed)` runs another seed, for the paired finalist comparison (`qra.compiler.finalists`).
 
 One base model serves every candidate: it is kept in one dtype (fp32 by default: exact, and fastest for tiny
 models; bf16 steps SmolLM2-135M ~1.8x faster on an avx512_bf16 CPU and rounds weights as the bf16 runtime
-does), the quantized weights are swapped in place and the originals put back afterwards, and the adapter is
-removed with peft's `unload()`.
-Every evaluation seeds the LoRA initialisation and the fine-tune with the plan's seed, so a result depends
-only on (config, fidelity, seed).
+does), and the adapter is removed after each run.
 """
 
 import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
-from peft import PeftModel
 from torch import nn
 
-from qra.compiler.qcache import QuantCache, batches_digest
+from qra.compiler.qcache import CachedWeights, QuantCache, batches_digest
 from qra.compiler.space import Config, SearchSpace, config_key
-from qra.runtime.data import Batch, Dataset, Example, batches, held_out_batches_by_task, pad_id, training_features
-from qra.runtime.lora import attach_lora
-from qra.runtime.train import task_mean_loss, train_lora
+from qra.plans.schema import Training
+from qra.runtime.data import Batch, Dataset, Example, Feature, batch_source, batches, held_out_batches_by_task, pad_id, training_features
+from qra.runtime.heldout import HeldOut, Scores, score_held_out
+from qra.runtime.run import BatchFor, Run, RunState, open_run
 
 log = logging.getLogger(__name__)
+HELD_OUT_BATCH_SIZE = 16  # scoring only: no gradients, so larger batches than training's cost little
+KEPT_STATES = 16  # run checkpoints kept in memory for promotion (a few MB each at small ranks)
 
 
 @dataclass(frozen=True)
 class FidelityLadder:
-    """Optimizer steps per fidelity (f0, f1, f2, ...); short fine-tunes use a higher learning rate than a
-    full run so that a few steps move the loss."""
+    """Steps of the plan's own run at which a candidate is scored (f0, f1, ..., top), and the plan's
+    full length: the top rung is below it only when the effort caps it (`truncated`)."""
 
-    steps: tuple[int, ...] = (0, 16, 64)
-    learning_rate: float = 1e-3
+    steps: tuple[int, ...] = (0, 10, 40)
+    plan_steps: int = 40
     exact_match: bool = False
+    screen_share: float = 1.0
+    """The share of each task's held-out batches that scores the rungs below the top (the top: all)."""
+
+    def __post_init__(self) -> None:
+        if list(self.steps) != sorted(set(self.steps)) or self.steps[-1] > self.plan_steps:
+            raise ValueError(f"ladder steps {self.steps} must rise and end at most at the plan's {self.plan_steps} steps")
 
     @property
     def levels(self) -> int:
         return len(self.steps)
 
+    @property
+    def truncated(self) -> bool:
+        return self.steps[-1] < self.plan_steps
+
+
+def ladder_for(
+    plan_steps: int, rungs: tuple[float, ...], max_steps: int | None = None, screen_share: float = 1.0
+) -> FidelityLadder:
+    """The ladder at `rungs` (fractions of the top rung, 0 first, 1 last) of the plan's `plan_steps`,
+    its top capped at `max_steps`, its lower rungs scored on `screen_share` of the held-out set."""
+    top = plan_steps if max_steps is None else min(plan_steps, max_steps)
+    steps = sorted({0, *(max(1, round(fraction * top)) for fraction in rungs if fraction > 0)})
+    return FidelityLadder(steps=tuple(steps), plan_steps=plan_steps, screen_share=screen_share)
+
 
 @dataclass(frozen=True)
 class EvalData:
-    """Training batches (fine-tunes cycle through them in order), held-out batches (one group per task of
-    the data set; the score is the mean of the tasks' losses), and held-out prompt/response examples for
-    exact match (empty for plain text)."""
+    """Training sequences (every run batches them by its own seed: `batch_for`), the epoch-0 batches of
+    the data's seed (GPTQ calibrates on the first of them), each task's held-out batches (the score is the
+    mean of the tasks' losses), and held-out prompt/response examples for exact match."""
 
+    features: tuple[Feature, ...]
     train: tuple[Batch, ...]
-    held_out: tuple[tuple[Batch, ...], ...]
+    held_out: HeldOut
+    pad: int
+    batch_size: int
     answers: tuple[Example, ...] = ()
+
+    def batch_for(self, training: Training) -> BatchFor:
+        return batch_source(self.features, self.batch_size, training.grad_accumulation, training.seed, self.pad)
+
+    def held_out_prefix(self, count: int | None) -> HeldOut:
+        """The first `count` held-out batches of each task (all with None)."""
+        return {task: list(batches)[:count] for task, batches in self.held_out.items()}
+
+    def held_out_share(self, share: float) -> HeldOut:
+        """The first `share` of each task's held-out batches (at least one)."""
+        return {task: list(batches)[: max(1, math.ceil(share * len(batches)))] for task, batches in self.held_out.items()}
+
+
+def prepare_data(dataset: Dataset, tokenizer, seq_len: int, batch_size: int, seed: int = 0) -> EvalData:
+    """Tokenize a data set as `qra materialize` does (plain text packed, prompt/response one per sequence);
+    every held-out sequence of each task, batched by the data's `seed`."""
+    pad = pad_id(tokenizer)
+    features = tuple(training_features(dataset.train, tokenizer, seq_len))
+    train = batches(features, batch_size, seed, 0, pad)
+    held_out = held_out_batches_by_task(dataset, tokenizer, seq_len, HELD_OUT_BATCH_SIZE, seed)
+    if not train or not all(held_out.values()):
+        raise ValueError(f"data {dataset.name!r} gives no training or no held-out sequence at seq_len {seq_len}")
+    answers = tuple(example for example in dataset.held_out if not example.is_text)
+    return EvalData(features, tuple(train), held_out, pad, batch_size, answers)
 
 
 @dataclass(frozen=True)
 class Evaluation:
     config: str
     fidelity: int
-    loss: float
-    exact_match: float | None
+    seed: int
     steps: int
+    scores: Scores
+    exact_match: float | None
     wall_s: float
 
-
-def prepare_data(
-    dataset: Dataset, tokenizer, seq_len: int, batch_size: int, seed: int = 0, held_out_batches: int = 8
-) -> EvalData:
-    """Tokenize a data set as `qra materialize` does (plain text packed, prompt/response one per sequence);
-    `held_out_batches` batches from each task."""
-    pad = pad_id(tokenizer)
-    train = batches(training_features(dataset.train, tokenizer, seq_len), batch_size, seed, 0, pad)
-    held_out = tuple(
-        tuple(task) for task in held_out_batches_by_task(dataset, tokenizer, seq_len, batch_size, seed, held_out_batches).values()
-    )
-    if not train or not all(held_out):
-        raise ValueError(f"data {dataset.name!r} gives no training or no held-out sequence at seq_len {seq_len}")
-    answers = tuple(example for example in dataset.held_out if not example.is_text)
-    return EvalData(tuple(train), held_out, answers)
+    @property
+    def loss(self) -> float:
+        return self.scores.mean
 
 
 class FidelityEvaluator:
@@ -104,7 +149,7 @@ class FidelityEvaluator:
         space: SearchSpace,
         data: EvalData,
         cache: QuantCache,
-        ladder: FidelityLadder = FidelityLadder(),
+        ladder: FidelityLadder | None = None,
         tokenizer=None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -116,10 +161,14 @@ class FidelityEvaluator:
         self.space = space
         self.data = data
         self.cache = cache
-        self.ladder = ladder
+        self.weights = CachedWeights(cache)
+        self.ladder = ladder or FidelityLadder(steps=(0, space.training.steps), plan_steps=space.training.steps)
+        if self.ladder.plan_steps != space.training.steps:
+            raise ValueError(f"the ladder is for {self.ladder.plan_steps} steps, the plan trains {space.training.steps}")
         self.tokenizer = tokenizer
         self.seed = space.training.seed
         self.dtype = dtype
+        self._states: OrderedDict[tuple[str, int], RunState] = OrderedDict()
 
     @property
     def fingerprint(self) -> str:
@@ -135,78 +184,66 @@ class FidelityEvaluator:
             "calibration": self.cache.calibration_hash,
             "group_size": self.cache.group_size,
             "train": batches_digest(self.data.train),
-            "held_out": [batches_digest(task[:held_out_batches]) for task in self.data.held_out],
+            "held_out": [batches_digest(list(task)[:held_out_batches]) for task in self.data.held_out.values()],
             "units": [unit.label for unit in self.space.units],
             "training": self.space.training.model_dump(),
             "dtype": str(self.dtype),
         }
 
+    def training(self, seed: int | None = None) -> Training:
+        """The plan's training settings, with another seed for the finalists' paired runs."""
+        return self.space.training if seed is None else self.space.training.model_copy(update={"seed": seed})
+
     def evaluate(self, config: Config, fidelity: int) -> float:
         """Held-out loss of `config` at `fidelity` (0 = no training); lower is better."""
         return self.measure(config, fidelity).loss
 
-    def measure(self, config: Config, fidelity: int) -> Evaluation:
+    def measure(self, config: Config, fidelity: int, seed: int | None = None) -> Evaluation:
         if not 0 <= fidelity < self.ladder.levels:
             raise ValueError(f"fidelity {fidelity} is not on the ladder (0..{self.ladder.levels - 1})")
         began = time.perf_counter()
+        training = self.training(seed)
         steps = self.ladder.steps[fidelity]
-        with self.quantized(config):
-            if steps == 0:
-                loss, accuracy = self.loss(self.model), self._exact_match(self.model)
-            else:
-                with self.adapted(config) as peft_model:
-                    self.fine_tune(peft_model, steps)
-                    loss, accuracy = self.loss(peft_model), self._exact_match(peft_model)
-        result = Evaluation(config_key(config), fidelity, loss, accuracy, steps, time.perf_counter() - began)
-        log.debug("f%d %s: loss %.4f (%.1fs)", fidelity, result.config, loss, result.wall_s)
+        settings = self.space.settings_for(config)
+        top = fidelity == self.ladder.levels - 1
+        held_out = self.data.held_out if top else self.data.held_out_share(self.ladder.screen_share)
+        if steps == 0:
+            with self.weights.weights(settings) as model:
+                scores, accuracy = score_held_out(model, held_out), self._exact_match(model)
+        else:
+            with open_run(self.weights, self.space.spec, settings, training, self.data.batch_for(training), held_out) as run:
+                self._resume(run, config, training.seed, steps)
+                run.train_to(steps)
+                scores, accuracy = run.score(), self._exact_match(run.model)
+                if steps < training.steps:
+                    self._keep(config, training.seed, run.state())
+        result = Evaluation(config_key(config), fidelity, training.seed, steps, scores, accuracy, time.perf_counter() - began)
+        log.debug("f%d seed %d %s: loss %.4f ± %.4f (%.1fs)", fidelity, training.seed, result.config, result.loss,
+                  scores.se, result.wall_s)
         return result
 
-    @contextlib.contextmanager
-    def quantized(self, config: Config) -> Iterator[None]:
-        """The base model with every module at its gene's bits; the float weights are back afterwards."""
-        cached = [
-            (self.space.spec.module_path(unit.layer, module), self.cache.weight(unit.layer, module, gene.bits))
-            for unit, gene in zip(self.space.units, config)
-            if gene.bits < 16
-            for module in unit.modules
-        ]
-        swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
-        try:
-            for path, weight in cached:
-                parameter = self.model.get_submodule(path).weight
-                swapped.append((parameter, parameter.data))
-                parameter.data = weight.to(parameter.dtype)
-            yield
-        finally:
-            for parameter, original in swapped:
-                parameter.data = original
+    def _resume(self, run: Run, config: Config, seed: int, steps: int) -> None:
+        """Continue from this candidate's latest checkpoint at or before `steps`, if one is kept."""
+        state = self._states.get((config_key(config), seed))
+        if state is not None and state.step <= steps:
+            run.restore(state)
+
+    def _keep(self, config: Config, seed: int, state: RunState) -> None:
+        key = (config_key(config), seed)
+        self._states[key] = state
+        self._states.move_to_end(key)
+        while len(self._states) > KEPT_STATES:
+            self._states.popitem(last=False)
 
     @contextlib.contextmanager
-    def adapted(self, config: Config) -> Iterator[PeftModel]:
-        """LoRA attached at each unit's rank (seeded initialisation); removed again with `unload()`."""
-        requires_grad = [(parameter, parameter.requires_grad) for parameter in self.model.parameters()]
-        torch.manual_seed(self.seed)
-        peft_model = attach_lora(
-            self.model, self.space.spec, self.space.settings_for(config), dropout=self.space.training.lora_dropout
-        )
-        try:
-            yield peft_model
-        finally:
-            peft_model.unload()
-            for parameter, flag in requires_grad:
-                parameter.requires_grad_(flag)
-
-    def fine_tune(self, peft_model: PeftModel, steps: int) -> None:
-        """`steps` optimizer steps of the runtime's training loop on the first training batches."""
-        training = self.space.training.model_copy(
-            update={"steps": steps, "learning_rate": self.ladder.learning_rate, "grad_accumulation": 1}
-        )
-        train = self.data.train
-        train_lora(peft_model, training, lambda step, micro: train[step % len(train)], measure=False)
-
-    def loss(self, model: nn.Module, held_out: Sequence[Sequence[Batch]] | None = None) -> float:
-        """The held-out loss the search minimizes: the mean over tasks (`task_mean_loss`)."""
-        return task_mean_loss(model, self.data.held_out if held_out is None else held_out)
+    def probe(self, config: Config, steps: int) -> Iterator[Run]:
+        """`config`'s run trained for the first `steps` steps of the plan's schedule (the priors' rank
+        probes); the adapter is removed on exit."""
+        training = self.training()
+        with open_run(self.weights, self.space.spec, self.space.settings_for(config), training,
+                      self.data.batch_for(training)) as run:
+            run.train_to(steps)
+            yield run
 
     def _exact_match(self, model: nn.Module) -> float | None:
         if not (self.ladder.exact_match and self.tokenizer is not None and self.data.answers):

@@ -18,8 +18,8 @@ Both are divided by the float model's held-out loss (relative loss change), so t
 and each unit's values are made monotone: fewer bits never hurt less, more rank never gains less.
 
 Every measurement is journaled as it completes (`journal`, JSON, replaced atomically); a rerun with the same
-model, data and settings reuses the finished entries (also under another fidelity ladder, as long as its
-learning rate, which the probes train at, is the same), and a journal for anything else is started afresh.
+model, data and settings reuses the finished entries (also under another fidelity ladder: the probes train the first
+steps of the plan's own schedule), and a journal for anything else is started afresh.
 """
 
 import hashlib
@@ -37,6 +37,7 @@ from torch import nn
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.compiler.importance import Importance
 from qra.compiler.space import Config, Gene
+from qra.runtime.heldout import HeldOut, score_held_out
 
 log = logging.getLogger(__name__)
 FLOAT_BITS = 16
@@ -101,13 +102,10 @@ def _entry_names(evaluator: FidelityEvaluator) -> set[str]:
 
 
 def _journal_key(evaluator: FidelityEvaluator, settings: PriorSettings) -> str:
-    """What the priors depend on: the evaluator without its ladder's steps (the probes train at its learning
-    rate) and with the held-out batches they score, and the settings; so a new ladder keeps them."""
-    identity = {
-        "evaluator": evaluator.identity(settings.held_out_batches),
-        "probe_learning_rate": evaluator.ladder.learning_rate,
-        "settings": asdict(settings),
-    }
+    """What the priors depend on: the evaluator without its ladder (the probes train the first steps of the
+    plan's own schedule, which the identity holds) and with the held-out batches they score, and the
+    settings; so a new ladder keeps them."""
+    identity = {"evaluator": evaluator.identity(settings.held_out_batches), "settings": asdict(settings)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -142,8 +140,12 @@ def divergence(model: nn.Module, held_out: Sequence[Sequence[dict]], reference: 
     return statistics.fmean(per_task)
 
 
+def _loss(model: nn.Module, held_out: HeldOut) -> float:
+    return score_held_out(model, held_out).mean
+
+
 def _measure_sensitivity(
-    evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple
+    evaluator: FidelityEvaluator, journal: _Journal, held_out: HeldOut
 ) -> list[dict[int, float]]:
     rank = evaluator.space.ranks[0]
     reference: list[list[torch.Tensor]] = []
@@ -156,35 +158,38 @@ def _measure_sensitivity(
                 continue
 
             def measure(unit: int = unit, bits: int = bits) -> float:
+                tasks = list(held_out.values())
                 if not reference:
-                    reference.extend(float_log_probs(evaluator.model, held_out))
-                with evaluator.quantized(_only(evaluator, unit, Gene(bits, rank), rank)):
-                    return divergence(evaluator.model, held_out, reference)
+                    reference.extend(float_log_probs(evaluator.model, tasks))
+                settings = evaluator.space.settings_for(_only(evaluator, unit, Gene(bits, rank), rank))
+                with evaluator.weights.weights(settings) as model:
+                    return divergence(model, tasks, reference)
 
             by_bits[bits] = journal.get(_sensitivity_name(unit, bits), measure)
         raw.append(by_bits)
     return raw
 
 
-def _probe(evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple, rank: int, steps: int) -> None:
-    """One joint probe at `rank`, then each unit's adapters switched off in turn (leave-one-out)."""
+def _probe(evaluator: FidelityEvaluator, journal: _Journal, held_out: HeldOut, rank: int, steps: int) -> None:
+    """One joint probe at `rank` (the first `steps` steps of the plan's schedule), then each unit's adapters
+    switched off in turn (leave-one-out)."""
     config = evaluator.space.uniform(FLOAT_BITS, rank)
-    with evaluator.adapted(config) as peft_model:
-        evaluator.fine_tune(peft_model, steps)
-        full = evaluator.loss(peft_model, held_out)
+    with evaluator.probe(config, steps) as run:
+        peft_model = run.model
+        full = _loss(peft_model, held_out)
         for index, unit in enumerate(evaluator.space.units):
             paths = [evaluator.space.spec.module_path(unit.layer, module) for module in unit.modules]
             layers = [evaluator.model.get_submodule(path) for path in paths]
             for layer in layers:
                 layer.enable_adapters(False)
-            without = evaluator.loss(peft_model, held_out)
+            without = _loss(peft_model, held_out)
             for layer in layers:
                 layer.enable_adapters(True)
             journal.record(_plasticity_name(index, rank), without - full)
 
 
 def _measure_plasticity(
-    evaluator: FidelityEvaluator, journal: _Journal, held_out: tuple, steps: int
+    evaluator: FidelityEvaluator, journal: _Journal, held_out: HeldOut, steps: int
 ) -> list[dict[int, float]]:
     units = range(len(evaluator.space.units))
     for rank in evaluator.space.ranks:
@@ -207,8 +212,8 @@ def measure_priors(
 ) -> Importance:
     """AutoQRA's importance priors for every unit of the evaluator's space (resumable through `journal`)."""
     record = _Journal(journal, _journal_key(evaluator, settings), _entry_names(evaluator))
-    held_out = tuple(task[: settings.held_out_batches] for task in evaluator.data.held_out)
-    base = record.get("base", lambda: evaluator.loss(evaluator.model, held_out))
+    held_out = evaluator.data.held_out_prefix(settings.held_out_batches)
+    base = record.get("base", lambda: _loss(evaluator.model, held_out))
     sensitivity = _measure_sensitivity(evaluator, record, held_out)
     plasticity = _measure_plasticity(evaluator, record, held_out, settings.probe_steps)
     log.info("priors measured (%d entries, base loss %.4f)", len(record.entries), base)

@@ -18,12 +18,13 @@ Cached weights stay in memory and, with a cache folder, on disk as safetensors u
 resumed compile reuses them. The cache must be asked while the model holds its float weights.
 """
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qra.plans.fingerprint import structural_fingerprint
+from qra.plans.memory import SettingsFor
 from qra.plans.spec import LinearSpec, ModelSpec
 from qra.runtime.data import Batch
 from qra.runtime.quantize import quiet_gptqmodel
@@ -238,3 +240,32 @@ class QuantCache:
             )
             packed.pack_original(linear=_linear(quantized), scales=scales, zeros=zeros, g_idx=g_idx)
             return packed.dequantize_weight().T.contiguous()
+
+
+class CachedWeights:
+    """The search's weight source (a `qra.runtime.run.WeightSource`): the cache's model with every module
+    below 16 bits holding its cached GPTQ weight, swapped in place; the float weights are back afterwards."""
+
+    def __init__(self, cache: QuantCache) -> None:
+        self.cache = cache
+        self.model = cache.model
+        self.spec = cache.spec
+
+    @contextlib.contextmanager
+    def weights(self, settings_for: SettingsFor) -> Iterator[nn.Module]:
+        cached = [
+            (self.spec.module_path(index, module), self.cache.weight(index, module, settings_for(index, module).bits))
+            for index, layer in enumerate(self.spec.layers)
+            for module in layer
+            if settings_for(index, module).bits < 16
+        ]
+        swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+        try:
+            for path, weight in cached:
+                parameter = self.model.get_submodule(path).weight
+                swapped.append((parameter, parameter.data))
+                parameter.data = weight.to(parameter.dtype)
+            yield self.model
+        finally:
+            for parameter, original in swapped:
+                parameter.data = original

@@ -108,6 +108,17 @@ class Prediction(_Strict):
     fidelity: str | None = None
 
 
+class SeedScores(_Strict):
+    """One configuration of the compile's final paired comparison: its held-out loss per seed and, for a
+    finalist, its mean difference from the uniform configuration's, paired by seed, with the standard error."""
+
+    name: str
+    config: str
+    scores: dict[int, float]
+    paired_difference: float | None = None
+    paired_se: float | None = None
+
+
 class Provenance(_Strict):
     strategy: str = "manual"
     seed: int | None = None
@@ -117,6 +128,10 @@ class Provenance(_Strict):
     baselines: dict[str, float] = Field(default_factory=dict)
     created: str | None = None
     note: str | None = None
+    finalists: list[SeedScores] = Field(default_factory=list)
+    truncated_at_step: PositiveInt | None = Field(
+        default=None, description="the search scored candidates at this step of the plan's schedule, not its last"
+    )
 
 
 class Plan(_Strict):

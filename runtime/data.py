@@ -180,8 +180,13 @@ def _conversion(rng: random.Random) -> tuple[str, int]:
 QUESTIONS: list[Callable[[random.Random], tuple[str, int]]] = [_sum, _difference, _product, _conversion]
 
 
-def arithmetic(seed: int = 0, train_size: int = 2000, held_out_size: int = 200) -> Dataset:
-    """Distinct generated questions with exact answers, e.g. prompt "Q: What is 37 + 58?\\nA:", response " 95"."""
+def arithmetic(seed: int = 0, train_size: int = 2000, held_out_size: int = 600) -> Dataset:
+    """Distinct generated questions with exact answers, e.g. prompt "Q: What is 37 + 58?\\nA:", response " 95".
+
+    600 held-out questions give about 2,900 scored answer tokens with SmolLM2's tokenizer: enough that the
+    task's held-out loss has a standard error well below the effects a plan is chosen on (with 32 questions,
+    ~80 tokens, one layer's bits moved it by ±0.3 from seed to seed). The training questions do not depend
+    on `held_out_size`: they are the first `train_size` generated."""
     rng = random.Random(seed)
     wanted = train_size + held_out_size
     questions: dict[str, int] = {}
@@ -281,12 +286,32 @@ def _first_line(generation: str) -> str:
 
 
 def held_out_batches_by_task(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, batch_size: int, seed: int, count: int
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, batch_size: int, seed: int, count: int | None = None
 ) -> dict[str, list[Batch]]:
-    """The first `count` held-out batches of each task of the data set (each part of a `+`-joined set,
-    or the set itself), tokenized as for training; a task whose examples make no sequence gets none."""
+    """The first `count` held-out batches (all by default) of each task of the data set (each part of a
+    `+`-joined set, or the set itself), tokenized as for training; a task whose examples make no sequence
+    gets none."""
     pad = pad_id(tokenizer)
     return {
         task: batches(training_features(examples, tokenizer, seq_len), batch_size, seed, 0, pad)[:count]
         for task, examples in dataset.held_out_by_task().items()
     }
+
+
+def batch_source(
+    features: Sequence[Feature], batch_size: int, grad_accumulation: int, seed: int, pad: int
+) -> Callable[[int, int], Batch]:
+    """`batch_for(step, micro)`: micro-batch `micro` of optimizer step `step`, epoch after epoch, each epoch
+    in the order `batches` gives it for (seed, epoch). Every run with the same seed sees the same batches in
+    the same order, whatever it trains (common random numbers for the comparisons the search makes)."""
+    per_epoch = -(-len(features) // batch_size)
+    cache: dict[int, list[Batch]] = {}
+
+    def batch_for(step: int, micro: int) -> Batch:
+        epoch, position = divmod(step * grad_accumulation + micro, per_epoch)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = batches(features, batch_size, seed, epoch, pad)
+        return cache[epoch][position]
+
+    return batch_for

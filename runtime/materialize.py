@@ -29,14 +29,17 @@ from qra.plans.memory import plan_settings
 from qra.plans.schema import Plan, Training
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import model_problems
-from qra.runtime.data import Dataset, Example, batches, exact_match, held_out_batches_by_task, load_dataset, pad_id, training_features
+from qra.runtime.data import Dataset, Example, batch_source, exact_match, held_out_batches_by_task, load_dataset, pad_id, training_features
 from qra.runtime.footprint import memory_report
-from qra.runtime.quantize import gptqmodel_log_dir, load_quantized, quantize_to_plan
-from qra.runtime.train import StepLog, train_lora
+from qra.runtime.heldout import HeldOut
+from qra.runtime.quantize import GPTQModelWeights, gptqmodel_log_dir
+from qra.runtime.run import StepLog, open_run
+from qra.runtime.train import train_run
 
 log = logging.getLogger(__name__)
 MARKER = "qra-run.json"
 CALIBRATION_SAMPLES = 32
+HELD_OUT_BATCH_SIZE = 16  # scoring only: no gradients, so larger batches than training's cost little
 
 
 @dataclass
@@ -49,7 +52,6 @@ class MaterializeRequest:
     resume: bool = False
     checkpoint_every: int = 25
     cache: Path | None = None
-    held_out_batches: int = 8
     exact_match_examples: int = 32
     data_seed: int | None = None
     """Seeds the data (generated sets, JSONL splits); None: the plan's training seed."""
@@ -97,21 +99,6 @@ def _train_features(dataset: Dataset, tokenizer, seq_len: int) -> list:
     return train
 
 
-def _batch_source(features: list, plan: Plan, pad: int) -> Callable[[int, int], dict[str, torch.Tensor]]:
-    training = plan.training
-    per_epoch = math.ceil(len(features) / training.batch_size)
-    cache: dict[int, list] = {}
-
-    def batch_for(step: int, micro: int) -> dict[str, torch.Tensor]:
-        epoch, position = divmod(step * training.grad_accumulation + micro, per_epoch)
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = batches(features, training.batch_size, training.seed, epoch, pad)
-        return cache[epoch][position]
-
-    return batch_for
-
-
 def _base_folder(source: ModelSource, work: Path) -> Path:
     """A Hugging Face folder for gptqmodel: the source itself, or the GGUF dequantized and saved once."""
     if source.kind == "folder":
@@ -135,27 +122,6 @@ def quantization_key(source: ModelSource, spec: ModelSpec, plan: Plan, calibrati
     return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
 
 
-def _quantized_model(base: Path, spec: ModelSpec, plan: Plan, calibration: list[list[int]], folder: Path):
-    """The base with every module at its planned bits; the quantization pass runs once per `folder`."""
-    from qra.runtime.qlinear import enable_dequantize_in_backward
-
-    settings = plan_settings(plan)
-    if all(settings(i, module).bits == 16 for i, layer in enumerate(spec.layers) for module in layer):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, plan.training.compute_dtype)), None
-    if not (folder / "config.json").is_file():
-        staging = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        quantize_to_plan(base, spec, settings, calibration, staging)
-        os.replace(staging, folder)
-    model = load_quantized(folder, plan.training.compute_dtype).model
-    if plan.training.dequantize_in_backward:
-        enable_dequantize_in_backward(model)
-    return model, folder
-
-
 def held_out_exact_match(model, tokenizer, examples: list[Example], limit: int = 32, max_new_tokens: int = 12) -> float | None:
     """Share of the first `limit` held-out prompt/response examples answered exactly (greedy decoding);
     None for plain text."""
@@ -173,13 +139,11 @@ def held_out_exact_match(model, tokenizer, examples: list[Example], limit: int =
     return exact_match(generate, answerable)
 
 
-def held_out_by_task(
-    dataset: Dataset, tokenizer, training: Training, batch_count: int, seed: int
-) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Each task's held-out batches, chosen by the data's `seed` (not the training seed, so that runs of one
-    plan with different seeds score the same batches); a task whose held-out examples make no batch is left
-    out, with a warning."""
-    by_task = held_out_batches_by_task(dataset, tokenizer, training.seq_len, training.batch_size, seed, batch_count)
+def held_out_by_task(dataset: Dataset, tokenizer, training: Training, seed: int) -> HeldOut:
+    """Every held-out sequence of each task, batched by the data's `seed` (not the training seed, so that
+    runs of one plan with different seeds score the same set); a task whose held-out examples make no
+    sequence is left out, with a warning."""
+    by_task = held_out_batches_by_task(dataset, tokenizer, training.seq_len, HELD_OUT_BATCH_SIZE, seed)
     for task in [task for task, task_batches in by_task.items() if not task_batches]:
         log.warning("task %s has no held-out sequence of %d tokens: its held-out loss is not reported", task, training.seq_len)
         del by_task[task]
@@ -198,7 +162,6 @@ def check_request(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, 
 
 def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] | None = None) -> dict:
     """Run every stage; returns the results that are also written to OUT/results.json."""
-    from qra.runtime.lora import attach_lora
     from qra.runtime.package import PackageContext, package
 
     plan, training = request.plan, request.plan.training
@@ -216,40 +179,34 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     calibration = [feature["input_ids"] for feature in train_features[:CALIBRATION_SAMPLES]]
     log.info("quantizing to the plan's bits with gptqmodel (%d calibration sequences; its log: %s)",
              len(calibration), gptqmodel_log_dir())
-    began = time.perf_counter()
     folder = shared / "quantized" / quantization_key(source, spec, plan, calibration) if request.cache else work / "quantized"
-    model, quantized_folder = _quantized_model(base, spec, plan, calibration, folder)
-    wall = {"quantize": time.perf_counter() - began}
-    model.config.use_cache = False
-    if training.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    peft_model = attach_lora(model, spec, plan_settings(plan), dropout=training.lora_dropout)
-    pad = pad_id(tokenizer)
-    log.info("training %d steps on %d sequences of %d tokens", training.steps, len(train_features), training.seq_len)
-    held_out = held_out_by_task(dataset, tokenizer, training, request.held_out_batches, request.seed_of_data)
+    weights = GPTQModelWeights(base, spec, calibration, folder, training.compute_dtype, training.dequantize_in_backward)
+    batch_for = batch_source(train_features, training.batch_size, training.grad_accumulation, training.seed, pad_id(tokenizer))
+    held_out = held_out_by_task(dataset, tokenizer, training, request.seed_of_data)
+    wall: dict[str, float] = {}
     began = time.perf_counter()
-    result = train_lora(
-        peft_model, training, _batch_source(train_features, plan, pad), held_out=held_out,
-        checkpoint_dir=work / "checkpoint", checkpoint_every=request.checkpoint_every, resume=request.resume, on_step=on_step,
-    )
-    wall["train"] = time.perf_counter() - began
-    adapter_folder = work / "adapter"
-    peft_model.save_pretrained(adapter_folder)
-    began = time.perf_counter()
-    results = {
-        "training": result.to_dict(),
-        "data": dataset.name,
-        "held_out_by_task": result.held_out_by_task_after,
-        "exact_match": held_out_exact_match(peft_model, tokenizer, dataset.held_out, request.exact_match_examples),
-    }
-    wall["evaluate"] = time.perf_counter() - began
+    with open_run(weights, spec, plan_settings(plan), training, batch_for, held_out) as run:
+        wall["quantize"] = time.perf_counter() - began
+        log.info("training %d steps on %d sequences of %d tokens", training.steps, len(train_features), training.seq_len)
+        result = train_run(run, work / "checkpoint", request.checkpoint_every, request.resume, on_step)
+        wall["train"] = result.wall_s
+        adapter_folder = work / "adapter"
+        run.model.save_pretrained(adapter_folder)
+        began = time.perf_counter()
+        results = {
+            "training": result.to_dict(),
+            "data": dataset.name,
+            "held_out_by_task": result.held_out_by_task_after,
+            "held_out_scores": result.scores_after,
+            "exact_match": held_out_exact_match(run.model, tokenizer, dataset.held_out, request.exact_match_examples),
+        }
+        wall["evaluate"] = time.perf_counter() - began
     results["wall_s"] = wall
     if result.measured is not None:
         results["memory"] = memory_report(plan, spec, result.measured)
     log.info("packaging: %s", ", ".join(request.formats))
     context = PackageContext(
-        quantized=quantized_folder or base, adapter=adapter_folder, tokenizer=tokenizer, plan=plan,
+        quantized=weights.quantized or base, adapter=adapter_folder, tokenizer=tokenizer, plan=plan,
         spec=spec, calibration=calibration, extra_manifest=results,
     )
     results["packages"] = {name: str(path) for name, path in package(request.formats, context, out).items()}

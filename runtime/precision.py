@@ -1,29 +1,30 @@
-"""Which floating dtype computes fastest on this machine's CPU.
+"""Which floating dtype the compile's evaluator computes in on this machine's CPU.
 
 bf16 matmuls beat fp32 only where the CPU has native bf16 instructions (avx512_bf16, AMX); on an AVX2-only
 CPU, PyTorch falls back to a generic kernel and bf16 runs about 5x slower than fp32 (measured on a 2-core
-AMD EPYC: a 512x576 by 576x1536 matmul took 10.5 ms in fp32 and 60.9 ms in bf16). So the choice is measured,
-not assumed.
+AMD EPYC: a 512x576 by 576x1536 matmul took 10.5 ms in fp32 and 60.9 ms in bf16). The choice is read from
+the CPU's feature flags, not timed: a timing taken while other jobs share the cores flipped the choice
+between two compiles on one machine, and with it every score (the dtype is part of a compile's journal
+key, so a resumed compile would then refuse its own journal).
 """
 
-import time
+from pathlib import Path
 
 import torch
 
-CANDIDATES = (torch.bfloat16, torch.float32)
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
-def _seconds(dtype: torch.dtype, size: int, repeats: int) -> float:
-    left = torch.randn(size, size).to(dtype)
-    right = torch.randn(size, size).to(dtype)
-    left @ right
-    began = time.perf_counter()
-    for _ in range(repeats):
-        left @ right
-    return time.perf_counter() - began
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The feature flags the CPU advertises (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split(":", 1)[1].split())
 
 
-def fastest_dtype(candidates: tuple[torch.dtype, ...] = CANDIDATES, size: int = 512, repeats: int = 3) -> torch.dtype:
-    """The candidate whose square matmul of `size` runs fastest here; ties go to the earlier candidate."""
-    timings = [(_seconds(dtype, size, repeats), index, dtype) for index, dtype in enumerate(candidates)]
-    return min(timings)[2]
+def fastest_dtype(flags: frozenset[str] | None = None) -> torch.dtype:
+    """bf16 where the CPU computes it natively, else fp32."""
+    flags = cpu_flags() if flags is None else flags
+    return torch.bfloat16 if flags & NATIVE_BF16_FLAGS else torch.float32

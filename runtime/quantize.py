@@ -8,6 +8,7 @@ and vLLM load each module at its own bits.
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,3 +129,39 @@ def placeholder_quantized(model: "nn.Module", spec: ModelSpec, settings_for: Set
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, packed)
     return model
+
+
+class GPTQModelWeights:
+    """`qra materialize`'s weight source (a `qra.runtime.run.WeightSource`): one gptqmodel quantization pass
+    over the base model at every module's planned bits, calibrated on `calibration`, saved to `folder` once
+    (a staging folder renamed into place) and loaded with the TORCH backend. A plan with every module at 16
+    bits loads the base model as it is."""
+
+    def __init__(self, base: Path, spec: ModelSpec, calibration: list[list[int]], folder: Path, dtype: str,
+                 dequantize_in_backward: bool = True) -> None:
+        self.base, self.spec, self.calibration, self.folder = base, spec, calibration, folder
+        self.dtype, self.dequantize_in_backward = dtype, dequantize_in_backward
+        self.quantized: Path | None = None  # the gptqmodel checkpoint, once made (None: 16-bit plan)
+
+    @contextlib.contextmanager
+    def weights(self, settings_for: SettingsFor) -> Iterator["nn.Module"]:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from qra.runtime.qlinear import enable_dequantize_in_backward
+
+        if all(settings_for(i, module).bits == 16 for i, layer in enumerate(self.spec.layers) for module in layer):
+            model = AutoModelForCausalLM.from_pretrained(self.base, dtype=getattr(torch, self.dtype))
+        else:
+            if not (self.folder / "config.json").is_file():
+                staging = self.folder.with_name(f"{self.folder.name}.{os.getpid()}.tmp")
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.parent.mkdir(parents=True, exist_ok=True)
+                quantize_to_plan(self.base, self.spec, settings_for, self.calibration, staging)
+                os.replace(staging, self.folder)
+            self.quantized = self.folder
+            model = load_quantized(self.folder, self.dtype).model
+            if self.dequantize_in_backward:
+                enable_dequantize_in_backward(model)
+        model.config.use_cache = False
+        yield model

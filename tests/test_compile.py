@@ -8,17 +8,15 @@ import pytest
 from typer.testing import CliRunner
 
 from qra.cli import app
-from qra.compiler.compile import CompileRequest, Effort, best_measured, baseline_plan, budget_bounds, compile_plan, prepare
-from qra.compiler.fidelity import FidelityLadder
-from qra.compiler.space import Gene, build_space
-from qra.compiler.strategies import SearchResult
+from qra.compiler.compile import CompileRequest, Effort, baseline_plan, budget_bounds, compile_plan, prepare
+from qra.compiler.space import build_space
 from qra.errors import QraError
 from qra.plans.io import save_plan
 from qra.plans.schema import Budget, Device, Training
 from qra.plans.verify import verify_plan
 from tiny import save_tiny_model, tiny_spec
 
-CHEAP = Effort(10, FidelityLadder(steps=(0, 2, 4)), prior_probe_steps=2, calibration_batches=2, held_out_batches=1)
+CHEAP = Effort(10, (0, 0.5, 1), None, prior_probe_steps=2, calibration_batches=2, held_out_batches=1, finalists=1, seeds=2)
 TRAINING = Training(seq_len=24, batch_size=2, steps=4, learning_rate=5e-3)
 DEVICE = Device(kind="cpu", context_bytes=0)
 BITS, RANKS = (2, 4, 8), (4, 16)
@@ -56,7 +54,8 @@ def test_compile_runs_every_stage_and_writes_a_verified_plan_with_provenance(tin
     assert all(space.cost(evaluation.config) <= plan.budget.bytes for evaluation in scored)
     assert 0 < len(scored) <= CHEAP.evaluations
     assert sum(plan.provenance.evaluations.values()) == len(scored)
-    assert plan.provenance.baselines and plan.predicted.fidelity == "f2"
+    assert plan.provenance.baselines and plan.predicted.fidelity.startswith("f2 (step 4 of 4)")
+    assert plan.provenance.truncated_at_step is None
     stages = {e.stage.split(":")[0] for e in scored}
     assert stages == {"evolution", "trbo"}
 
@@ -91,15 +90,19 @@ def test_resuming_with_another_budget_refuses_the_journal_instead_of_replaying_i
     assert error.value.exit_code == 2
 
 
-def _result(config, score: float, fidelity: int = 2) -> SearchResult:
-    return SearchResult(config, score, fidelity, history=(), evaluations={fidelity: 1}, cache_hits=0, replayed=0)
-
-
-def test_a_compile_never_emits_a_plan_its_own_measurements_rank_below_uniform():
-    mixed, uniform = (Gene(8, 4), Gene(3, 16)), (Gene(4, 8), Gene(4, 8))
-    assert best_measured(_result(mixed, 2.0), _result(uniform, 1.9)) == (uniform, 1.9, 2)
-    assert best_measured(_result(mixed, 1.8), _result(uniform, 1.9)) == (mixed, 1.8, 2)
-    assert best_measured(_result(mixed, 2.0, fidelity=1), _result(uniform, 1.9)) == (mixed, 2.0, 1)  # not comparable
+def test_the_plan_is_a_finalist_only_if_it_beats_uniform_beyond_two_paired_standard_errors(tiny_folder, tmp_path):
+    plan = compile_plan(request(tiny_folder, tmp_path)).plan
+    uniform, *finalists = plan.provenance.finalists
+    assert uniform.name.startswith("uniform") and set(uniform.scores) == {1, 2}  # fresh seeds, not the search's 0
+    assert all(set(finalist.scores) == {1, 2} and finalist.paired_se is not None for finalist in finalists)
+    planned = ",".join(f"{layer.bits}:{layer.rank}" for layer in plan.layers)
+    winners = [f for f in finalists if f.paired_difference < -2 * f.paired_se]
+    if planned == uniform.config:
+        assert not winners and "the plan is the uniform configuration" in plan.provenance.note
+    else:
+        assert [f.config for f in winners if f.config == planned]
+    chosen = next(f for f in plan.provenance.finalists if f.config == planned)
+    assert plan.predicted.score == pytest.approx(sum(chosen.scores.values()) / 2)
 
 
 def test_baseline_plans_share_the_searchs_priors_and_verify_unscored(tiny_folder, tmp_path):
@@ -137,7 +140,7 @@ def test_budget_below_the_minimum_is_one_line_and_exit_2_from_the_command_line(t
 
 def test_a_budget_above_the_maximum_returns_the_best_plan(tiny_folder, tmp_path):
     outcome = compile_plan(request(tiny_folder, tmp_path, budget=Budget(bytes=10**12, text="1TB"),
-                                   effort=Effort(3, CHEAP.ladder, 2, 2, 1), strategy="uniform"))
+                                   effort=Effort(3, CHEAP.rungs, None, 2, 2, 1), strategy="uniform"))
     assert outcome.above_maximum
     assert outcome.plan.memory.headroom_bytes > 0
 

@@ -167,9 +167,13 @@ def test_arithmetic_mixes_operations_and_conversions():
         assert marker in prompts
 
 
+def test_the_arithmetic_training_questions_do_not_depend_on_how_many_are_held_out():
+    assert arithmetic(seed=2, held_out_size=50).train == arithmetic(seed=2).train
+
+
 def test_arithmetic_is_seeded_sized_and_disjoint():
     data = load_dataset("arithmetic", seed=5)
-    assert (len(data.train), len(data.held_out)) == (2000, 200)
+    assert (len(data.train), len(data.held_out)) == (2000, 600)
     assert not {example.prompt for example in data.held_out} & {example.prompt for example in data.train}
     assert len({example.prompt for example in data.train}) == 2000
     assert load_dataset("arithmetic", seed=5) == data

@@ -8,14 +8,14 @@ from tiny import save_tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from qra.compiler import priors
-from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, prepare_data
+from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, ladder_for, prepare_data
 from qra.compiler.priors import PriorSettings, measure_priors
 from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Gene, build_space
 from qra.plans.schema import Device, Training
 from qra.plans.spec import spec_from_config
-from qra.runtime.data import load_dataset
-from qra.runtime.train import held_out_loss, task_mean_loss
+from qra.runtime.data import batches, load_dataset, training_features
+from qra.runtime.heldout import score_held_out
 
 GROUP = 32
 
@@ -34,6 +34,13 @@ def _memorize(model, train, steps: int = 80) -> None:
     model.eval()
 
 
+def memorized_data(text: EvalData) -> EvalData:
+    """16 training sequences (two batches of 8, in an order each seed shuffles) that are also the held-out set."""
+    features = text.features[:16]
+    train = tuple(batches(features, 8, 0, 0, text.pad))
+    return EvalData(features, train, {"text": list(train)}, text.pad, 8)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     # One intra-op thread: a tiny model gains nothing from two, and on a shared 2-core machine two threads
@@ -43,15 +50,15 @@ def setup(tmp_path_factory):
     folder = save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", "llama", layers=4)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     text = prepare_data(load_dataset("python-reference"), tiny_tokenizer(), seq_len=32, batch_size=8)
-    data = EvalData(train=text.train[:2], held_out=(text.train[:2],))
+    data = memorized_data(text)
     _memorize(model, data.train)
     spec = spec_from_config(model.config)
-    training = Training(seq_len=32, batch_size=8, steps=1, seed=0)
+    training = Training(seq_len=32, batch_size=8, steps=24, learning_rate=5e-3, seed=0)
     space = build_space(
         spec, bits=(2, 4, 8), ranks=(2, 4, 8), training=training, device=Device(kind="cpu"), group_size=GROUP
     )
     cache = QuantCache(model, spec, data.train, group_size=GROUP, folder=tmp_path_factory.mktemp("qcache"))
-    yield FidelityEvaluator(model, space, data, cache, FidelityLadder(steps=(0, 8, 24), learning_rate=5e-3))
+    yield FidelityEvaluator(model, space, data, cache, FidelityLadder(steps=(0, 8, 24), plan_steps=24))
     torch.set_num_threads(threads)
 
 
@@ -125,8 +132,8 @@ def test_priors_are_ordered_and_resume_from_the_journal(setup, tmp_path, monkeyp
     def fail(*args, **kwargs):
         raise AssertionError("a journaled prior was measured again")
 
-    monkeypatch.setattr(setup, "loss", fail)
-    monkeypatch.setattr(setup, "fine_tune", fail)
+    monkeypatch.setattr(priors, "score_held_out", fail)
+    monkeypatch.setattr(setup, "probe", fail)
     monkeypatch.setattr(priors, "divergence", fail)
     recorded = json.loads(journal.read_text())
     recorded["entries"]["sensitivity/0/2"] = -0.5  # a measure this version no longer takes
@@ -134,22 +141,24 @@ def test_priors_are_ordered_and_resume_from_the_journal(setup, tmp_path, monkeyp
     assert measure_priors(setup, settings, journal) == importance
 
 
-def test_priors_outlive_a_change_of_the_ladders_steps_but_not_of_its_learning_rate(setup, tmp_path, monkeypatch):
+def test_priors_outlive_a_change_of_the_ladder_but_not_of_the_plans_schedule(setup, tmp_path, monkeypatch):
     journal = tmp_path / "priors.json"
     settings = PriorSettings(held_out_batches=1, probe_steps=2)
     importance = measure_priors(setup, settings, journal)
 
-    def evaluator(ladder: FidelityLadder) -> FidelityEvaluator:
-        return FidelityEvaluator(setup.model, setup.space, setup.data, setup.cache, ladder)
+    def evaluator(ladder: FidelityLadder, learning_rate: float = 5e-3) -> FidelityEvaluator:
+        space = setup.space
+        space = type(space)(**{**vars(space), "training": space.training.model_copy(update={"learning_rate": learning_rate})})
+        return FidelityEvaluator(setup.model, space, setup.data, setup.cache, ladder)
 
-    longer = evaluator(FidelityLadder(steps=(0, 4, 40), learning_rate=setup.ladder.learning_rate))
+    longer = evaluator(FidelityLadder(steps=(0, 4, 24), plan_steps=24))
     assert longer.fingerprint != setup.fingerprint
     monkeypatch.setattr(priors, "divergence", lambda *args: pytest.fail("a journaled prior was measured again"))
     assert measure_priors(longer, settings, journal) == importance
     monkeypatch.undo()
     measured = []
     monkeypatch.setattr(priors, "divergence", lambda *args: measured.append(args) or 0.0)
-    measure_priors(evaluator(FidelityLadder(steps=setup.ladder.steps, learning_rate=1e-4)), settings, journal)
+    measure_priors(evaluator(setup.ladder, learning_rate=1e-4), settings, journal)
     assert measured
 
 
@@ -158,14 +167,15 @@ def test_sensitivity_is_the_divergence_from_the_float_model_never_negative_and_l
     entries = json.loads((tmp_path / "priors.json").read_text())["entries"]
     for unit in range(len(setup.space.units)):
         assert entries[f"sensitivity-kl/{unit}/2"] > entries[f"sensitivity-kl/{unit}/8"] >= 0
-    float_reference = priors.float_log_probs(setup.model, setup.data.held_out)
-    assert priors.divergence(setup.model, setup.data.held_out, float_reference) == pytest.approx(0, abs=1e-6)
+    tasks = list(setup.data.held_out.values())
+    float_reference = priors.float_log_probs(setup.model, tasks)
+    assert priors.divergence(setup.model, tasks, float_reference) == pytest.approx(0, abs=1e-6)
 
 
 def test_exact_match_is_an_optional_extra_metric(setup):
     answers = tuple(load_dataset("arithmetic").held_out[:3])
-    data = EvalData(train=setup.data.train, held_out=setup.data.held_out, answers=answers)
-    ladder = FidelityLadder(steps=(0,), exact_match=True)
+    data = EvalData(setup.data.features, setup.data.train, setup.data.held_out, setup.data.pad, 8, answers=answers)
+    ladder = FidelityLadder(steps=(0, 24), plan_steps=24, exact_match=True)
     evaluator = FidelityEvaluator(setup.model, setup.space, data, setup.cache, ladder, tiny_tokenizer())
     result = evaluator.measure(setup.space.uniform(8, 2), 0)
     assert result.exact_match is not None and 0.0 <= result.exact_match <= 1.0
@@ -173,17 +183,52 @@ def test_exact_match_is_an_optional_extra_metric(setup):
     assert setup.measure(setup.space.uniform(8, 2), 0).exact_match is None
 
 
-def test_held_out_batches_are_drawn_from_each_task_of_a_joined_set():
-    data = prepare_data(load_dataset("python-reference+arithmetic"), tiny_tokenizer(), seq_len=32, batch_size=4, held_out_batches=2)
-    text, questions = data.held_out
-    assert len(text) == 2 and len(questions) == 2
+def test_every_held_out_sequence_of_each_task_of_a_joined_set_is_scored():
+    dataset = load_dataset("python-reference+arithmetic")
+    tokenizer = tiny_tokenizer()
+    data = prepare_data(dataset, tokenizer, seq_len=32, batch_size=4)
+    text, questions = data.held_out.values()
+    every_question = training_features(dataset.parts[1].held_out, tokenizer, 32)
+    assert sum(len(batch["input_ids"]) for batch in questions) == len(every_question) > 500
     assert all(bool(batch["attention_mask"].all()) for batch in text)  # packed text: full blocks
     assert all(bool((batch["labels"] == -100).any()) for batch in questions)  # loss on the answers only
 
 
 def test_the_search_scores_each_task_equally_however_many_tokens_it_has(setup):
-    data = prepare_data(load_dataset("python-reference+arithmetic"), tiny_tokenizer(), seq_len=32, batch_size=4, held_out_batches=2)
-    per_task = [held_out_loss(setup.model, task) for task in data.held_out]
-    pooled = held_out_loss(setup.model, [batch for task in data.held_out for batch in task])
-    assert task_mean_loss(setup.model, data.held_out) == pytest.approx(sum(per_task) / 2)
-    assert pooled != pytest.approx(sum(per_task) / 2, rel=1e-3)  # pooling would weigh packed text by its tokens
+    data = prepare_data(load_dataset("python-reference+arithmetic"), tiny_tokenizer(), seq_len=32, batch_size=4)
+    held_out = data.held_out_prefix(2)
+    scores = score_held_out(setup.model, held_out)
+    pooled = score_held_out(setup.model, {"pooled": [batch for task in held_out.values() for batch in task]}).mean
+    assert scores.mean == pytest.approx(sum(score.loss for score in scores.by_task.values()) / 2)
+    assert pooled != pytest.approx(scores.mean, rel=1e-3)  # pooling would weigh packed text by its tokens
+
+
+def test_the_ladder_is_checkpoints_of_the_plans_own_schedule():
+    assert ladder_for(40, (0, 0.25, 1)) == FidelityLadder(steps=(0, 10, 40), plan_steps=40)
+    capped = ladder_for(1000, (0, 0.25, 1), max_steps=100)
+    assert capped.steps == (0, 25, 100) and capped.truncated
+    assert not ladder_for(40, (0, 0.25, 1), max_steps=100).truncated
+
+
+def test_a_promoted_candidate_resumes_its_run_and_ends_exactly_where_an_uninterrupted_run_ends(setup):
+    config = (Gene(2, 4), Gene(8, 2), Gene(4, 8), Gene(4, 4))
+    fresh = FidelityEvaluator(setup.model, setup.space, setup.data, setup.cache, setup.ladder)
+    uninterrupted = fresh.measure(config, 2)
+    setup.measure(config, 1)
+    promoted = setup.measure(config, 2)
+    assert promoted.steps == 24 and promoted.loss == uninterrupted.loss
+    assert promoted.scores == uninterrupted.scores
+
+
+def test_seeds_are_common_random_numbers_across_configurations(setup):
+    config = (Gene(4, 4),) * 4
+    assert setup.measure(config, 1, seed=0).loss == setup.measure(config, 1).loss
+    assert setup.measure(config, 1, seed=1).loss != setup.measure(config, 1, seed=0).loss
+    first, second = setup.data.batch_for(setup.training(1)), setup.data.batch_for(setup.training(1))
+    assert all(torch.equal(first(step, 0)["input_ids"], second(step, 0)["input_ids"]) for step in range(4))
+
+
+def test_scores_carry_each_tasks_standard_error(setup):
+    scores = setup.measure((Gene(4, 4),) * 4, 1).scores
+    text = scores.by_task["text"]
+    assert text.sequences == 16 and text.tokens > 0 and 0 < text.se < text.loss

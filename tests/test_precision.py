@@ -1,22 +1,22 @@
-"""The compile evaluates in whichever dtype this CPU computes fastest: bf16 only where it is native."""
+"""The compile evaluates in bf16 only where the CPU computes it natively, decided by its flags, not a timing."""
 
 import torch
 
-from qra.runtime import precision
-from qra.runtime.precision import fastest_dtype
+from qra.runtime.precision import cpu_flags, fastest_dtype
 
 
-def test_the_faster_dtype_wins(monkeypatch):
-    monkeypatch.setattr(precision, "_seconds", lambda dtype, size, repeats: {torch.bfloat16: 6.0, torch.float32: 1.0}[dtype])
-    assert fastest_dtype() is torch.float32
-    monkeypatch.setattr(precision, "_seconds", lambda dtype, size, repeats: {torch.bfloat16: 0.5, torch.float32: 1.0}[dtype])
-    assert fastest_dtype() is torch.bfloat16
+def test_bf16_only_with_native_bf16_instructions():
+    assert fastest_dtype(frozenset({"avx2", "fma"})) is torch.float32
+    assert fastest_dtype(frozenset({"avx2", "avx512f", "avx512_bf16"})) is torch.bfloat16
+    assert fastest_dtype(frozenset({"amx_bf16"})) is torch.bfloat16
 
 
-def test_a_tie_goes_to_the_first_candidate(monkeypatch):
-    monkeypatch.setattr(precision, "_seconds", lambda dtype, size, repeats: 1.0)
-    assert fastest_dtype((torch.float32, torch.bfloat16)) is torch.float32
+def test_the_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
 
 
-def test_on_this_machine_it_times_real_matmuls_and_returns_a_candidate():
-    assert fastest_dtype(size=64, repeats=1) in (torch.bfloat16, torch.float32)
+def test_the_choice_is_the_same_every_time_on_this_machine():
+    assert len({fastest_dtype() for _ in range(5)}) == 1

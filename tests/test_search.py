@@ -20,6 +20,7 @@ from qra.compiler.strategies import (
     BASELINES, STRATEGIES, AutoQRA, Baseline, Evolution, Problem, RandomSearch, TrustRegion, TrustRegionBO,
     run_search,
 )
+from qra.compiler.strategies.baselines import use_more_bits
 from qra.errors import QraError
 from qra.plans.schema import Device, Training
 from tiny import tiny_spec
@@ -88,11 +89,20 @@ def _trace(result) -> list[tuple[str, int, float]]:
     return [(config_key(e.config), e.fidelity, e.score) for e in result.history]
 
 
+@pytest.fixture(scope="module")
+def module_problem() -> Problem:
+    space = build_space(tiny_spec("llama", layers=8), [3, 4, 8], [4, 8], Training(seq_len=32, batch_size=1),
+                        Device(kind="cpu", context_bytes=0), granularity="module")
+    return Problem(space, Synthetic(units=len(space.units)).priors(space), space.cost(space.uniform(4, 8)) + 10**5)
+
+
 @pytest.mark.parametrize("name", [*STRATEGIES, *(f"baseline:{b}" for b in BASELINES)])
-def test_every_scored_candidate_fits_the_budget(problem: Problem, name: str) -> None:
+def test_every_scored_candidate_fits_the_budget(problem: Problem, module_problem: Problem, name: str) -> None:
+    if name == "baseline:llamacpp":
+        problem = module_problem
     strategy = Baseline(problem, name.split(":")[1]) if name.startswith("baseline:") else STRATEGIES[name](problem, 0)
     progress = []
-    result = run_search(strategy, Synthetic(), 16, on_progress=progress.append)
+    result = run_search(strategy, Synthetic(units=problem.units), 16, on_progress=progress.append)
     assert result.history and progress == list(result.history)
     assert all(problem.space.cost(e.config) <= problem.budget for e in result.history)
     assert problem.space.cost(result.best_config) <= problem.budget
@@ -253,6 +263,22 @@ def test_a_corrupt_journal_line_is_an_error(tmp_path) -> None:
 
 
 # baselines
+
+
+def test_llamacpp_raises_attn_v_and_ffn_down_in_the_layers_llama_cpp_picks(module_problem: Problem) -> None:
+    # llama.cpp's use_more_bits for 8 layers: i < 1, i >= 7, or (i - 1) % 3 == 2, so layers 0, 3, 6, 7
+    assert [layer for layer in range(8) if use_more_bits(layer, 8)] == [0, 3, 6, 7]
+    assert [layer for layer in range(30) if use_more_bits(layer, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    config = BASELINES["llamacpp"](module_problem)
+    assert module_problem.fits(config) and len({gene.rank for gene in config}) == 1
+    raised = {(unit.layer, unit.modules[0].short_name) for unit, gene in zip(module_problem.space.units, config) if gene.bits == 8}
+    assert raised == {(layer, name) for layer in (0, 3, 6, 7) for name in ("v_proj", "down_proj")}
+    assert {gene.bits for gene in config} == {4, 8}
+
+
+def test_llamacpp_needs_module_granularity(problem: Problem) -> None:
+    with pytest.raises(QraError, match="--granularity module"):
+        BASELINES["llamacpp"](problem)
 
 
 def test_baselines_follow_their_rules(problem: Problem) -> None:

@@ -4,7 +4,9 @@ harness as the search (DESIGN, "The search": baselines):
 - `uniform`: QLoRA-style, one bit-width and one rank for every unit;
 - `sequential`: LQ-LoRA-style, bits allocated by quantization sensitivity under the budget at a fixed
   rank, then the largest uniform rank that fits;
-- `heuristic`: llama.cpp-style, the first and last layers one bit-width step above the rest.
+- `heuristic`: the first and last layers one bit-width step above the rest;
+- `llamacpp`: llama.cpp's K_M mix (what consumer-GPU users already run), at module granularity: attn_v and
+  ffn_down one bit-width step up in the layers llama.cpp's `use_more_bits` picks.
 """
 
 from collections.abc import Callable
@@ -78,10 +80,40 @@ def heuristic_config(problem: Problem) -> Config:
     return problem.flat().repair(config)
 
 
+LLAMACPP_MODULES = ("v_proj", "down_proj")  # llama.cpp's attn_v and ffn_down
+
+
+def use_more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's rule (`use_more_bits` in its src/llama-quant.cpp, integer division as in C++) for the
+    layers whose attn_v and ffn_down a K_M mix quantizes at a higher type."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def llamacpp_config(problem: Problem) -> Config:
+    """llama.cpp's K_M mix: v_proj and down_proj one bit-width step up in the `use_more_bits` layers, every
+    other module at the base bits, the base the largest bit-width for which the mix fits at some uniform
+    rank, and the rank the largest that then fits."""
+    space = problem.space
+    if space.granularity != "module":
+        raise QraError("the llamacpp baseline sets bits per module: use --granularity module")
+    layers = space.spec.num_layers
+    for base in reversed(space.bits):
+        up = space.bits[min(space.bits.index(base) + 1, len(space.bits) - 1)]
+        bits = tuple(
+            up if unit.modules[0].short_name in LLAMACPP_MODULES and use_more_bits(unit.layer, layers) else base
+            for unit in space.units
+        )
+        rank = _largest_rank(problem, bits)
+        if rank is not None:
+            return tuple(Gene(b, rank) for b in bits)
+    raise QraError(f"no llama.cpp-style mix fits the budget of {problem.budget:,} bytes")
+
+
 BASELINES: dict[str, Callable[[Problem], Config]] = {
     "uniform": uniform_config,
     "sequential": sequential_config,
     "heuristic": heuristic_config,
+    "llamacpp": llamacpp_config,
 }
 
 

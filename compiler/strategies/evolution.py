@@ -19,6 +19,7 @@ import numpy as np
 
 from qra.compiler.space import Config, Gene
 from qra.compiler.strategies.base import Candidate, Problem
+from qra.compiler.strategies.baselines import sequential_config
 from qra.compiler.strategies.surrogate import Surrogate
 
 log = logging.getLogger(__name__)
@@ -123,14 +124,16 @@ class Evolution:
     # the initial population
     def _initial(self) -> list[Config]:
         """Warm start: up to half uniform configs (first, for each bit-width that fits, highest first,
-        uniform at its largest fitting rank: the QLoRA-style points a mixed plan has to beat; then
-        repaired uniforms) and the rest samples from the priors; without the warm start, random repaired
+        uniform at its largest fitting rank: the QLoRA-style points a mixed plan has to beat), the priors'
+        greedy allocation (bits by sensitivity per byte, then the largest uniform rank: `sequential_config`),
+        then repaired uniforms; the rest samples from the priors. Without the warm start, random repaired
         configs."""
         configs: list[Config] = []
         if self.warm_start:
             space = self.problem.space
             repaired = (self.problem.repair(space.uniform(b, r)) for b in reversed(space.bits) for r in reversed(space.ranks))
-            self._extend(configs, itertools.chain(self._fitting_uniforms(), repaired), self.population_size // 2)
+            starts = itertools.chain(self._fitting_uniforms(), [sequential_config(self.problem)], repaired)
+            self._extend(configs, starts, self.population_size // 2)
         draw = self._prior_sample if self.warm_start else self._random_config
         self._extend(configs, (self.problem.repair(draw()) for _ in range(ATTEMPTS * self.population_size)),
                      self.population_size)

@@ -374,7 +374,7 @@ def compile_command(
     ranks: Annotated[str, typer.Option(help="LoRA ranks to choose from")] = "4,8,16,32",
     granularity: Annotated[str, typer.Option(help="layer: one gene per layer; module: one per linear module")] = "layer",
     effort: Annotated[str, typer.Option(help="quick, standard or thorough")] = "quick",
-    strategy: Annotated[str, typer.Option(help="autoqra, or a baseline/ablation: uniform, sequential, heuristic, random, bo, evolution")] = "autoqra",
+    strategy: Annotated[str, typer.Option(help="autoqra, or a baseline/ablation: uniform, sequential, heuristic, llamacpp (module granularity), random, bo, evolution")] = "autoqra",
     seed: Annotated[int, typer.Option()] = 0,
     journal: Annotated[Path | None, typer.Option(help="evaluation journal (default: OUTPUT.journal.jsonl)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the compile recorded in the journal")] = False,

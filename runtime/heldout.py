@@ -1,0 +1,99 @@
+"""Held-out scoring: each task's loss per predicted token, with its standard error over sequences.
+
+Held-out data has one shape everywhere (`HeldOut`: task name → batches), and one score record
+(`Scores`): the compile's fidelity evaluator, `qra materialize` and the quality benchmark all score
+through `score_held_out`, so their numbers are the same number.
+
+A task's loss is a ratio, L = Σ_i l_i / Σ_i n_i over its sequences i (l_i: the summed token losses of
+sequence i, n_i: its scored tokens). Its standard error is the ratio estimator's (the delta method):
+SE² = Σ_i (l_i − L·n_i)² / (m(m−1)·n̄²), m sequences of mean length n̄. Tokens of one sequence are
+correlated, so the sequence, not the token, is the independent draw.
+
+The headline score is the mean over tasks of their losses, so that a task with long sequences (packed
+text) does not outweigh one whose loss falls on a few answer tokens; its SE is √(Σ SE_t²) / T.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from qra.runtime.data import IGNORE_INDEX, Batch
+
+HeldOut = Mapping[str, Sequence[Batch]]
+"""Each task's held-out batches, by task name."""
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    loss: float
+    se: float
+    tokens: int
+    sequences: int
+
+
+@dataclass(frozen=True)
+class Scores:
+    by_task: dict[str, TaskScore]
+
+    @property
+    def mean(self) -> float:
+        """The score plans predict and the search minimizes: the mean of the tasks' losses."""
+        return sum(score.loss for score in self.by_task.values()) / len(self.by_task)
+
+    @property
+    def se(self) -> float:
+        return math.sqrt(sum(score.se**2 for score in self.by_task.values())) / len(self.by_task)
+
+    def losses(self) -> dict[str, float]:
+        return {task: score.loss for task, score in self.by_task.items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "mean": self.mean,
+            "se": self.se,
+            "by_task": {task: vars(score) for task, score in self.by_task.items()},
+        }
+
+
+def sequence_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence of `batch`: the summed next-token loss (float64) and the number of scored tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    per_token = functional.cross_entropy(
+        logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none"
+    ) * (labels != IGNORE_INDEX)
+    return per_token.double().sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
+
+
+def task_score(sums: torch.Tensor, counts: torch.Tensor) -> TaskScore:
+    """The ratio estimate and its delta-method standard error (see the module docstring)."""
+    scored = counts > 0
+    sums, counts = sums[scored], counts[scored].double()
+    sequences, tokens = int(scored.sum()), float(counts.sum())
+    if not tokens:
+        return TaskScore(math.nan, math.nan, 0, 0)
+    loss = float(sums.sum()) / tokens
+    if sequences < 2:
+        return TaskScore(loss, math.nan, int(tokens), sequences)
+    residual = sums - loss * counts
+    mean_length = tokens / sequences
+    se = math.sqrt(float((residual**2).sum()) / (sequences * (sequences - 1))) / mean_length
+    return TaskScore(loss, se, int(tokens), sequences)
+
+
+def score_held_out(model: nn.Module, held_out: HeldOut) -> Scores:
+    """Every task's held-out loss and its standard error; the model is left in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    by_task = {}
+    with torch.no_grad():
+        for task, batches in held_out.items():
+            parts = [sequence_losses(model, batch) for batch in batches]
+            if parts:
+                by_task[task] = task_score(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    model.train(was_training)
+    return Scores(by_task)

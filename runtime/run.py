@@ -1,0 +1,219 @@
+"""One candidate pipeline: a `Run` is one LoRA fine-tune of one configuration, observed at checkpoints.
+
+    weights (a `WeightSource`) → LoRA at each module's rank → the plan's schedule → held-out scores
+
+The compile's fidelity evaluator, `qra materialize` and the quality benchmark all open their fine-tunes
+here (`open_run`), so the number the search optimizes is the number a user's run is judged by. They
+differ only in the weight source: the search swaps cached per-module GPTQ weights into one shared float
+model (`qra.compiler.qcache.CachedWeights`), materialize loads gptqmodel's own quantization pass
+(`qra.runtime.quantize.GPTQModelWeights`).
+
+Multi-fidelity is one run observed (optuna's report-and-prune, successive halving): `train_to(k)` runs the
+plan's own schedule (AdamW, linear warm-up over the first tenth, cosine decay to `training.steps`) up to
+step k, `score()` reports, and `state()` / `restore()` let a promoted candidate continue from its
+checkpoint instead of restarting. A run resumed from a state ends exactly where an uninterrupted one does.
+
+Every run is seeded by `training.seed` alone: the LoRA initialisation, dropout, and (through
+`qra.runtime.data.batch_source`) the batch order. Two configurations run with one seed are compared on
+common random numbers.
+"""
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ContextManager, Protocol
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from qra.plans.memory import SettingsFor
+from qra.plans.schema import Training
+from qra.plans.spec import ModelSpec
+from qra.runtime.data import Batch
+from qra.runtime.heldout import HeldOut, Scores, score_held_out
+from qra.runtime.lora import attach_lora
+from qra.runtime.measure import MeasuredFootprint, StepMeasurement
+
+BatchFor = Callable[[int, int], Batch]
+_STATE = "trainable.safetensors"
+_OPTIMIZER = "optimizer.pt"
+_PROGRESS = "progress.json"
+
+
+class WeightSource(Protocol):
+    """Where a run's frozen base weights come from, at each module's planned bits."""
+
+    def weights(self, settings_for: SettingsFor) -> ContextManager[nn.Module]:
+        """The base model with every decoder linear at its settings' bits, for the duration of the context."""
+
+
+@dataclass
+class StepLog:
+    step: int
+    total_steps: int
+    loss: float
+    tokens_per_s: float
+    eta_s: float
+
+
+@dataclass
+class RunState:
+    """Everything a run resumes from: the trainable tensors, optimizer and scheduler state, the RNG and the
+    training losses so far."""
+
+    step: int
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+
+
+def warmup_steps(training: Training) -> int:
+    return max(1, training.steps // 10)
+
+
+class Run:
+    """A fine-tune of `model`'s trainable parameters under `training`'s schedule."""
+
+    def __init__(self, model: nn.Module, training: Training, batch_for: BatchFor, held_out: HeldOut | None = None) -> None:
+        torch.manual_seed(training.seed)
+        self.model = model
+        self.training = training
+        self.batch_for = batch_for
+        self.held_out = held_out or {}
+        self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=training.learning_rate, weight_decay=0.0)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup_steps(training), training.steps)
+        self.step = 0
+        self.losses: list[float] = []
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+
+    def train_to(
+        self, until: int, on_step: Callable[[StepLog], None] | None = None, measure: bool = False,
+        on_checkpoint: Callable[["Run"], None] | None = None, checkpoint_every: int = 0,
+    ) -> MeasuredFootprint | None:
+        """Optimizer steps from the current step up to `until` (at most `training.steps`). With `measure`,
+        the first of them is measured. `on_checkpoint` is called every `checkpoint_every` steps and at the end."""
+        until = min(until, self.training.steps)
+        measured = None
+        first = self.step
+        began = time.perf_counter()
+        self.model.train()
+        while self.step < until:
+            measurement = StepMeasurement(self.model) if measure and measured is None else None
+            loss = self._optimizer_step(measurement)
+            if measurement is not None:
+                measured = measurement.finish(self.optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.losses.append(loss)
+            self.step += 1
+            if on_checkpoint is not None and (self.step == until or (checkpoint_every and self.step % checkpoint_every == 0)):
+                on_checkpoint(self)
+            if on_step is not None:
+                elapsed = time.perf_counter() - began
+                eta = elapsed / (self.step - first) * (self.training.steps - self.step)
+                on_step(StepLog(self.step, self.training.steps, loss, self.tokens_seen / max(self.train_seconds + elapsed, 1e-9), eta))
+        self.train_seconds += time.perf_counter() - began
+        return measured
+
+    def _optimizer_step(self, measurement: StepMeasurement | None) -> float:
+        accumulation = self.training.grad_accumulation
+        step_loss = 0.0
+        for micro in range(accumulation):
+            batch = self.batch_for(self.step, micro)
+            with measurement.forward() if measurement is not None and micro == 0 else contextlib.nullcontext():
+                loss = self.model(**batch).loss
+            (loss / accumulation).backward()
+            step_loss += float(loss.detach()) / accumulation
+            self.tokens_seen += int(batch["input_ids"].numel())
+        self.optimizer.step()
+        self.scheduler.step()
+        return step_loss
+
+    def score(self) -> Scores:
+        """Held-out loss of every task (with its standard error) at the current step."""
+        return score_held_out(self.model, self.held_out)
+
+    # checkpoints: in memory (the search) and on disk (materialize)
+    def state(self) -> RunState:
+        return RunState(
+            step=self.step,
+            trainable={name: p.detach().clone() for name, p in self.trainable.items()},
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            scheduler=copy.deepcopy(self.scheduler.state_dict()),
+            rng=torch.get_rng_state(),
+            losses=list(self.losses),
+        )
+
+    def restore(self, state: RunState) -> None:
+        with torch.no_grad():
+            for name, parameter in self.trainable.items():
+                parameter.copy_(state.trainable[name])
+        self.optimizer.load_state_dict(copy.deepcopy(state.optimizer))
+        self.scheduler.load_state_dict(copy.deepcopy(state.scheduler))
+        torch.set_rng_state(state.rng)
+        self.step, self.losses = state.step, list(state.losses)
+
+    def save(self, folder: Path) -> None:
+        """The run's state on disk, written to a staging folder and renamed (never half-written)."""
+        staging = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        state = self.state()
+        save_file({n: t.contiguous() for n, t in state.trainable.items()}, staging / _STATE)
+        torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler, "rng": state.rng}, staging / _OPTIMIZER)
+        (staging / _PROGRESS).write_text(json.dumps({"step": state.step, "losses": state.losses}))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+
+    def load(self, folder: Path) -> bool:
+        """Restore the state saved in `folder`, if there is one."""
+        if not (folder / _PROGRESS).is_file():
+            return False
+        rest = torch.load(folder / _OPTIMIZER, weights_only=False)
+        progress = json.loads((folder / _PROGRESS).read_text())
+        self.restore(RunState(progress["step"], load_file(folder / _STATE), rest["optimizer"], rest["scheduler"],
+                              rest["rng"], progress["losses"]))
+        return True
+
+
+@contextlib.contextmanager
+def open_run(
+    weights: WeightSource,
+    spec: ModelSpec,
+    settings_for: SettingsFor,
+    training: Training,
+    batch_for: BatchFor,
+    held_out: HeldOut | None = None,
+) -> Iterator[Run]:
+    """A run of one configuration: the weight source's base, LoRA attached at each module's rank (seeded by
+    `training.seed`), the schedule ready to train. On exit the adapter is removed with peft's `unload()`
+    and the base is as it was (the search reuses one base model for every candidate)."""
+    with weights.weights(settings_for) as base:
+        requires_grad = [(parameter, parameter.requires_grad) for parameter in base.parameters()]
+        checkpointing = training.gradient_checkpointing and not base.is_activation_checkpointing
+        if checkpointing:
+            base.gradient_checkpointing_enable()
+            base.enable_input_require_grads()
+        torch.manual_seed(training.seed)
+        peft_model: PeftModel = attach_lora(base, spec, settings_for, dropout=training.lora_dropout)
+        try:
+            yield Run(peft_model, training, batch_for, held_out)
+        finally:
+            peft_model.unload()
+            for parameter, flag in requires_grad:
+                parameter.requires_grad_(flag)
+            if checkpointing:
+                base.gradient_checkpointing_disable()
+                base.disable_input_require_grads()
