@@ -44,7 +44,7 @@ PRIORS_STRATEGIES = ("autoqra", "sequential", "heuristic")
 class Effort:
     """How much a compile spends: evaluations of the search; the rungs of the fidelity ladder (fractions
     of the plan's own schedule, whose last step is the top rung unless `max_steps` caps it); the priors'
-    probe steps and held-out batches per task; GPTQ's calibration batches; and the final paired
+    probe steps and held-out sequences per task; GPTQ's calibration batches; and the final paired
     comparison: how many finalists, on how many fresh seeds."""
 
     evaluations: int
@@ -52,7 +52,7 @@ class Effort:
     max_steps: int | None
     prior_probe_steps: int
     calibration_batches: int
-    held_out_batches: int
+    prior_sequences: int
     finalists: int = 1
     seeds: int = 3
     screen_share: float = 0.25
@@ -62,9 +62,9 @@ class Effort:
 
 
 EFFORTS = {
-    "quick": Effort(16, (0, 0.25, 1), 100, prior_probe_steps=6, calibration_batches=4, held_out_batches=2, finalists=1),
-    "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, calibration_batches=8, held_out_batches=4, finalists=2),
-    "thorough": Effort(120, (0, 0.125, 0.5, 1), None, prior_probe_steps=32, calibration_batches=16, held_out_batches=8,
+    "quick": Effort(16, (0, 0.25, 1), 100, prior_probe_steps=6, calibration_batches=4, prior_sequences=8, finalists=1),
+    "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, calibration_batches=8, prior_sequences=16, finalists=2),
+    "thorough": Effort(120, (0, 0.125, 0.5, 1), None, prior_probe_steps=32, calibration_batches=16, prior_sequences=32,
                        finalists=3, seeds=4),
 }
 
@@ -162,7 +162,7 @@ def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: E
     if request.strategy not in PRIORS_STRATEGIES:
         return flat_importance(len(space.units), space.bits, space.ranks)
     log.info("measuring importance priors: %d units x %d bit-widths, %d rank probes", len(space.units), len(space.bits), len(space.ranks))
-    return measure_priors(evaluator, PriorSettings(effort.held_out_batches, effort.prior_probe_steps), journal=work / "priors.json")
+    return measure_priors(evaluator, PriorSettings(effort.prior_sequences, effort.prior_probe_steps), journal=work / "priors.json")
 
 
 def _strategy(problem: Problem, name: str, seed: int):

@@ -40,7 +40,8 @@ from torch import nn
 
 from qra.compiler.qcache import CachedWeights, QuantCache, batches_digest
 from qra.compiler.space import Config, SearchSpace, config_key
-from qra.plans.schema import Training
+from qra.plans.memory import SettingsFor, plan_settings
+from qra.plans.schema import Plan, Training
 from qra.runtime.data import Batch, Dataset, Example, Feature, batch_source, batches, held_out_batches_by_task, pad_id, training_features
 from qra.runtime.heldout import HeldOut, Scores, score_held_out
 from qra.runtime.run import BatchFor, Run, RunState, open_run
@@ -100,9 +101,20 @@ class EvalData:
     def batch_for(self, training: Training) -> BatchFor:
         return batch_source(self.features, self.batch_size, training.grad_accumulation, training.seed, self.pad)
 
-    def held_out_prefix(self, count: int | None) -> HeldOut:
-        """The first `count` held-out batches of each task (all with None)."""
-        return {task: list(batches)[:count] for task, batches in self.held_out.items()}
+    def held_out_prefix(self, sequences: int | None) -> HeldOut:
+        """The first `sequences` held-out sequences of each task (all with None), in their batches."""
+        if sequences is None:
+            return {task: list(batches) for task, batches in self.held_out.items()}
+        prefix: dict[str, list[Batch]] = {}
+        for task, batches in self.held_out.items():
+            kept, left = [], sequences
+            for batch in batches:
+                if left <= 0:
+                    break
+                kept.append({key: tensor[:left] for key, tensor in batch.items()})
+                left -= len(batch["input_ids"])
+            prefix[task] = kept
+        return prefix
 
     def held_out_share(self, share: float) -> HeldOut:
         """The first `share` of each task's held-out batches (at least one)."""
@@ -176,15 +188,15 @@ class FidelityEvaluator:
         identity = {**self.identity(), "ladder": asdict(self.ladder)}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
-    def identity(self, held_out_batches: int | None = None) -> dict:
+    def identity(self, held_out_sequences: int | None = None) -> dict:
         """The fingerprint's parts except the ladder, with the held-out set cut to its first
-        `held_out_batches` per task (all by default): what the importance priors depend on."""
+        `held_out_sequences` per task (all by default): what the importance priors depend on."""
         return {
             "model": self.cache.fingerprint,
             "calibration": self.cache.calibration_hash,
             "group_size": self.cache.group_size,
             "train": batches_digest(self.data.train),
-            "held_out": [batches_digest(list(task)[:held_out_batches]) for task in self.data.held_out.values()],
+            "held_out": [batches_digest(task) for task in self.data.held_out_prefix(held_out_sequences).values()],
             "units": [unit.label for unit in self.space.units],
             "training": self.space.training.model_dump(),
             "dtype": str(self.dtype),
@@ -201,35 +213,49 @@ class FidelityEvaluator:
     def measure(self, config: Config, fidelity: int, seed: int | None = None) -> Evaluation:
         if not 0 <= fidelity < self.ladder.levels:
             raise ValueError(f"fidelity {fidelity} is not on the ladder (0..{self.ladder.levels - 1})")
-        began = time.perf_counter()
-        training = self.training(seed)
-        steps = self.ladder.steps[fidelity]
-        settings = self.space.settings_for(config)
         top = fidelity == self.ladder.levels - 1
         held_out = self.data.held_out if top else self.data.held_out_share(self.ladder.screen_share)
+        return self._measure(self.space.settings_for(config), self.ladder.steps[fidelity], self.training(seed), held_out,
+                             config_key(config), fidelity)
+
+    def measure_plan(self, plan: Plan, seed: int | None = None) -> Evaluation:
+        """A plan's whole fine-tune (every step of its schedule, uncapped) with each module at its planned
+        bits and rank, scored on every held-out sequence: the quality benchmark's evaluator mode. For a
+        configuration of the space it is the same run as the top rung (when the ladder is not truncated)."""
+        mine, theirs = self.space.training.model_dump(exclude={"seed"}), plan.training.model_dump(exclude={"seed"})
+        if mine != theirs:
+            raise ValueError(f"the plan trains with {theirs}, the evaluator with {mine}")
+        training = plan.training if seed is None else plan.training.model_copy(update={"seed": seed})
+        return self._measure(plan_settings(plan), training.steps, training, self.data.held_out, None, self.ladder.levels - 1)
+
+    def _measure(self, settings: SettingsFor, steps: int, training: Training, held_out: HeldOut, key: str | None,
+                 fidelity: int) -> Evaluation:
+        """`steps` steps of the run (resumed from the checkpoint kept under `key`, if any), then scored."""
+        began = time.perf_counter()
         if steps == 0:
             with self.weights.weights(settings) as model:
                 scores, accuracy = score_held_out(model, held_out), self._exact_match(model)
         else:
             with open_run(self.weights, self.space.spec, settings, training, self.data.batch_for(training), held_out) as run:
-                self._resume(run, config, training.seed, steps)
+                if key is not None:
+                    self._resume(run, key, training.seed, steps)
                 run.train_to(steps)
                 scores, accuracy = run.score(), self._exact_match(run.model)
-                if steps < training.steps:
-                    self._keep(config, training.seed, run.state())
-        result = Evaluation(config_key(config), fidelity, training.seed, steps, scores, accuracy, time.perf_counter() - began)
+                if key is not None and steps < training.steps:
+                    self._keep(key, training.seed, run.state())
+        result = Evaluation(key or "plan", fidelity, training.seed, steps, scores, accuracy, time.perf_counter() - began)
         log.debug("f%d seed %d %s: loss %.4f ± %.4f (%.1fs)", fidelity, training.seed, result.config, result.loss,
                   scores.se, result.wall_s)
         return result
 
-    def _resume(self, run: Run, config: Config, seed: int, steps: int) -> None:
+    def _resume(self, run: Run, key: str, seed: int, steps: int) -> None:
         """Continue from this candidate's latest checkpoint at or before `steps`, if one is kept."""
-        state = self._states.get((config_key(config), seed))
+        state = self._states.get((key, seed))
         if state is not None and state.step <= steps:
             run.restore(state)
 
-    def _keep(self, config: Config, seed: int, state: RunState) -> None:
-        key = (config_key(config), seed)
+    def _keep(self, config: str, seed: int, state: RunState) -> None:
+        key = (config, seed)
         self._states[key] = state
         self._states.move_to_end(key)
         while len(self._states) > KEPT_STATES:

@@ -14,9 +14,9 @@ from qra.errors import QraError
 from qra.plans.io import save_plan
 from qra.plans.schema import Budget, Device, Training
 from qra.plans.verify import verify_plan
-from tiny import save_tiny_model, tiny_spec
+from tiny import save_tiny_model, tiny_corpus, tiny_spec
 
-CHEAP = Effort(10, (0, 0.5, 1), None, prior_probe_steps=2, calibration_batches=2, held_out_batches=1, finalists=1, seeds=2)
+CHEAP = Effort(10, (0, 0.5, 1), None, prior_probe_steps=2, calibration_batches=2, prior_sequences=8, finalists=1, seeds=2)
 TRAINING = Training(seq_len=24, batch_size=2, steps=4, learning_rate=5e-3)
 DEVICE = Device(kind="cpu", context_bytes=0)
 BITS, RANKS = (2, 4, 8), (4, 16)
@@ -28,7 +28,14 @@ class Killed(Exception):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", "llama", layers=2)
+    """A tiny model, with a small text corpus beside it (`corpus_of`) to compile on."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_corpus(folder / "corpus.jsonl")
+    return save_tiny_model(folder / "model", "llama", layers=2)
+
+
+def corpus_of(model_folder) -> str:
+    return str(model_folder.parent / "corpus.jsonl")
 
 
 def middle_budget() -> int:
@@ -40,6 +47,7 @@ def middle_budget() -> int:
 def request(folder, tmp_path, **changes) -> CompileRequest:
     settings = dict(
         model=str(folder), budget=Budget(bytes=middle_budget(), text="middle"), bits=BITS, ranks=RANKS,
+        data=corpus_of(folder),
         effort=CHEAP, training=TRAINING, device=DEVICE, journal=tmp_path / "journal.jsonl", work=tmp_path / "work",
     )
     return CompileRequest(**(settings | changes))
@@ -151,6 +159,6 @@ def test_compiled_plan_verifies_and_materializes(tiny_folder, tmp_path):
     save_plan(plan, plan_path)
     runner = CliRunner()
     assert runner.invoke(app, ["plan", "verify", str(plan_path)]).exit_code == 0
-    result = runner.invoke(app, ["materialize", str(plan_path), "-o", str(tmp_path / "run")])
+    result = runner.invoke(app, ["materialize", str(plan_path), "-o", str(tmp_path / "run"), "--data", corpus_of(tiny_folder)])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "results.json").read_text())["memory"]["within_budget"]

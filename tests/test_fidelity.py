@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from tiny import save_tiny_model, tiny_tokenizer
@@ -120,7 +122,7 @@ def test_the_base_model_is_restored_after_each_evaluation(setup):
 
 def test_priors_are_ordered_and_resume_from_the_journal(setup, tmp_path, monkeypatch):
     journal = tmp_path / "priors.json"
-    settings = PriorSettings(held_out_batches=2, probe_steps=8)
+    settings = PriorSettings(held_out_sequences=16, probe_steps=8)
     importance = measure_priors(setup, settings, journal)
     assert len(importance.sensitivity) == len(setup.space.units)
     for sensitivity, plasticity in zip(importance.sensitivity, importance.plasticity):
@@ -143,7 +145,7 @@ def test_priors_are_ordered_and_resume_from_the_journal(setup, tmp_path, monkeyp
 
 def test_priors_outlive_a_change_of_the_ladder_but_not_of_the_plans_schedule(setup, tmp_path, monkeypatch):
     journal = tmp_path / "priors.json"
-    settings = PriorSettings(held_out_batches=1, probe_steps=2)
+    settings = PriorSettings(held_out_sequences=8, probe_steps=2)
     importance = measure_priors(setup, settings, journal)
 
     def evaluator(ladder: FidelityLadder, learning_rate: float = 5e-3) -> FidelityEvaluator:
@@ -163,7 +165,7 @@ def test_priors_outlive_a_change_of_the_ladder_but_not_of_the_plans_schedule(set
 
 
 def test_sensitivity_is_the_divergence_from_the_float_model_never_negative_and_larger_at_fewer_bits(setup, tmp_path):
-    measure_priors(setup, PriorSettings(held_out_batches=2, probe_steps=2), tmp_path / "priors.json")
+    measure_priors(setup, PriorSettings(held_out_sequences=16, probe_steps=2), tmp_path / "priors.json")
     entries = json.loads((tmp_path / "priors.json").read_text())["entries"]
     for unit in range(len(setup.space.units)):
         assert entries[f"sensitivity-kl/{unit}/2"] > entries[f"sensitivity-kl/{unit}/8"] >= 0
@@ -196,7 +198,7 @@ def test_every_held_out_sequence_of_each_task_of_a_joined_set_is_scored():
 
 def test_the_search_scores_each_task_equally_however_many_tokens_it_has(setup):
     data = prepare_data(load_dataset("python-reference+arithmetic"), tiny_tokenizer(), seq_len=32, batch_size=4)
-    held_out = data.held_out_prefix(2)
+    held_out = data.held_out_prefix(32)
     scores = score_held_out(setup.model, held_out)
     pooled = score_held_out(setup.model, {"pooled": [batch for task in held_out.values() for batch in task]}).mean
     assert scores.mean == pytest.approx(sum(score.loss for score in scores.by_task.values()) / 2)
@@ -232,3 +234,20 @@ def test_scores_carry_each_tasks_standard_error(setup):
     scores = setup.measure((Gene(4, 4),) * 4, 1).scores
     text = scores.by_task["text"]
     assert text.sequences == 16 and text.tokens > 0 and 0 < text.se < text.loss
+
+
+def test_the_first_order_adapter_contribution_tracks_switching_the_adapter_off(setup):
+    held_out = setup.data.held_out_prefix(8)
+    with setup.probe(setup.space.uniform(16, 8), 24) as run:
+        estimated = priors._adapter_contributions(run, held_out)
+        full = score_held_out(run.model, held_out).mean
+        measured = {}
+        for name in estimated:
+            layer = run.model.get_submodule(name.rsplit(".lora_B", 1)[0])
+            layer.enable_adapters(False)
+            measured[name] = score_held_out(run.model, held_out).mean - full
+            layer.enable_adapters(True)
+    names = sorted(estimated)
+    order = lambda values: np.argsort(np.argsort([values[name] for name in names]))  # noqa: E731
+    # measured: rank correlation 0.65 over the 28 modules (first order misses the curvature of large adapters)
+    assert np.corrcoef(order(estimated), order(measured))[0, 1] > 0.5

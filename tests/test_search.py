@@ -91,9 +91,11 @@ def _trace(result) -> list[tuple[str, int, float]]:
 
 @pytest.fixture(scope="module")
 def module_problem() -> Problem:
-    space = build_space(tiny_spec("llama", layers=8), [3, 4, 8], [4, 8], Training(seq_len=32, batch_size=1),
+    space = build_space(tiny_spec("llama", layers=8), [3, 4, 8], [8], Training(seq_len=32, batch_size=1),
                         Device(kind="cpu", context_bytes=0), granularity="module")
-    return Problem(space, Synthetic(units=len(space.units)).priors(space), space.cost(space.uniform(4, 8)) + 10**5)
+    mix = tuple(Gene(8 if unit.modules[0].short_name in ("v_proj", "down_proj") and unit.layer in (0, 3, 6, 7) else 4, 8)
+                for unit in space.units)
+    return Problem(space, Synthetic(units=len(space.units)).priors(space), space.cost(mix))
 
 
 @pytest.mark.parametrize("name", [*STRATEGIES, *(f"baseline:{b}" for b in BASELINES)])

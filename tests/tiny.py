@@ -63,3 +63,13 @@ def save_tiny_model(folder: Path, family: str = "llama", layers: int = 4, seed: 
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def tiny_corpus(path: Path, examples: int = 60, characters: int = 400) -> Path:
+    """A small JSONL of plain text (the first topics of the Python reference, cut short): `--data` for
+    tests that run many fine-tunes, whose held-out set (a tenth) is then a few dozen sequences."""
+    import json
+
+    texts = [text[:characters] for _, text in sorted(pydoc_data.topics.topics.items())[:examples]]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return path

@@ -1,32 +1,30 @@
-"""Quality at equal memory on a real model: the autoqra plan against the pipelines it claims to beat.
+"""Quality at equal memory on a real model: the compiled plans against the pipelines they claim to beat.
 
     python tools/bench_quality.py --out runs/bench-quality --ship plans --report docs/results
 
-For each budget (by default the memory model's footprint of uniform 4-bit rank 8 and of uniform 3-bit
-rank 8, at the benchmark's training settings, rounded up to 0.1 MB) it builds five plans and fine-tunes
-each under the same training settings and steps, once per seed:
+Stages, each resumable (a rerun skips what is done; results are written as they come):
 
-- autoqra: `qra compile` (priors, evolution with a surrogate, trust-region BO, repair) at that budget;
-- uniform: one bit-width and one rank for every layer, at or under the budget (QLoRA-style);
-- sequential: bits allocated by measured quantization sensitivity under the budget, then one rank
-  (LQ-LoRA-style);
-- heuristic: first and last layers one bit-width step up, the rest uniform, repaired (llama.cpp-style);
-- 16-bit: LoRA rank 8 on the unquantized model, the quality ceiling (its own footprint, shared by budgets).
+1. The learning rate, chosen for the baseline: uniform 4-bit rank 8 at B1, seed 0, over `--lr-grid`; the
+   best is fixed for every method, so the baseline gets its best shot.
+2. The budgets: B1, the footprint of uniform 4-bit rank 8 (rounded up to 0.1 MB); B2, midway between the
+   footprints of uniform 3-bit rank 4 and uniform 4-bit rank 4: no uniform 4-bit configuration fits.
+3. The plans at each budget: autoqra at each `--granularities` (`qra compile`, whose final paired
+   comparison may itself fall back to uniform), uniform (the best-fitting uniform configuration), sequential,
+   heuristic, llamacpp (llama.cpp's K_M mix, module granularity), and the 16-bit ceiling (rank 8 on the
+   unquantized model, its own footprint). The baselines come from the same priors and space as the compile.
+4. Fine-tunes: every plan on every bench seed, seed by seed. The bench seeds took no part in any compile
+   (the search ran on seed 0, its finalists on seeds 1-3), so the compile's predicted loss can be checked
+   against them. `--fine-tune evaluator` (default) runs the compile's own pipeline (`FidelityEvaluator.
+   measure_plan`: cached per-module GPTQ weights, the plan's whole schedule, every held-out sequence);
+   `materialize` runs `qra materialize` (gptqmodel's quantization pass, packed modules).
+5. The report: per method, the loss (mean of the tasks' held-out losses) as mean ± std over seeds, each
+   task's loss with its mean held-out standard error, the paired difference from uniform (mean ± SE over
+   seeds), the gap to 16-bit closed, and the targets. `--measure-peaks` adds each plan's measured peak
+   (`qra.runtime.footprint.measure_plan_footprint`); `--weight-source-gap` fine-tunes the B1 uniform plan
+   through `qra materialize` as well, to measure the gap between the two weight sources.
 
-The baselines are built from the same priors and search space as the compile. Every fine-tune is
-`qra materialize` (adapter only) with a shared quantization cache, so each plan is GPTQ-quantized once
-and its seeds differ only in LoRA initialisation and batch order (the data is generated and split with
-seed 0 for every run, as the compile's was). The data is the two demo tasks joined
-(`python-reference+arithmetic`); each run reports the held-out loss of each task on its own, exact
-match on held-out arithmetic, and the measured peak (on CPU: the measured persistent terms plus the
-memory model's transient terms and overhead, see `qra.runtime.footprint.memory_report`). With
-`--fine-tune evaluator` the peak is measured once per plan by `qra.runtime.footprint.measure_plan_footprint`
-(one training step of the plan's packed modules, zero-filled: memory depends on shapes, not values).
-
-Gap closed = (uniform loss - method loss) / (uniform loss - 16-bit loss), on the mean of the two tasks'
-held-out losses, from seed means. Every stage is resumable: a rerun skips finished compiles and runs.
-Writes OUT/quality.json, OUT/quality.md, OUT/quality.png and OUT/plan-<budget>.png; `--report DIR` copies
-them there, `--ship DIR` copies the autoqra plans there as `<model>-<budget>.yaml`.
+Writes OUT/quality.json, OUT/quality.md, OUT/quality.png and OUT/plan-<budget>-<granularity>.png; `--report
+DIR` copies them there, `--ship DIR` copies the autoqra plans there as `<model>-<budget>[-module].yaml`.
 """
 
 import argparse
@@ -38,12 +36,12 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, compile_plan, prepare
 from qra.compiler.fidelity import FidelityEvaluator
-from qra.compiler.space import Gene
+from qra.compiler.finalists import MARGIN_SE, paired_difference
 from qra.models import load_config, load_model, resolve_model
 from qra.plans.build import uniform_plan
 from qra.plans.io import load_plan, save_plan
@@ -51,18 +49,15 @@ from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.plot import bits_rank_pattern, plot_plan
 from qra.plans.schema import Budget, Device, Plan, Training
 from qra.plans.spec import spec_from_config
-from qra.runtime.data import batches, held_out_batches_by_task, load_dataset, pad_id, training_features
 from qra.runtime.footprint import measure_plan_footprint
 from qra.runtime.materialize import MaterializeRequest, held_out_exact_match, materialize
-from qra.runtime.train import held_out_loss, train_lora
 
 log = logging.getLogger("bench_quality")
 
-METHODS = ("autoqra", "uniform", "sequential", "heuristic")
+BASELINES = ("uniform", "sequential", "heuristic", "llamacpp")
 CEILING = "16-bit"
 CEILING_RANK = 8
-BUDGET_RANK = 8
-TASKS = ("python-reference", "arithmetic")
+GAP_TARGET = 0.4
 
 
 @dataclass(frozen=True)
@@ -74,62 +69,38 @@ class Settings:
     steps: int
     effort: str
     seeds: tuple[int, ...]
-    exact_match_examples: int
-    held_out_batches: int
+    learning_rate: float = 1e-3
+    granularities: tuple[str, ...] = ("layer", "module")
+    bits: tuple[int, ...] = (3, 4, 8)
+    ranks: tuple[int, ...] = (4, 8, 16)
+    exact_match_examples: int = 50
 
     def training(self, seed: int = 0) -> Training:
-        return Training(seq_len=self.seq_len, batch_size=self.batch_size, steps=self.steps, seed=seed)
+        return Training(seq_len=self.seq_len, batch_size=self.batch_size, steps=self.steps,
+                        learning_rate=self.learning_rate, seed=seed)
 
 
-def budget_for(spec, bits: int, training: Training, device: Device, rank: int = BUDGET_RANK) -> Budget:
-    """The footprint of uniform `bits` at `rank`, rounded up to 0.1 MB, as a budget."""
-    footprint = estimate_memory(spec, uniform_settings(bits, rank), training, device).total_bytes
+def _megabytes(footprint: int) -> Budget:
     megabytes = math.ceil(footprint / 10**5) / 10
     return Budget(bytes=int(megabytes * 10**6), text=f"{megabytes:.1f}MB")
 
 
-def plan_name(settings: Settings, budget: Budget) -> str:
-    return f"{settings.model}-{budget.text}"
+def footprint(spec, bits: int, rank: int, training: Training, device: Device) -> int:
+    return estimate_memory(spec, uniform_settings(bits, rank), training, device).total_bytes
 
 
-def compile_request(settings: Settings, budget: Budget, out: Path) -> CompileRequest:
-    plans = out / "plans"
-    return CompileRequest(
-        model=settings.model, budget=budget, data=settings.data, effort=settings.effort, training=settings.training(),
-        journal=plans / f"{plan_name(settings, budget)}.yaml.journal.jsonl", work=out / "work", resume=True,
-    )
+def budget_for(spec, bits: int, training: Training, device: Device, rank: int = 8) -> Budget:
+    """The footprint of uniform `bits` at `rank`, rounded up to 0.1 MB, as a budget."""
+    return _megabytes(footprint(spec, bits, rank, training, device))
 
 
-def _timed(timings: dict, key: str, action):
-    began = time.perf_counter()
-    result = action()
-    timings[key] = round(time.perf_counter() - began, 1)
-    return result
-
-
-def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict) -> tuple[dict[str, Plan], Prepared | None]:
-    """The autoqra plan (compiled, or loaded when a previous run wrote it) and the baselines' plans, with
-    the prepared compile when one was needed to make them."""
-    request = compile_request(settings, budget, out)
-    folder = out / "plans"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {method: folder / f"{plan_name(settings, budget)}{'' if method == 'autoqra' else '.' + method}.yaml" for method in METHODS}
-    if all(path.is_file() for path in paths.values()):
-        return {method: load_plan(path) for method, path in paths.items()}, None
-    prepared: Prepared = _timed(timings, f"prepare at {budget.text} (priors measured, or replayed from OUT/work)", lambda: prepare(request))
-    if not paths["autoqra"].is_file():
-        outcome = _timed(timings, f"search at {budget.text}", lambda: compile_plan(request, prepared=prepared))
-        save_plan(outcome.plan, paths["autoqra"])
-    for method in METHODS[1:]:
-        save_plan(baseline_plan(request, prepared, method), paths[method])
-    return {method: load_plan(path) for method, path in paths.items()}, prepared
-
-
-def ceiling_plan(settings: Settings, reference: Plan, spec) -> Plan:
-    """LoRA rank 8 on the unquantized model; its budget is its own footprint."""
-    training, device = settings.training(), reference.device
-    budget = budget_for(spec, 16, training, device, CEILING_RANK)
-    return uniform_plan(spec, reference.model, budget, 16, CEILING_RANK, training=training, device=device)
+def budgets_for(spec, training: Training, device: Device) -> dict[str, Budget]:
+    """B1: uniform 4-bit rank 8's footprint; B2: midway between uniform 3-bit rank 4 and 4-bit rank 4."""
+    low, high = footprint(spec, 3, 4, training, device), footprint(spec, 4, 4, training, device)
+    middle = _megabytes((low + high) // 2)
+    if middle.bytes >= high:
+        middle = Budget(bytes=(low + high) // 2, text=f"{(low + high) / 2e6:.3f}MB")
+    return {"B1": budget_for(spec, 4, training, device), "B2": middle}
 
 
 def plan_key(plan: Plan) -> str:
@@ -138,106 +109,184 @@ def plan_key(plan: Plan) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _finished(run: Path, results_file: Path, plan: Plan) -> dict | None:
-    """The saved results of this plan's run; a run of another plan in `run` (a plan that was compiled
-    again since) is removed, so that it is run afresh."""
-    if not results_file.is_file():
-        return None
-    results = json.loads(results_file.read_text())
-    if results.get("plan") == plan_key(plan):
-        return results
-    shutil.rmtree(run)
-    return None
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
 
 
-def _save(results_file: Path, plan: Plan, results: dict) -> dict:
-    results_file.parent.mkdir(parents=True, exist_ok=True)
-    results = {"plan": plan_key(plan), **results}
-    _write(results_file, json.dumps(results, indent=2, default=str))
-    return results
+def _cached(path: Path, key: str, compute) -> dict:
+    """The JSON saved at `path` for `key`, else `compute()`'s result saved there."""
+    if path.is_file() and (saved := json.loads(path.read_text())).get("key") == key:
+        return saved
+    result = {"key": key, **compute()}
+    _write(path, json.dumps(result, indent=2, default=str))
+    return result
+
+
+# stage 1: the learning rate
+def choose_learning_rate(
+    settings: Settings, out: Path, grid: tuple[float, ...], preparations: "Preparations"
+) -> tuple[float, dict[str, float]]:
+    """The learning rate with the lowest held-out loss of uniform 4-bit rank 8 at B1, seed 0 (its evaluator
+    prepared without priors, which a uniform plan does not use)."""
+    scores = {}
+    for rate in grid:
+        at_rate = replace(settings, learning_rate=rate)
+        budget = budgets_for(_spec(settings), at_rate.training(), Device())["B1"]
+        plan = uniform_plan(_spec(settings), _model_ref(settings), budget, 4, 8, training=at_rate.training(), device=Device())
+        result = _cached(out / "lr" / f"{rate:g}.json", plan_key(plan),
+                         lambda: _fine_tune(preparations.get(at_rate, budget, "layer", "uniform").evaluator, plan, 0))
+        scores[f"{rate:g}"] = result["loss"]
+        log.info("learning rate %g: uniform 4-bit r8 held-out loss %.4f", rate, result["loss"])
+    best = min(grid, key=lambda rate: scores[f"{rate:g}"])
+    return best, scores
+
+
+# stage 3: the plans
+def compile_request(settings: Settings, budget: Budget, granularity: str, out: Path) -> CompileRequest:
+    return CompileRequest(
+        model=settings.model, budget=budget, data=settings.data, effort=settings.effort, training=settings.training(),
+        bits=settings.bits, ranks=settings.ranks, granularity=granularity,
+        journal=out / "plans" / f"{_plan_name(settings, budget, granularity)}.yaml.journal.jsonl", work=out / "work", resume=True,
+    )
+
+
+def _plan_name(settings: Settings, budget: Budget, granularity: str) -> str:
+    return f"{settings.model}-{budget.text}{'' if granularity == 'layer' else '-' + granularity}"
+
+
+class Preparations:
+    """The compiles' preparations (model, quantization cache, priors), one kept in memory at a time."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self._key: tuple | None = None
+        self._prepared: Prepared | None = None
+
+    def get(self, settings: Settings, budget: Budget, granularity: str, strategy: str = "autoqra") -> Prepared:
+        key = (settings, budget, granularity, strategy)
+        if key != self._key:
+            self._prepared = None  # free the previous model before loading the next
+            request = replace(compile_request(settings, budget, granularity, self.out), strategy=strategy)
+            self._key, self._prepared = key, prepare(request)
+        return self._prepared
+
+
+def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict, preparations: Preparations) -> dict[str, Plan]:
+    """The autoqra plan of each granularity (compiled, or loaded when a previous run wrote it) and the
+    baselines' plans."""
+    folder = out / "plans"
+    plans = {}
+    for granularity in settings.granularities:
+        path = folder / f"{_plan_name(settings, budget, granularity)}.yaml"
+        if not path.is_file():
+            request = compile_request(settings, budget, granularity, out)
+            began = time.perf_counter()
+            prepared = preparations.get(settings, budget, granularity)
+            timings[f"prepare {budget.text} {granularity}"] = round(time.perf_counter() - began, 1)
+            began = time.perf_counter()
+            save_plan(compile_plan(request, prepared=prepared).plan, path)
+            timings[f"search and final comparison {budget.text} {granularity}"] = round(time.perf_counter() - began, 1)
+        plans[f"autoqra-{granularity}"] = load_plan(path)
+    for method in BASELINES:
+        granularity = "module" if method == "llamacpp" else "layer"
+        path = folder / f"{_plan_name(settings, budget, 'layer')}.{method}.yaml"
+        if not path.is_file():
+            request = compile_request(settings, budget, granularity, out)
+            save_plan(baseline_plan(request, preparations.get(settings, budget, granularity), method), path)
+        plans[method] = load_plan(path)
+    return plans
+
+
+def ceiling_plan(settings: Settings, reference: Plan, spec) -> Plan:
+    """LoRA rank 8 on the unquantized model; its budget is its own footprint."""
+    training = settings.training()
+    budget = budget_for(spec, 16, training, reference.device, CEILING_RANK)
+    return uniform_plan(spec, reference.model, budget, 16, CEILING_RANK, training=training, device=reference.device)
+
+
+# stage 4: fine-tunes
+def _fine_tune(evaluator: FidelityEvaluator, plan: Plan, seed: int, exact_match_examples: int = 0) -> dict:
+    evaluation = evaluator.measure_plan(plan, seed)
+    exact = None
+    if exact_match_examples and evaluator.data.answers:
+        exact = _exact_match(evaluator, plan, seed, exact_match_examples)
+    return {
+        "seed": seed, "loss": evaluation.loss, "se": evaluation.scores.se,
+        "held_out_by_task": evaluation.scores.losses(),
+        "se_by_task": {task: score.se for task, score in evaluation.scores.by_task.items()},
+        "exact_match": exact, "train_s": evaluation.wall_s,
+    }
+
+
+def _exact_match(evaluator: FidelityEvaluator, plan: Plan, seed: int, examples: int) -> float | None:
+    """Greedy exact match on held-out questions, after the same run (repeated: generation needs the adapter
+    attached, which `measure_plan` removes; the run is deterministic, so it is the same model)."""
+    from qra.plans.memory import plan_settings
+    from qra.runtime.run import open_run
+
+    training = plan.training.model_copy(update={"seed": seed})
+    with open_run(evaluator.weights, evaluator.space.spec, plan_settings(plan), training, evaluator.data.batch_for(training)) as run:
+        run.train_to(training.steps)
+        return held_out_exact_match(run.model, evaluator.tokenizer, list(evaluator.data.answers), examples)
 
 
 def run_materialize(settings: Settings, plan: Plan, seed: int, folder: Path, cache: Path) -> dict:
-    """One fine-tune through `qra materialize` (packed GPTQ modules, measured peak); skipped when done."""
-    if (done := _finished(folder, folder / "bench" / "results.json", plan)) is not None:
-        return done
-    seeded = plan.model_copy(update={"training": plan.training.model_copy(update={"seed": seed})})
-    request = MaterializeRequest(
-        plan=seeded, output=folder, data=settings.data, data_seed=0, model=settings.model, resume=folder.exists(), cache=cache,
-        held_out_batches=settings.held_out_batches, exact_match_examples=settings.exact_match_examples,
-    )
-    log.info("fine-tuning %s, seed %d (materialize)", folder.parent, seed)
-    results = materialize(request)
-    return _save(folder / "bench" / "results.json", plan, {
-        "seed": seed, "held_out_by_task": results["held_out_by_task"], "exact_match": results["exact_match"],
-        "peak_bytes": results["memory"]["measured_peak_bytes"], "peak": "measured", "train_s": results["wall_s"]["train"],
-    })
+    """One fine-tune through `qra materialize` (gptqmodel's pass, packed modules, measured first step)."""
+    def compute() -> dict:
+        seeded = plan.model_copy(update={"training": plan.training.model_copy(update={"seed": seed})})
+        request = MaterializeRequest(plan=seeded, output=folder, data=settings.data, data_seed=0, model=settings.model,
+                                     resume=folder.exists(), cache=cache, exact_match_examples=settings.exact_match_examples)
+        results = materialize(request)
+        scores = results["held_out_scores"]
+        return {
+            "seed": seed, "loss": scores["mean"], "se": scores["se"], "held_out_by_task": results["held_out_by_task"],
+            "se_by_task": {task: score["se"] for task, score in scores["by_task"].items()},
+            "exact_match": results["exact_match"], "train_s": results["wall_s"]["train"],
+            "peak_bytes": results["memory"]["measured_peak_bytes"],
+        }
+
+    return _cached(folder.with_name(folder.name + ".json"), plan_key(plan), compute)
 
 
-def measured_footprint(settings: Settings, plan: Plan, spec, folder: Path) -> dict:
+def measured_peak(settings: Settings, plan: Plan, spec, path: Path) -> int:
     """The plan's measured peak (`measure_plan_footprint` on a fresh copy of the model), once per plan."""
-    path = folder / "footprint.json"
-    if path.is_file() and (saved := json.loads(path.read_text())).get("plan") == plan_key(plan):
-        return saved
-    log.info("measuring the training step's footprint of %s", folder)
-    model, _ = load_model(resolve_model(settings.model), plan.training.compute_dtype)
-    report = measure_plan_footprint(plan, spec, model)
-    return _save(path, plan, {"peak_bytes": report["measured_peak_bytes"], "memory": report})
+    def compute() -> dict:
+        model, _ = load_model(resolve_model(settings.model), plan.training.compute_dtype)
+        report = measure_plan_footprint(plan, spec, model)
+        return {"peak_bytes": report["measured_peak_bytes"], "memory": report}
+
+    return _cached(path, plan_key(plan), compute)["peak_bytes"]
 
 
-class EvaluatorRuns:
-    """Fine-tunes on the compile's evaluator: the float model with each module's GPTQ weight from the
-    quantization cache swapped in (gptqmodel's own GPTQ, the values the packed module dequantizes to), LoRA
-    attached and trained by the runtime's `attach_lora` / `train_lora` under the plan's training settings, in
-    the fastest dtype of this CPU. The peak is measured apart, once per plan (`measured_footprint`)."""
-
-    def __init__(self, evaluator: FidelityEvaluator, settings: Settings) -> None:
-        self.evaluator = evaluator
-        self.settings = settings
-        tokenizer = evaluator.tokenizer
-        self.pad = pad_id(tokenizer)
-        dataset = load_dataset(settings.data, seed=0)
-        self.train = training_features(dataset.train, tokenizer, settings.seq_len)
-        self.held_out = held_out_batches_by_task(dataset, tokenizer, settings.seq_len, settings.batch_size, 0, settings.held_out_batches)
-        self.answers = [example for example in dataset.held_out if not example.is_text]
-
-    def run(self, plan: Plan, spec, seed: int, folder: Path) -> dict:
-        results = _finished(folder, folder / "results.json", plan) or self._fine_tune(plan, seed, folder)
-        footprint = measured_footprint(self.settings, plan, spec, folder.parent)
-        return {**results, "peak_bytes": footprint["peak_bytes"], "peak": "measured"}
-
-    def _fine_tune(self, plan: Plan, seed: int, folder: Path) -> dict:
-        log.info("fine-tuning %s, seed %d (evaluator)", folder.parent, seed)
-        evaluator, training = self.evaluator, plan.training.model_copy(update={"seed": seed})
-        config = tuple(Gene(layer.bits, layer.rank) for layer in plan.layers)
-        order = batches(self.train, training.batch_size, seed, 0, self.pad)
-        evaluator.seed = seed
-        began = time.perf_counter()
-        with evaluator.quantized(config), evaluator.adapted(config) as peft_model:
-            train_lora(peft_model, training, lambda step, micro: order[step % len(order)], measure=False)
-            train_s = time.perf_counter() - began
-            losses = {task: held_out_loss(peft_model, held_out) for task, held_out in self.held_out.items()}
-            exact = held_out_exact_match(peft_model, evaluator.tokenizer, self.answers, self.settings.exact_match_examples)
-        return _save(folder / "results.json", plan, {"seed": seed, "held_out_by_task": losses, "exact_match": exact, "train_s": train_s})
-
-
+# stage 5: the report
 def summarize(runs: list[dict]) -> dict:
     """Mean and standard deviation over seeds of each reported quantity."""
 
     def stats(values: list[float]) -> dict:
         return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
 
-    task_losses = {task: [run["held_out_by_task"][task] for run in runs] for task in TASKS}
-    mean_loss = [statistics.fmean(run["held_out_by_task"][task] for task in TASKS) for run in runs]
-    return {
-        "loss": stats(mean_loss),
-        **{f"loss {task}": stats(values) for task, values in task_losses.items()},
-        "exact_match": stats([run["exact_match"] for run in runs]),
-        "peak_bytes": max(run["peak_bytes"] for run in runs),
-        "peak": runs[0]["peak"],
-        "train_s": stats([run["train_s"] for run in runs]),
-        "seeds": len(runs),
-    }
+    summary = {"loss": stats([run["loss"] for run in runs]), "seeds": [run["seed"] for run in runs],
+               "train_s": stats([run["train_s"] for run in runs])}
+    for task in runs[0]["held_out_by_task"]:
+        summary[f"loss {task}"] = stats([run["held_out_by_task"][task] for run in runs])
+        summary[f"se {task}"] = statistics.fmean(run["se_by_task"][task] for run in runs)
+    exact = [run["exact_match"] for run in runs if run.get("exact_match") is not None]
+    summary["exact_match"] = stats(exact) if exact else None
+    return summary
+
+
+def paired(rows: dict[str, dict], method: str, against: str) -> dict | None:
+    """`method` − `against`, paired by seed over the seeds both have: mean, SE, and whether it is a win."""
+    mine, theirs = rows[method], rows[against]
+    seeds = [seed for seed in mine["seeds"] if seed in theirs["seeds"]]
+    if not seeds:
+        return None
+    pick = lambda row: [row["loss"]["values"][row["seeds"].index(seed)] for seed in seeds]  # noqa: E731
+    difference = paired_difference(pick(mine), pick(theirs))
+    return {"mean": difference.mean, "se": difference.se, "seeds": len(seeds), "wins": difference.beats_baseline}
 
 
 def gap_closed(method: float, uniform: float, ceiling: float) -> float | None:
@@ -245,59 +294,56 @@ def gap_closed(method: float, uniform: float, ceiling: float) -> float | None:
     return (uniform - method) / gap if gap > 0 else None
 
 
-def verdicts(rows: dict[str, dict]) -> dict:
-    """The issue's targets at one budget: autoqra below uniform and sequential beyond the seed spread
-    (mean + std below the other's mean - std; undecided, None, with fewer than 2 seeds), and at least half of
-    the uniform-to-16-bit gap closed."""
-    auto = rows["autoqra"]["loss"]
-
-    def beyond(other: str) -> bool | None:
-        if min(rows["autoqra"]["seeds"], rows[other]["seeds"]) < 2:
-            return None
-        theirs = rows[other]["loss"]
-        return auto["mean"] + auto["std"] < theirs["mean"] - theirs["std"]
-
-    closed = rows["autoqra"]["gap_closed"]
-    return {
-        "beats_uniform_beyond_spread": beyond("uniform"),
-        "beats_sequential_beyond_spread": beyond("sequential"),
-        "closes_half_the_gap": closed is not None and closed >= 0.5,
-    }
-
-
-def compile_scores(plan: Plan) -> dict:
-    """What the compile itself measured: the plan's predicted score and the uniform baseline's, at the
-    search's top fidelity (its short fine-tune), to set beside the full fine-tunes' results."""
-    return {"fidelity": plan.predicted.fidelity, "autoqra": plan.predicted.score, **plan.provenance.baselines}
+def targets(rows: dict[str, dict], budget_name: str, predicted: dict[str, float | None]) -> dict[str, dict]:
+    """The issue's targets for each autoqra granularity: a paired win over uniform beyond 2 SE; at B1 also
+    ≥ 40% of the uniform-to-16-bit gap closed and paired wins over llamacpp, sequential and heuristic; and
+    the compile's predicted loss within 1 SE (over seeds) of the bench's mean."""
+    verdicts = {}
+    for method in (name for name in rows if name.startswith("autoqra")):
+        row = rows[method]
+        checks = {"beats uniform": paired(rows, method, "uniform")["wins"]}
+        if budget_name == "B1":
+            checks["closes 40% of the gap"] = row["gap_closed"] is not None and row["gap_closed"] >= GAP_TARGET
+            for other in ("llamacpp", "sequential", "heuristic"):
+                checks[f"beats {other}"] = paired(rows, method, other)["wins"]
+        if predicted.get(method) is not None and len(row["seeds"]) > 1:
+            se = row["loss"]["std"] / math.sqrt(len(row["seeds"]))
+            checks["prediction within 1 SE"] = abs(predicted[method] - row["loss"]["mean"]) <= se
+        verdicts[method] = checks
+    return verdicts
 
 
 def markdown(report: dict) -> str:
+    tasks = sorted({key[5:] for block in report["budgets"].values() for row in block["rows"].values()
+                    for key in row if key.startswith("loss ")})
     lines = [
         f"Model {report['model']}, data {report['data']}, {report['steps']} steps at batch {report['batch_size']} x "
-        f"{report['seq_len']} tokens, seeds {', '.join(map(str, report['seeds']))}; mean ± std over seeds; gap closed: "
-        "the share of the held-out loss gap between uniform and 16-bit that a method recovers.",
+        f"{report['seq_len']} tokens, learning rate {report['learning_rate']:g} (chosen on uniform 4-bit r8 from "
+        f"{report['learning_rates']}), bench seeds {', '.join(map(str, report['seeds']))}, fine-tunes: {report['fine_tune']}. "
+        "Loss: the mean of the tasks' held-out losses, mean ± std over seeds; each task's loss with its held-out "
+        "standard error (over sequences) in brackets; paired: the difference from uniform, paired by seed, mean ± SE "
+        "over seeds; gap closed: the share of the uniform-to-16-bit loss gap recovered.",
         "",
-        "| budget | method | seeds | peak | loss (mean of tasks) | python-reference | arithmetic | exact match | gap closed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| budget | method | peak MB | loss | {' | '.join(tasks)} | paired vs uniform | gap closed | predicted |",
+        "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|",
     ]
-    for budget, block in report["budgets"].items():
+    for name, block in report["budgets"].items():
         for method, row in block["rows"].items():
+            difference = row.get("paired_vs_uniform")
             closed = row.get("gap_closed")
+            predicted = block["predicted"].get(method)
             lines.append(
-                f"| {budget} | {method} | {row['seeds']} | {row['peak_bytes'] / 1e6:.1f} MB ({row['peak']}) | {_pm(row['loss'])} | "
-                f"{_pm(row['loss python-reference'])} | {_pm(row['loss arithmetic'])} | "
-                f"{row['exact_match']['mean']:.1%} ± {row['exact_match']['std']:.1%} | "
-                f"{'' if closed is None else f'{closed:.0%}'} |"
+                f"| {name} ({block['budget']}) | {method} | {row['peak_mb']:.1f} ({row['peak']}) | {_pm(row['loss'])} | "
+                + " | ".join(f"{_pm(row[f'loss {task}'])} [±{row[f'se {task}']:.3f}]" if f"loss {task}" in row else ""
+                             for task in tasks)
+                + f" | {'' if not difference else _paired(difference)} | {'' if closed is None else f'{closed:.0%}'} | "
+                f"{'' if predicted is None else f'{predicted:.4f}'} |"
             )
     lines.append("")
-    for budget, block in report["budgets"].items():
-        answers = {True: "yes", False: "no", None: "undecided (fewer than 2 seeds)"}
-        met = ", ".join(f"{name.replace('_', ' ')}: {answers[ok]}" for name, ok in block["targets"].items())
-        scores = block.get("compile_scores")
-        measured = "" if not scores else " The compile's own scores at {}: {}.".format(
-            scores["fidelity"], ", ".join(f"{name} {score:.4f}" for name, score in scores.items() if name != "fidelity")
-        )
-        lines.append(f"- {budget}: {met}. autoqra plan: {block['pattern']}.{measured}")
+    for name, block in report["budgets"].items():
+        for method, checks in block["targets"].items():
+            met = ", ".join(f"{check}: {'yes' if ok else 'no'}" for check, ok in checks.items())
+            lines.append(f"- {name}, {method}: {met}. Plan: {block['patterns'][method]}.")
     return "\n".join(lines) + "\n"
 
 
@@ -305,29 +351,34 @@ def _pm(stat: dict) -> str:
     return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
 
 
+def _paired(difference: dict) -> str:
+    mark = " (win)" if difference["wins"] else ""
+    return f"{difference['mean']:+.4f} ± {difference['se']:.4f}{mark}"
+
+
 def plot_quality(report: dict, path: Path) -> None:
-    """Quality (mean held-out loss) against measured peak memory, one point per method and budget."""
+    """Quality (mean held-out loss) against peak memory, one point per method and budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"autoqra": "*", "uniform": "o", "sequential": "s", "heuristic": "^", CEILING: "D"}
+    markers = {"autoqra-layer": "*", "autoqra-module": "P", "uniform": "o", "sequential": "s", "heuristic": "^",
+               "llamacpp": "v", CEILING: "D"}
     colours = dict(zip(report["budgets"], ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for budget, block in report["budgets"].items():
+    for name, block in report["budgets"].items():
         for method, row in block["rows"].items():
-            colour = "black" if method == CEILING else colours[budget]
-            axis.errorbar(row["peak_bytes"] / 1e6, row["loss"]["mean"], yerr=row["loss"]["std"], fmt=markers[method],
-                          color=colour, markersize=10 if method == "autoqra" else 6, capsize=3,
-                          label=f"{method} @ {budget}" if method != CEILING else CEILING)
-        axis.axvline(block["budget_bytes"] / 1e6, color=colours[budget], linestyle=":", linewidth=1)
+            colour = "black" if method == CEILING else colours[name]
+            axis.errorbar(row["peak_mb"], row["loss"]["mean"], yerr=row["loss"]["std"], fmt=markers.get(method, "x"),
+                          color=colour, markersize=10 if method.startswith("autoqra") else 6, capsize=3,
+                          label=f"{method} @ {name}" if method != CEILING else CEILING)
+        axis.axvline(block["budget_bytes"] / 1e6, color=colours[name], linestyle=":", linewidth=1)
     handles, labels = axis.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     axis.legend(unique.values(), unique.keys(), fontsize=7, ncol=2)
-    kinds = sorted({row["peak"] for block in report["budgets"].values() for row in block["rows"].values()})
-    axis.set_xlabel(f"peak memory, {' / '.join(kinds)} (MB); dotted: budget")
-    axis.set_ylabel("held-out loss, mean of the two tasks (lower is better)")
+    axis.set_xlabel("peak memory (MB; measured where --measure-peaks, else the memory model's); dotted: budget")
+    axis.set_ylabel("held-out loss, mean of the tasks (lower is better)")
     axis.set_title(f"{report['model']}: quality at equal memory ({len(report['seeds'])} seeds, mean ± std)", fontsize=10)
     axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -337,10 +388,114 @@ def plot_quality(report: dict, path: Path) -> None:
     os.replace(staging, path)
 
 
-def _write(path: Path, text: str) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
+def _spec(settings: Settings):
+    return spec_from_config(load_config(resolve_model(settings.model)))
+
+
+def _model_ref(settings: Settings):
+    from qra.models import content_hash
+    from qra.plans.build import model_ref
+
+    source = resolve_model(settings.model)
+    return model_ref(_spec(settings), source.name, content_hash(source))
+
+
+def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
+    """Every stage in order; the report is rewritten after each seed's round of fine-tunes."""
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    timings_file = out / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    grid = tuple(float(rate) for rate in args.lr_grid.split(","))
+    preparations = Preparations(out)
+    rate, rates = choose_learning_rate(settings, out, grid, preparations)
+    settings = replace(settings, learning_rate=rate)
+    spec = _spec(settings)
+    budgets = {name: budget for name, budget in budgets_for(spec, settings.training(), Device()).items() if name in args.budgets.split(",")}
+    plans: dict[str, dict[str, Plan]] = {}
+    for name, budget in budgets.items():
+        plans[name] = plans_at(settings, budget, out, timings, preparations)
+        _write(timings_file, json.dumps(timings, indent=2))
+        for method, plan in plans[name].items():
+            if method.startswith("autoqra"):
+                plot_plan(plan, spec, out / f"plan-{budget.text}-{method.split('-')[1]}.png")
+                if args.ship is not None:
+                    stem = _plan_name(settings, budget, method.split("-")[1])
+                    shutil.copyfile(out / "plans" / f"{stem}.yaml", args.ship / f"{stem}.yaml")
+    ceiling = ceiling_plan(settings, plans[next(iter(plans))]["uniform"], spec)
+    first = next(iter(budgets.values()))
+    runs: dict[tuple[str, str], list[dict]] = {}
+    report: dict = {}
+    for seed in settings.seeds:
+        for name, budget in budgets.items():
+            evaluator = preparations.get(settings, first, "layer").evaluator
+            for method, plan in {**plans[name], CEILING: ceiling}.items():
+                folder = out / "runs" / (CEILING if method == CEILING else f"{budget.text}-{method}")
+                if args.fine_tune == "materialize":
+                    result = run_materialize(settings, plan, seed, folder / f"seed{seed}", out / "cache")
+                else:
+                    log.info("fine-tuning %s at %s, seed %d", method, budget.text, seed)
+                    result = _cached(folder / f"seed{seed}.json", plan_key(plan),
+                                     lambda: _fine_tune(evaluator, plan, seed, settings.exact_match_examples))
+                runs.setdefault((name, method), []).append(result)
+        report = _report(args, settings, budgets, plans, ceiling, runs, spec, timings, rates)
+        _publish(report, out, args.report, budgets, settings)
+        log.info("seed %d done for every method and budget: %s", seed, out / "quality.md")
+    if args.weight_source_gap:
+        plan = plans["B1"]["uniform"]
+        seed = settings.seeds[0]
+        materialized = run_materialize(settings, plan, seed, out / "runs" / "weight-source-gap" / f"seed{seed}", out / "cache")
+        cached = runs[("B1", "uniform")][0]
+        report["weight_source_gap"] = {
+            "plan": "B1 uniform", "seed": seed, "cached_gptq": cached["loss"], "gptqmodel_pass": materialized["loss"],
+            "difference": materialized["loss"] - cached["loss"], "by_task_cached": cached["held_out_by_task"],
+            "by_task_gptqmodel": materialized["held_out_by_task"],
+        }
+        _publish(report, out, args.report, budgets, settings)
+    return report
+
+
+def _report(args, settings: Settings, budgets: dict[str, Budget], plans: dict, ceiling: Plan, runs: dict, spec,
+            timings: dict, rates: dict) -> dict:
+    report = {
+        "model": settings.model, "data": settings.data, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
+        "steps": settings.steps, "learning_rate": settings.learning_rate, "learning_rates": rates,
+        "seeds": sorted({run["seed"] for group in runs.values() for run in group}), "effort": settings.effort,
+        "fine_tune": args.fine_tune, "budgets": {}, "timings_s": timings,
+    }
+    for name, budget in budgets.items():
+        rows = {method: summarize(runs[(name, method)]) for method in [*plans[name], CEILING] if (name, method) in runs}
+        for method, row in rows.items():
+            row["gap_closed"] = gap_closed(row["loss"]["mean"], rows["uniform"]["loss"]["mean"], rows[CEILING]["loss"]["mean"])
+            row["paired_vs_uniform"] = None if method == "uniform" else paired(rows, method, "uniform")
+            plan = ceiling if method == CEILING else plans[name][method]
+            peak = (measured_peak(settings, plan, spec, args.out / "peaks" / f"{plan_key(plan)}.json") if args.measure_peaks
+                    else plan.memory.total_bytes)
+            row["peak_mb"], row["peak"] = round(peak / 1e6, 1), "measured" if args.measure_peaks else "estimated"
+        autoqra = {method: plan for method, plan in plans[name].items() if method.startswith("autoqra")}
+        predicted = {method: plan.predicted.score for method, plan in autoqra.items()}
+        report["budgets"][name] = {
+            "budget": budget.text, "budget_bytes": budget.bytes, "rows": rows, "predicted": predicted,
+            "targets": targets(rows, name, predicted),
+            "patterns": {method: bits_rank_pattern(plan, spec).describe() for method, plan in autoqra.items()},
+            "compile": {method: {"note": plan.provenance.note, "wall_time_s": plan.provenance.wall_time_s,
+                                 "finalists": [f.model_dump() for f in plan.provenance.finalists]}
+                        for method, plan in autoqra.items()},
+        }
+    return report
+
+
+def _publish(report: dict, out: Path, report_dir: Path | None, budgets: dict[str, Budget], settings: Settings) -> None:
+    _write(out / "quality.json", json.dumps(report, indent=2))
+    _write(out / "quality.md", markdown(report))
+    plot_quality(report, out / "quality.png")
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        names = ["quality.json", "quality.md", "quality.png"]
+        names += [f"plan-{b.text}-{g}.png" for b in budgets.values() for g in settings.granularities]
+        for name in names:
+            if (out / name).is_file():
+                shutil.copyfile(out / name, report_dir / name)
 
 
 def main() -> None:
@@ -348,98 +503,31 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="python-reference+arithmetic")
-    parser.add_argument("--budget-bits", default="4,3", help="budgets: the footprint of uniform BITS at rank 8, for each")
+    parser.add_argument("--budgets", default="B1,B2", help="which of B1 and B2 to run, in this order")
+    parser.add_argument("--granularities", default="layer,module")
+    parser.add_argument("--bits", default="3,4,8", help="the compile's bit-widths (2-bit destroys SmolLM2: perplexity 24,167)")
+    parser.add_argument("--ranks", default="4,8,16")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--lr-grid", default="2e-4,5e-4,1e-3,2e-3")
     parser.add_argument("--effort", default="quick")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--exact-match-examples", type=int, default=50)
-    parser.add_argument("--held-out-batches", type=int, default=8)
-    parser.add_argument("--fine-tune", choices=("materialize", "evaluator"), default="materialize",
-                        help="materialize: qra materialize (packed GPTQ modules, measured peak); evaluator: the compile's "
-                        "evaluator (cached GPTQ weights in the float model, the fastest dtype of this CPU; the peak "
-                        "measured apart on zero-filled packed modules)")
-    parser.add_argument("--ship", type=Path, help="copy the autoqra plans here as <model>-<budget>.yaml")
+    parser.add_argument("--seeds", default="10,11,12", help="bench seeds: none of them takes part in a compile")
+    parser.add_argument("--exact-match-examples", type=int, default=0)
+    parser.add_argument("--fine-tune", choices=("evaluator", "materialize"), default="evaluator")
+    parser.add_argument("--measure-peaks", action="store_true")
+    parser.add_argument("--weight-source-gap", action="store_true")
+    parser.add_argument("--ship", type=Path, help="copy the autoqra plans here")
     parser.add_argument("--report", type=Path, help="copy the table, JSON and plots here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = Settings(
         args.model, args.data, args.seq_len, args.batch_size, args.steps, args.effort,
-        tuple(int(s) for s in args.seeds.split(",")), args.exact_match_examples, args.held_out_batches,
+        tuple(int(s) for s in args.seeds.split(",")), granularities=tuple(args.granularities.split(",")),
+        bits=tuple(int(b) for b in args.bits.split(",")), ranks=tuple(int(r) for r in args.ranks.split(",")),
+        exact_match_examples=args.exact_match_examples,
     )
-    run_benchmark(settings, [int(b) for b in args.budget_bits.split(",")], args.out, args.ship, args.report, args.fine_tune)
-
-
-def run_benchmark(
-    settings: Settings, budget_bits: list[int], out: Path, ship: Path | None, report_dir: Path | None, fine_tune: str = "materialize"
-) -> dict:
-    """Compile every budget's plans first, then fine-tune seed by seed (every method and budget at one seed
-    before the next seed), rewriting the report after each round, so a partial run reports every budget."""
-    out.mkdir(parents=True, exist_ok=True)
-    timings_file = out / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    spec = spec_from_config(load_config(resolve_model(settings.model)))
-    budgets = [budget_for(spec, bits, settings.training(), Device()) for bits in budget_bits]
-    plans, prepared = {}, None
-    for budget in budgets:
-        plans[budget.text], prepared = plans_at(settings, budget, out, timings)
-        _write(timings_file, json.dumps(timings, indent=2))
-        plot_plan(plans[budget.text]["autoqra"], spec, out / f"plan-{budget.text}.png")
-        if ship is not None:
-            name = f"{plan_name(settings, budget)}.yaml"
-            shutil.copyfile(out / "plans" / name, ship / name)
-    ceiling = ceiling_plan(settings, plans[budgets[0].text]["uniform"], spec)
-    runs: dict[tuple[str, str], list[dict]] = {}
-    cache = out / "cache"
-    if fine_tune == "evaluator":
-        evaluator = (prepared or prepare(compile_request(settings, budgets[0], out))).evaluator
-        on_evaluator = EvaluatorRuns(evaluator, settings)
-
-    def run_one(plan: Plan, seed: int, folder: Path) -> dict:
-        if fine_tune == "evaluator":
-            return on_evaluator.run(plan, spec, seed, folder)
-        return run_materialize(settings, plan, seed, folder, cache)
-    for seed in settings.seeds:
-        for budget in budgets:
-            for method, plan in plans[budget.text].items():
-                folder = out / "runs" / budget.text / method / f"seed{seed}"
-                runs.setdefault((budget.text, method), []).append(run_one(plan, seed, folder))
-        runs.setdefault(("", CEILING), []).append(run_one(ceiling, seed, out / "runs" / CEILING / f"seed{seed}"))
-        report = _report(settings, budgets, budget_bits, plans, runs, spec, timings, fine_tune)
-        _write(out / "quality.json", json.dumps(report, indent=2))
-        _write(out / "quality.md", markdown(report))
-        plot_quality(report, out / "quality.png")
-        if report_dir is not None:
-            report_dir.mkdir(parents=True, exist_ok=True)
-            for name in ["quality.json", "quality.md", "quality.png", *(f"plan-{b.text}.png" for b in budgets)]:
-                shutil.copyfile(out / name, report_dir / name)
-        log.info("seed %d done for every method and budget: %s", seed, out / "quality.md")
-    return report
-
-
-def _report(
-    settings: Settings, budgets: list[Budget], budget_bits: list[int], plans: dict, runs: dict, spec, timings: dict, fine_tune: str
-) -> dict:
-    report = {
-        "model": settings.model, "data": settings.data, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
-        "steps": settings.steps, "seeds": sorted({run["seed"] for group in runs.values() for run in group}),
-        "effort": settings.effort, "fine_tune": fine_tune, "budgets": {}, "timings_s": timings,
-    }
-    for budget, bits in zip(budgets, budget_bits):
-        rows = {method: summarize(runs[(budget.text, method)]) for method in METHODS}
-        rows[CEILING] = summarize(runs[("", CEILING)])
-        for row in rows.values():
-            row["gap_closed"] = gap_closed(row["loss"]["mean"], rows["uniform"]["loss"]["mean"], rows[CEILING]["loss"]["mean"])
-        compiled = plans[budget.text]["autoqra"]
-        pattern = bits_rank_pattern(compiled, spec)
-        report["budgets"][budget.text] = {
-            "budget_bytes": budget.bytes, "uniform_bits": bits, "rows": rows, "targets": verdicts(rows),
-            "pattern": pattern.describe(), "lower_bits_higher_rank": pattern.lower_bits_higher_rank,
-            "autoqra_compile_wall_time_s": compiled.provenance.wall_time_s,
-            "compile_scores": compile_scores(compiled),
-        }
-    return report
+    run_benchmark(args, settings)
 
 
 if __name__ == "__main__":
