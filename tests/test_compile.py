@@ -3,6 +3,7 @@ materializes, an interrupted compile resumes to the same plan, and impossible bu
 
 import json
 import random
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -11,7 +12,6 @@ from qra.cli import app
 from qra.compiler.compile import CompileRequest, Effort, baseline_plan, budget_bounds, compile_plan, prepare
 from qra.compiler.space import build_space
 from qra.errors import QraError
-from qra.plans.io import save_plan
 from qra.plans.schema import Budget, Device, Training
 from qra.plans.verify import verify_plan
 from tiny import save_tiny_model, tiny_corpus, tiny_spec
@@ -153,11 +153,17 @@ def test_a_budget_above_the_maximum_returns_the_best_plan(tiny_folder, tmp_path)
     assert outcome.plan.memory.headroom_bytes > 0
 
 
-def test_compiled_plan_verifies_and_materializes(tiny_folder, tmp_path):
-    plan = compile_plan(request(tiny_folder, tmp_path)).plan
+def test_compile_from_the_command_line_says_what_the_paired_comparison_decided_and_the_plan_materializes(tiny_folder, tmp_path):
     plan_path = tmp_path / "plan.yaml"
-    save_plan(plan, plan_path)
     runner = CliRunner()
+    result = runner.invoke(app, [
+        "compile", "--model", str(tiny_folder), "--budget", str(middle_budget()), "-o", str(plan_path), "--data", corpus_of(tiny_folder),
+        "--bits", "2,4,8", "--ranks", "4,16", "--seq-len", "24", "--batch-size", "2", "--steps", "4", "--learning-rate", "5e-3",
+        "--device", "cpu", "--context", "0",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "predicted held-out loss" in result.stdout and re.search(r"uniform \d+-bit rank \d+: \d", result.stdout)
+    assert "the plan beats it by" in result.stdout or "the plan is uniform" in result.stdout
     assert runner.invoke(app, ["plan", "verify", str(plan_path)]).exit_code == 0
     result = runner.invoke(app, ["materialize", str(plan_path), "-o", str(tmp_path / "run"), "--data", corpus_of(tiny_folder)])
     assert result.exit_code == 0, result.output

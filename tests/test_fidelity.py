@@ -14,7 +14,8 @@ from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, l
 from qra.compiler.priors import PriorSettings, measure_priors
 from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Gene, build_space
-from qra.plans.schema import Device, Training
+from qra.plans.build import model_ref
+from qra.plans.schema import Budget, Device, Plan, Training
 from qra.plans.spec import spec_from_config
 from qra.runtime.data import batches, load_dataset, training_features
 from qra.runtime.heldout import score_held_out
@@ -251,3 +252,16 @@ def test_the_first_order_adapter_contribution_tracks_switching_the_adapter_off(s
     order = lambda values: np.argsort(np.argsort([values[name] for name in names]))  # noqa: E731
     # measured: rank correlation 0.65 over the 28 modules (first order misses the curvature of large adapters)
     assert np.corrcoef(order(estimated), order(measured))[0, 1] > 0.5
+
+
+def test_the_top_rung_is_the_benchmarks_evaluator_mode_for_the_same_plan_and_seed(setup):
+    config = (Gene(8, 2), Gene(2, 8), Gene(4, 4), Gene(16, 4))
+    plan = Plan(model=model_ref(setup.space.spec, "tiny", None), budget=Budget(bytes=10**9, text="1GB"),
+                training=setup.space.training, device=setup.space.device, layers=setup.space.layer_plans(config))
+    setup.measure(config, 1)
+    top = setup.measure(config, 2)  # resumed from the f1 checkpoint
+    bench = setup.measure_plan(plan)
+    assert abs(top.loss - bench.loss) <= 1e-4 and top.scores == bench.scores
+    assert setup.measure_plan(plan, seed=3).loss == setup.measure(config, 2, seed=3).loss
+    with pytest.raises(ValueError, match="trains with"):
+        setup.measure_plan(plan.model_copy(update={"training": plan.training.model_copy(update={"steps": 5})}))

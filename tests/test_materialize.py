@@ -142,7 +142,7 @@ def test_joined_data_reports_each_tasks_held_out_loss_their_mean_as_headline_and
     for seed in (0, 1):
         seeded = plan.model_copy(update={"training": plan.training.model_copy(update={"seed": seed})})
         request = MaterializeRequest(plan=seeded, output=tmp_path / f"seed{seed}", data="python-reference+arithmetic",
-                                     cache=cache, held_out_batches=2, exact_match_examples=3, data_seed=0)
+                                     cache=cache, exact_match_examples=3, data_seed=0)
         results.append(materialize(request))
     assert set(results[0]["held_out_by_task"]) == {"python-reference", "arithmetic"}
     assert results[0]["held_out_by_task"] != results[1]["held_out_by_task"]
@@ -150,6 +150,9 @@ def test_joined_data_reports_each_tasks_held_out_loss_their_mean_as_headline_and
     assert before[0] == before[1]  # one base model, one held-out set: the seeds differ only in training
     by_task = results[0]["held_out_by_task"]
     assert results[0]["training"]["held_out_loss_after"] == pytest.approx(sum(by_task.values()) / 2)
+    scores = results[0]["held_out_scores"]
+    assert scores["mean"] == results[0]["training"]["held_out_loss_after"]
+    assert scores["by_task"]["arithmetic"]["sequences"] > 500 and 0 < scores["by_task"]["arithmetic"]["se"] < 1
     assert len(list((cache / "quantized").iterdir())) == 1
     assert not (tmp_path / "seed1" / "work" / "quantized").exists()
     assert results[1]["wall_s"]["quantize"] < results[0]["wall_s"]["quantize"]

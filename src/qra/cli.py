@@ -382,7 +382,8 @@ def compile_command(
     seq_len: Annotated[int, typer.Option()] = 256,
     batch_size: Annotated[int, typer.Option()] = 4,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = False,
-    steps: Annotated[int, typer.Option(help="optimizer steps of the final fine-tune (qra materialize)")] = 100,
+    steps: Annotated[int, typer.Option(help="optimizer steps of the plan's fine-tune: every candidate is scored on this schedule")] = 100,
+    learning_rate: Annotated[float, typer.Option(help="peak learning rate of the plan's fine-tune (warmup, then cosine decay)")] = 2e-4,
     device: Annotated[str, typer.Option(help="cuda or cpu: the device the budget is for")] = "cuda",
     context: Annotated[str, typer.Option(help="fixed overhead of the device context")] = "500MB",
 ) -> None:
@@ -390,6 +391,7 @@ def compile_command(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from qra.compiler.compile import CompileRequest, compile_plan
+    from qra.compiler.finalists import MARGIN_SE
     from qra.plans.io import save_plan
     from qra.plans.schema import Budget
 
@@ -400,7 +402,10 @@ def compile_command(
         _check_bits_rank(b, 1, 128)
     for r in rank_choices:
         _check_bits_rank(16, r, 128)
-    training = _training(seq_len, batch_size, grad_checkpointing, "bfloat16").model_copy(update={"steps": max(1, steps), "seed": max(0, seed)})
+    if steps < 1 or learning_rate <= 0 or seed < 0:
+        raise QraError("--steps and --learning-rate must be positive, --seed at least 0")
+    training = _training(seq_len, batch_size, grad_checkpointing, "bfloat16").model_copy(
+        update={"steps": steps, "learning_rate": learning_rate, "seed": seed})
     journal = journal or output.with_name(output.name + ".journal.jsonl")
     request = CompileRequest(
         model=model, budget=Budget(bytes=parse_bytes(budget), text=budget), data=data, bits=bit_choices, ranks=rank_choices,
@@ -434,8 +439,13 @@ def compile_command(
         progress.stop()
     save_plan(outcome.plan, output)
     plan = outcome.plan
-    baseline = ", ".join(f"{name}: {score:.4f}" for name, score in plan.provenance.baselines.items())
+    uniform, *finalists = plan.provenance.finalists
+    uniform_mean = sum(uniform.scores.values()) / len(uniform.scores)
+    winners = [f for f in finalists if f.paired_difference < -MARGIN_SE * f.paired_se]
+    verdict = (f"the plan beats it by {-min(f.paired_difference for f in winners):.4f} (paired over {len(uniform.scores)} seeds)"
+               if winners else f"no finalist beat it by more than {MARGIN_SE:g} paired SE: the plan is uniform")
     typer.echo(
-        f"wrote {output}: predicted held-out loss {plan.predicted.score:.4f} ({plan.predicted.fidelity}); {baseline}; "
+        f"wrote {output}: predicted held-out loss {plan.predicted.score:.4f} ({plan.predicted.fidelity}); "
+        f"{uniform.name}: {uniform_mean:.4f}; {verdict}; "
         f"estimated peak {format_bytes(plan.memory.total_bytes)} of {budget}; {plan.provenance.evaluations} evaluations"
     )
