@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -68,13 +69,14 @@ def main() -> None:
     parser.add_argument("--fine-tune-steps", type=int, default=12)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    training = Training(seq_len=64, batch_size=8, seed=0)
-    data = prepare_data(load_dataset("python-reference"), tiny_tokenizer(), training.seq_len, training.batch_size, held_out_batches=4)
+    training = Training(seq_len=64, batch_size=8, steps=args.fine_tune_steps, learning_rate=5e-3, seed=0)
+    data = prepare_data(load_dataset("python-reference"), tiny_tokenizer(), training.seq_len, training.batch_size)
+    data = replace(data, held_out=data.held_out_prefix(32))
     model = pretrained_tiny(data.train, args.pretrain_steps)
     spec = spec_from_config(model.config)
     space = build_space(spec, BITS, RANKS, training, Device(kind="cpu", context_bytes=0))
     cache = QuantCache(model, spec, data.train[:4], group_size=128)
-    ladder = FidelityLadder(steps=(0, args.fine_tune_steps), learning_rate=5e-3)
+    ladder = FidelityLadder(steps=(0, args.fine_tune_steps), plan_steps=args.fine_tune_steps)
     evaluator = FidelityEvaluator(model, space, data, cache, ladder)
     meta = {"model": f"tiny llama {LAYERS}x128 pretrained {args.pretrain_steps} steps", "bits": BITS, "ranks": RANKS,
             "group_size": 128, "fine_tune_steps": args.fine_tune_steps, "data": "python-reference"}
