@@ -104,11 +104,11 @@ class EvalData:
     def held_out_prefix(self, sequences: int | None) -> HeldOut:
         """The first `sequences` held-out sequences of each task (all with None), in their batches."""
         if sequences is None:
-            return {task: list(batches) for task, batches in self.held_out.items()}
+            return {task: list(task_batches) for task, task_batches in self.held_out.items()}
         prefix: dict[str, list[Batch]] = {}
-        for task, batches in self.held_out.items():
+        for task, task_batches in self.held_out.items():
             kept, left = [], sequences
-            for batch in batches:
+            for batch in task_batches:
                 if left <= 0:
                     break
                 kept.append({key: tensor[:left] for key, tensor in batch.items()})
@@ -118,7 +118,8 @@ class EvalData:
 
     def held_out_share(self, share: float) -> HeldOut:
         """The first `share` of each task's held-out batches (at least one)."""
-        return {task: list(batches)[: max(1, math.ceil(share * len(batches)))] for task, batches in self.held_out.items()}
+        return {task: list(task_batches)[: max(1, math.ceil(share * len(task_batches)))]
+                for task, task_batches in self.held_out.items()}
 
 
 def prepare_data(dataset: Dataset, tokenizer, seq_len: int, batch_size: int, seed: int = 0) -> EvalData:

@@ -4,7 +4,7 @@ The first line is a header, `{"journal": "qra-search", "key"}`: the key names ev
 besides the configuration (model, data, objective, priors, budget, search space, effort, strategy, seed),
 so a journal written by another compile is refused before any of its scores is replayed. Then one JSON
 object per evaluation, `{"index", "config", "fidelity", "score", "seconds", "stage"}`, flushed and fsync'ed
-per record. Resume is by replay (DESIGN, "The search": an interrupted compile resumes and reaches the same
+per record. Resume is by replay (README, "The search": an interrupted compile resumes and reaches the same
 plan as an uninterrupted one with the same seed): a search is deterministic given its seed and the scores
 it is told, so a rerun asks for the same evaluations in the same order, and the k-th request is answered
 from the k-th record instead of being evaluated again. A record counts once its newline is on disk; a last

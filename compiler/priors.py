@@ -6,7 +6,7 @@
   own predictions: the loss increase without the noise of which tokens the held-out batches hold (a measured
   loss difference on a few batches came out negative for 26 of 90 sub-8-bit entries on SmolLM2). Measured
   damage, not weight error: a layer's relative weight error barely varies across layers and does not predict
-  its damage (DESIGN.md).
+  its damage (docs/measurements.md).
 - Plasticity at rank r: one short LoRA probe per rank with every unit at rank r on the float model (the
   first steps of the plan's own schedule), then each unit's share of the gain: the held-out loss increase if
   that unit's adapters alone were switched off, in the presence of the others (they are present in every

@@ -4,7 +4,7 @@ Calibration is independent per module: forward hooks on the *float* model record
 over the calibration batches, and gptqmodel's GPTQ algorithm quantizes each module against the Hessian of
 its float input. Quantizing sequentially (each layer calibrated on the already-quantized layers before it)
 would make a module's result depend on every earlier choice of the candidate, so it could not be cached,
-and it exaggerates a layer's damage several-fold (see DESIGN.md).
+and it exaggerates a layer's damage several-fold (see docs/measurements.md).
 
 The algorithm is gptqmodel's own `GPTQ` class, configured as the real quantization pass configures it
 (`QuantizeConfig(bits, group_size, sym=True, desc_act=False)`, a per-channel quantizer). Modules of a layer

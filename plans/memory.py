@@ -51,7 +51,7 @@ class MemoryEstimate:
 
 
 def packed_linear_bytes(in_features: int, out_features: int, bits: int, group_size: int, bias: bool) -> int:
-    """Bytes of one GPTQ-quantized linear exactly as gptqmodel stores it (DESIGN.md, memory term 1).
+    """Bytes of one GPTQ-quantized linear exactly as gptqmodel stores it (docs/measurements.md, memory term 1).
 
     qweight int32[ceil(in·bits/32), out] + qzeros int32[groups, ceil(out·bits/32)]
     + scales fp16[groups, out] + g_idx int32[in] (+ bias fp16[out]), groups = ceil(in / group_size).
@@ -230,7 +230,7 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Peak bytes of fine-tuning `spec` with per-module bits and ranks from `settings_for`.
 
-    Terms, as in DESIGN.md: 1 packed quantized weights, 2 unquantized tensors, 3 LoRA parameters,
+    Terms, as in docs/measurements.md: 1 packed quantized weights, 2 unquantized tensors, 3 LoRA parameters,
     gradients and AdamW state, 4 saved activations, 5 logits and loss, 6 fixed overhead (context,
     and allocator slack as a fraction of everything that is allocated and freed during the step).
     """

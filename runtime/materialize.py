@@ -12,7 +12,6 @@ seeds of a benchmark or a rerun with another learning rate.
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time

@@ -9,7 +9,7 @@ the one layer recomputed during backward is a transient they cannot see. On CUDA
 
 Saved tensors are also sorted by shape: any saved tensor shaped like a linear module's weight is
 reported as `saved_weight_like_bytes`, which exposes backends that keep dequantized weights for
-backward (gptqmodel's TORCH layers do: see DESIGN.md).
+backward (gptqmodel's TORCH layers do: see docs/measurements.md).
 """
 
 from collections.abc import Callable, Iterable, Iterator

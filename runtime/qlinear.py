@@ -1,7 +1,7 @@
 """A memory-faithful training path for gptqmodel's quantized linears.
 
 gptqmodel's TORCH layers compute `x @ dequantize(W)` in plain autograd, so the dequantized 16-bit
-weight of every layer is saved for backward and training holds the whole model at 16 bits (DESIGN.md).
+weight of every layer is saved for backward and training holds the whole model at 16 bits (docs/measurements.md).
 Here the matmul runs inside an autograd Function that saves nothing: the base weight is frozen, so
 backward needs only `grad @ Wᵀ`, and it dequantizes W again from the packed tensors the module already
 holds (bitsandbytes' 4-bit matmul does the same). Peak extra memory is one module's dequantized weight,

@@ -65,7 +65,7 @@ def test_packed_bytes_match_real_modules_to_the_byte(quantized):
 
 
 def test_plain_gptqmodel_training_keeps_dequantized_weights_and_the_model_predicts_it(quantized):
-    """DESIGN.md's trap, shown by the harness: gptqmodel's TORCH layers save each dequantized weight for
+    """The trap in docs/measurements.md, shown by the harness: gptqmodel's TORCH layers save each dequantized weight for
     backward. The memory model with `dequantize_in_backward=False` describes exactly that path."""
     spec, checkpoint = quantized.spec, quantized.checkpoint
     model = load_quantized(checkpoint).model

@@ -1,6 +1,5 @@
 """The per-layer picture of a plan (`qra plan show PLAN --plot out.png`) and the bits/rank pattern in numbers."""
 
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, compile_plan, prepare
 from qra.compiler.fidelity import FidelityEvaluator
-from qra.compiler.finalists import MARGIN_SE, paired_difference
+from qra.compiler.finalists import paired_difference
 from qra.models import load_config, load_model, resolve_model
 from qra.plans.build import uniform_plan
 from qra.plans.io import load_plan, save_plan

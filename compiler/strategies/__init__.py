@@ -1,4 +1,4 @@
-"""Search strategies (DESIGN, "The search"), ask/tell, deterministic given a seed, and their driver.
+"""Search strategies (README, "The search"), ask/tell, deterministic given a seed, and their driver.
 
 | name | strategy |
 |---|---|

@@ -1,5 +1,5 @@
 """Deterministic baselines, each one config scored once at the top fidelity, measured in the same
-harness as the search (DESIGN, "The search": baselines):
+harness as the search (README, "The search": baselines):
 
 - `uniform`: QLoRA-style, one bit-width and one rank for every unit;
 - `sequential`: LQ-LoRA-style, bits allocated by quantization sensitivity under the budget at a fixed
