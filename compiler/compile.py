@@ -6,9 +6,7 @@ the plan, verified by the memory model and written atomically. A rerun with `--r
 journal and the priors record and ends at the same plan as an uninterrupted run with the same seed.
 """
 
-import hashlib
 import importlib.metadata
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Config, Granularity, SearchSpace, build_space, config_key
 from qra.compiler.strategies import BASELINES, STRATEGIES, Baseline, Evaluation, Problem, SearchResult, run_search
 from qra.errors import QraError
+from qra.files import digest
 from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
 from qra.plans.build import model_ref, with_memory
 from qra.plans.schema import Budget, Device, Plan, Prediction, Provenance, SeedScores, Training
@@ -183,7 +182,7 @@ def journal_key(request: CompileRequest, prepared: "Prepared", strategy: str) ->
         "seed": request.training.seed,
         "evaluations": prepared.effort.evaluations,
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return digest(identity)
 
 
 def _journals(request: CompileRequest, prepared: "Prepared") -> tuple[Journal | None, Journal | None]:

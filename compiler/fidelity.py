@@ -26,8 +26,6 @@ does), and the adapter is removed after each run.
 """
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import time
@@ -40,6 +38,7 @@ from torch import nn
 
 from qra.compiler.qcache import CachedWeights, QuantCache, batches_digest
 from qra.compiler.space import Config, SearchSpace, config_key
+from qra.files import digest
 from qra.plans.memory import SettingsFor, plan_settings
 from qra.plans.schema import Plan, Training
 from qra.runtime.data import Batch, Dataset, Example, Feature, batch_source, batches, held_out_batches_by_task, pad_id, training_features
@@ -187,7 +186,7 @@ class FidelityEvaluator:
     def fingerprint(self) -> str:
         """What a measurement depends on besides the configuration: model, calibration, data, ladder, space."""
         identity = {**self.identity(), "ladder": asdict(self.ladder)}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        return digest(identity)
 
     def identity(self, held_out_sequences: int | None = None) -> dict:
         """The fingerprint's parts except the ladder, with the held-out set cut to its first

@@ -23,10 +23,8 @@ model, data and settings reuses the finished entries (also under another fidelit
 steps of the plan's own schedule), and a journal for anything else is started afresh.
 """
 
-import hashlib
 import json
 import logging
-import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -38,6 +36,7 @@ from torch import nn
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.compiler.importance import Importance
 from qra.compiler.space import Config, Gene
+from qra.files import digest, write_text
 from qra.runtime.heldout import HeldOut, score_held_out, sequence_losses
 from qra.runtime.run import Run
 
@@ -82,10 +81,7 @@ class _Journal:
             log.info("priors: %d of %d measurements", len(self.entries), self.expected)
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.with_name(self.path.name + ".tmp")
-        staging.write_text(json.dumps({"key": self.key, "entries": self.entries}, indent=1))
-        os.replace(staging, self.path)
+        write_text(self.path, json.dumps({"key": self.key, "entries": self.entries}, indent=1))
 
 
 def _sensitivity_name(unit: int, bits: int) -> str:
@@ -108,7 +104,7 @@ def _journal_key(evaluator: FidelityEvaluator, settings: PriorSettings) -> str:
     plan's own schedule, which the identity holds) and with the held-out batches they score, and the
     settings; so a new ladder keeps them."""
     identity = {"evaluator": evaluator.identity(settings.held_out_sequences), "settings": asdict(settings)}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return digest(identity)
 
 
 def _only(evaluator: FidelityEvaluator, unit: int, gene: Gene, rank: int) -> Config:

@@ -22,7 +22,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qra.files import atomic_path
 from qra.plans.fingerprint import structural_fingerprint
 from qra.plans.memory import SettingsFor
 from qra.plans.spec import LinearSpec, ModelSpec
@@ -167,8 +167,6 @@ class QuantCache:
         path = self._path(layer, module, bits)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(path.name + ".tmp")
         metadata = {
             "fingerprint": self.fingerprint,
             "calibration": self.calibration_hash,
@@ -176,8 +174,8 @@ class QuantCache:
             "bits": str(bits),
             "group_size": str(self.group_size),
         }
-        save_file({"weight": weight.contiguous()}, staging, metadata=metadata)
-        os.replace(staging, path)
+        with atomic_path(path, ".safetensors") as staging:
+            save_file({"weight": weight.contiguous()}, staging, metadata=metadata)
 
     def _calibrate(self) -> dict[tuple[int, str], _InputGroup]:
         """One forward pass of the float model over the calibration batches, every module's input recorded."""

@@ -4,8 +4,6 @@ Every way a plan file can be wrong (unreadable, not YAML, another schema version
 becomes one QraError line that names the file and, for a bad field, its path (`layers[3].bits`).
 """
 
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from qra.errors import QraError
+from qra.files import write_text
 from qra.plans.schema import SCHEMA_VERSION, Plan
 
 _MAX_VALUE_CHARS = 60
@@ -58,17 +57,10 @@ def save_plan(plan: Plan, path: str | Path) -> None:
     file, so an existing plan at `path` is either replaced whole or left untouched.
     """
     text = dump_plan(plan)
-    target = Path(path)
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     try:
-        _write_synced(temporary, text)
-        os.replace(temporary, target)
+        write_text(Path(path), text)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise QraError(f"cannot write plan {path}: {error.strerror or error}") from None
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -124,15 +116,6 @@ def _layer_for_yaml(layer: dict[str, Any]) -> _FlowMapping:
     """A layer on one line; overrides keep only the fields they set (unset ones inherit from the layer)."""
     modules = {name: {k: v for k, v in override.items() if v is not None} for name, override in layer["modules"].items()}
     return _FlowMapping({**layer, "modules": modules})
-
-
-def _write_synced(path: Path, text: str) -> None:
-    """Create `path` (it must not exist), write `text` and flush it to disk."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -4,10 +4,10 @@ The AutoQRA paper reports that its plans give lower-bit layers higher ranks (LoR
 quantization error); `bits_rank_pattern` says whether a plan shows that, module by module.
 """
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from qra.files import atomic_path
 from qra.plans.memory import plan_settings
 from qra.plans.schema import Plan
 from qra.plans.spec import ModelSpec
@@ -110,7 +110,6 @@ def plot_plan(plan: Plan, spec: ModelSpec, path: Path, title: str | None = None)
     rank_axis.set_title(pattern.describe(), fontsize=7)
     figure.tight_layout()
     path = Path(path)
-    staging = path.with_name(path.name + ".tmp.png")
-    figure.savefig(staging, dpi=120)
+    with atomic_path(path, ".png") as staging:
+        figure.savefig(staging, dpi=120)
     plt.close(figure)
-    os.replace(staging, path)

@@ -12,8 +12,6 @@ seeds of a benchmark or a rerun with another learning rate.
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from pathlib import Path
 import torch
 
 from qra.errors import QraError
+from qra.files import atomic_folder, digest, write_text
 from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
 from qra.plans.io import dump_plan
 from qra.plans.memory import plan_settings
@@ -105,11 +104,9 @@ def _base_folder(source: ModelSource, work: Path) -> Path:
     folder = work / "base"
     if not (folder / "config.json").is_file():
         model, tokenizer = load_model(source, "bfloat16")
-        staging = work / "base.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, folder)
+        with atomic_folder(folder) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     return folder
 
 
@@ -118,7 +115,7 @@ def quantization_key(source: ModelSource, spec: ModelSpec, plan: Plan, calibrati
     settings = plan_settings(plan)
     modules = [(i, m.name, settings(i, m).bits, settings(i, m).group_size) for i, layer in enumerate(spec.layers) for m in layer]
     record = {"model": content_hash(source) or source.name, "modules": modules, "calibration": calibration}
-    return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
+    return digest(record, 16)
 
 
 def held_out_exact_match(model, tokenizer, examples: list[Example], limit: int = 32, max_new_tokens: int = 12) -> float | None:
@@ -209,7 +206,5 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
         spec=spec, calibration=calibration, extra_manifest=results,
     )
     results["packages"] = {name: str(path) for name, path in package(request.formats, context, out).items()}
-    staging = out / "results.json.tmp"
-    staging.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(staging, out / "results.json")
+    write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     return results

@@ -8,12 +8,12 @@ and vLLM load each module at its own bits.
 import contextlib
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qra.files import atomic_folder
 from qra.plans.memory import SettingsFor
 from qra.plans.spec import ModelSpec
 
@@ -154,11 +154,8 @@ class GPTQModelWeights:
             model = AutoModelForCausalLM.from_pretrained(self.base, dtype=getattr(torch, self.dtype))
         else:
             if not (self.folder / "config.json").is_file():
-                staging = self.folder.with_name(f"{self.folder.name}.{os.getpid()}.tmp")
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.parent.mkdir(parents=True, exist_ok=True)
-                quantize_to_plan(self.base, self.spec, settings_for, self.calibration, staging)
-                os.replace(staging, self.folder)
+                with atomic_folder(self.folder) as staging:
+                    quantize_to_plan(self.base, self.spec, settings_for, self.calibration, staging)
             self.quantized = self.folder
             model = load_quantized(self.folder, self.dtype).model
             if self.dequantize_in_backward:

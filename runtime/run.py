@@ -21,8 +21,6 @@ common random numbers.
 import contextlib
 import copy
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from qra.files import atomic_folder
 from qra.plans.memory import SettingsFor
 from qra.plans.schema import Training
 from qra.plans.spec import ModelSpec
@@ -167,15 +166,11 @@ class Run:
 
     def save(self, folder: Path) -> None:
         """The run's state on disk, written to a staging folder and renamed (never half-written)."""
-        staging = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
         state = self.state()
-        save_file({n: t.contiguous() for n, t in state.trainable.items()}, staging / _STATE)
-        torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler, "rng": state.rng}, staging / _OPTIMIZER)
-        (staging / _PROGRESS).write_text(json.dumps({"step": state.step, "losses": state.losses}))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
+        with atomic_folder(folder) as staging:
+            save_file({n: t.contiguous() for n, t in state.trainable.items()}, staging / _STATE)
+            torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler, "rng": state.rng}, staging / _OPTIMIZER)
+            (staging / _PROGRESS).write_text(json.dumps({"step": state.step, "losses": state.losses}))
 
     def load(self, folder: Path) -> bool:
         """Restore the state saved in `folder`, if there is one."""

@@ -6,6 +6,8 @@ Also the human views of a plan: its per-layer table and the diff between two pla
 from pathlib import Path
 
 import pytest
+
+from qra import files
 import yaml
 from rich.console import Console
 
@@ -109,7 +111,7 @@ def test_a_save_that_fails_while_writing_leaves_the_existing_plan_and_no_tempora
     def failing_fsync(descriptor):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(plan_io.os, "fsync", failing_fsync)
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
     with pytest.raises(QraError, match="cannot write plan .*No space left on device"):
         save_plan(make_plan(num_layers=2), path)
     assert path.read_text() == before

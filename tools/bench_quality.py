@@ -28,11 +28,9 @@ DIR` copies them there, `--ship DIR` copies the autoqra plans there as `<model>-
 """
 
 import argparse
-import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import statistics
 import time
@@ -42,6 +40,7 @@ from pathlib import Path
 from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, compile_plan, prepare
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.compiler.finalists import paired_difference
+from qra.files import atomic_path, digest, write_text
 from qra.models import load_config, load_model, resolve_model
 from qra.plans.build import uniform_plan
 from qra.plans.io import load_plan, save_plan
@@ -106,14 +105,7 @@ def budgets_for(spec, training: Training, device: Device) -> dict[str, Budget]:
 def plan_key(plan: Plan) -> str:
     """What a fine-tune's result depends on in a plan: its layers and training settings (the seed aside)."""
     identity = [[layer.model_dump() for layer in plan.layers], plan.training.model_dump(exclude={"seed"})]
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
+    return digest(identity, 16)
 
 
 def _cached(path: Path, key: str, compute) -> dict:
@@ -121,7 +113,7 @@ def _cached(path: Path, key: str, compute) -> dict:
     if path.is_file() and (saved := json.loads(path.read_text())).get("key") == key:
         return saved
     result = {"key": key, **compute()}
-    _write(path, json.dumps(result, indent=2, default=str))
+    write_text(path, json.dumps(result, indent=2, default=str))
     return result
 
 
@@ -382,10 +374,9 @@ def plot_quality(report: dict, path: Path) -> None:
     axis.set_title(f"{report['model']}: quality at equal memory ({len(report['seeds'])} seeds, mean ± std)", fontsize=10)
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    staging = path.with_name(path.name + ".tmp.png")
-    figure.savefig(staging, dpi=120)
+    with atomic_path(path, ".png") as staging:
+        figure.savefig(staging, dpi=120)
     plt.close(figure)
-    os.replace(staging, path)
 
 
 def _spec(settings: Settings):
@@ -415,7 +406,7 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
     plans: dict[str, dict[str, Plan]] = {}
     for name, budget in budgets.items():
         plans[name] = plans_at(settings, budget, out, timings, preparations)
-        _write(timings_file, json.dumps(timings, indent=2))
+        write_text(timings_file, json.dumps(timings, indent=2))
         for method, plan in plans[name].items():
             if method.startswith("autoqra"):
                 plot_plan(plan, spec, out / f"plan-{budget.text}-{method.split('-')[1]}.png")
@@ -486,8 +477,8 @@ def _report(args, settings: Settings, budgets: dict[str, Budget], plans: dict, c
 
 
 def _publish(report: dict, out: Path, report_dir: Path | None, budgets: dict[str, Budget], settings: Settings) -> None:
-    _write(out / "quality.json", json.dumps(report, indent=2))
-    _write(out / "quality.md", markdown(report))
+    write_text(out / "quality.json", json.dumps(report, indent=2))
+    write_text(out / "quality.md", markdown(report))
     plot_quality(report, out / "quality.png")
     if report_dir is not None:
         report_dir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from qra.compiler.fidelity import FidelityEvaluator, FidelityLadder, prepare_data  # noqa: E402
 from qra.compiler.qcache import QuantCache  # noqa: E402
+from qra.files import write_text  # noqa: E402
 from qra.compiler.space import Gene, build_space, config_key  # noqa: E402
 from qra.plans.schema import Device, Training  # noqa: E402
 from qra.plans.spec import spec_from_config  # noqa: E402
@@ -57,9 +58,7 @@ def pretrained_tiny(train_batches, steps: int) -> torch.nn.Module:
 
 
 def _save(path: Path, scores: dict[str, float], meta: dict) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(json.dumps({**meta, "scores": scores}, indent=0, sort_keys=True))
-    os.replace(staging, path)
+    write_text(path, json.dumps({**meta, "scores": scores}, indent=0, sort_keys=True))
 
 
 def main() -> None:
