@@ -61,11 +61,15 @@ class _Journal:
         self.key = key
         self.entries: dict[str, float] = {}
         if path is not None and path.is_file():
-            data = json.loads(path.read_text())
-            if data.get("key") == key:
-                self.entries = {name: float(value) for name, value in data["entries"].items() if name in names}
-            else:
+            try:
+                data = json.loads(path.read_text())
+                entries = {name: float(value) for name, value in data["entries"].items()} if data.get("key") == key else None
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                log.warning("priors journal %s does not parse (%s): starting afresh", path, error)
+                entries = {}
+            if entries is None:
                 log.warning("priors journal %s is for another model, data or settings: starting afresh", path)
+            self.entries = {name: value for name, value in (entries or {}).items() if name in names}
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from qra.files import atomic_path
@@ -80,6 +81,10 @@ def model_digest(model: nn.Module, spec: ModelSpec) -> str:
             weight = model.get_submodule(spec.module_path(index, module)).weight
             digest.update(weight.detach().float().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _checksum(weight: torch.Tensor) -> str:
+    return hashlib.sha256(weight.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:
@@ -154,26 +159,44 @@ class QuantCache:
         return self.folder / f"{self.spec.module_path(layer, module)}.{bits}bit.safetensors"
 
     def _load(self, layer: int, module: LinearSpec, bits: int) -> torch.Tensor | None:
+        """The entry on disk, if it is whole and what this cache would write: one that does not load, has
+        another shape, dtype or key, or fails its checksum (a copy cut short, a flipped bit) is removed with
+        a warning, and the weight is quantized again."""
         path = self._path(layer, module, bits)
         if path is None or not path.is_file():
             return None
-        weight = load_file(path)["weight"]
-        if tuple(weight.shape) != (module.out_features, module.in_features):
-            log.warning("ignoring %s: shape %s does not match the module", path, tuple(weight.shape))
-            return None
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata, weight = handle.metadata() or {}, handle.get_tensor("weight")
+        except Exception as error:  # safetensors raises its own error types for every kind of damage
+            return self._discard(path, f"it does not load ({error})")
+        expected = {**self._metadata(layer, module, bits), "sha256": _checksum(weight)}
+        if tuple(weight.shape) != (module.out_features, module.in_features) or weight.dtype != torch.float16:
+            return self._discard(path, f"shape {tuple(weight.shape)} or dtype {weight.dtype} does not match the module")
+        if metadata != expected:
+            return self._discard(path, "its key or checksum does not match")
         return weight
 
-    def _save(self, layer: int, module: LinearSpec, bits: int, weight: torch.Tensor) -> None:
-        path = self._path(layer, module, bits)
-        if path is None:
-            return
-        metadata = {
+    @staticmethod
+    def _discard(path: Path, reason: str) -> None:
+        log.warning("quantization cache entry %s is removed and rebuilt: %s", path, reason)
+        path.unlink(missing_ok=True)
+        return None
+
+    def _metadata(self, layer: int, module: LinearSpec, bits: int) -> dict[str, str]:
+        return {
             "fingerprint": self.fingerprint,
             "calibration": self.calibration_hash,
             "module": self.spec.module_path(layer, module),
             "bits": str(bits),
             "group_size": str(self.group_size),
         }
+
+    def _save(self, layer: int, module: LinearSpec, bits: int, weight: torch.Tensor) -> None:
+        path = self._path(layer, module, bits)
+        if path is None:
+            return
+        metadata = {**self._metadata(layer, module, bits), "sha256": _checksum(weight)}
         with atomic_path(path, ".safetensors") as staging:
             save_file({"weight": weight.contiguous()}, staging, metadata=metadata)
 

@@ -265,3 +265,31 @@ def test_the_top_rung_is_the_benchmarks_evaluator_mode_for_the_same_plan_and_see
     assert setup.measure_plan(plan, seed=3).loss == setup.measure(config, 2, seed=3).loss
     with pytest.raises(ValueError, match="trains with"):
         setup.measure_plan(plan.model_copy(update={"training": plan.training.model_copy(update={"steps": 5})}))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit flipped"])
+def test_a_damaged_cache_entry_is_removed_and_rebuilt_not_a_traceback_nor_a_wrong_weight(setup, tmp_path, damage, caplog):
+    model, spec, calibration = setup.model, setup.space.spec, setup.cache.calibration
+    module = spec.layers[0][1]
+    original = QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path).weight(0, module, 4)
+    [path] = list(tmp_path.rglob("*.safetensors"))
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[-10] ^= 0x01  # one bit of the weight's bytes
+    path.write_bytes(bytes(data))
+    cache = QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path)
+    assert torch.equal(cache.weight(0, module, 4), original)
+    assert (cache.stats.disk_hits, cache.stats.misses) == (0, 1)
+    assert "removed and rebuilt" in caplog.text
+    assert QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path).weight(0, module, 4) is not None
+
+
+def test_a_priors_journal_that_does_not_parse_is_started_afresh(setup, tmp_path):
+    journal = tmp_path / "priors.json"
+    journal.write_text('{"key": "x", "entries": {"base": 1.0')  # cut off mid-write
+    settings = PriorSettings(held_out_sequences=8, probe_steps=2)
+    importance = measure_priors(setup, settings, journal)
+    assert len(importance.sensitivity) == len(setup.space.units)
+    assert json.loads(journal.read_text())["entries"]
