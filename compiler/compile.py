@@ -20,6 +20,7 @@ from qra.compiler.finalists import FinalPick, final_pick
 from qra.compiler.importance import Importance, flat_importance
 from qra.compiler.journal import Journal, JournaledObjective
 from qra.compiler.priors import PriorSettings, measure_priors
+from qra.compiler.progress import StageProgress
 from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Config, Granularity, SearchSpace, build_space, config_key
 from qra.compiler.strategies import BASELINES, STRATEGIES, Baseline, Evaluation, Problem, SearchResult, run_search
@@ -156,12 +157,14 @@ def _evaluator(request: CompileRequest, source: ModelSource, space: SearchSpace,
     return FidelityEvaluator(model, space, data, cache, effort.ladder(training.steps), tokenizer, dtype=dtype)
 
 
-def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: Effort, work: Path) -> Importance:
+def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: Effort, work: Path,
+                on_stage: Callable[[StageProgress], None] | None = None) -> Importance:
     space = evaluator.space
     if request.strategy not in PRIORS_STRATEGIES:
         return flat_importance(len(space.units), space.bits, space.ranks)
     log.info("measuring importance priors: %d units x %d bit-widths, %d rank probes", len(space.units), len(space.bits), len(space.ranks))
-    return measure_priors(evaluator, PriorSettings(effort.prior_sequences, effort.prior_probe_steps), journal=work / "priors.json")
+    settings = PriorSettings(effort.prior_sequences, effort.prior_probe_steps)
+    return measure_priors(evaluator, settings, journal=work / "priors.json", on_progress=on_stage)
 
 
 def _strategy(problem: Problem, name: str, seed: int):
@@ -231,7 +234,8 @@ class _SeededObjective:
         return self.evaluator.measure(config, fidelity, self.seed).loss
 
 
-def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResult, uniform: SearchResult) -> FinalPick:
+def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResult, uniform: SearchResult,
+              on_stage: Callable[[StageProgress], None] | None = None) -> FinalPick:
     """The final paired comparison (`qra.compiler.finalists`) on fresh seeds, each seed's runs journaled
     beside the search's journal, so a resumed compile replays them."""
     finalists, best_uniform = finalists_of(result, uniform, prepared.effort.finalists)
@@ -246,7 +250,16 @@ def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResul
             path = request.journal.with_name(f"{request.journal.stem}.seed{seed}.jsonl")
             objectives[seed] = JournaledObjective(objective, Journal(path, journal_key(request, prepared, f"finalists seed {seed}")))
     log.info("final comparison: %d finalist(s) and %s on seeds %s", len(finalists), _baseline_name(best_uniform), seeds)
-    return final_pick(lambda config, seed: objectives[seed].evaluate(config, top), finalists, best_uniform, seeds)
+    total = (len([c for c in finalists if c != best_uniform]) + 1) * len(seeds)
+    done: list[float] = []
+
+    def evaluate(config: Config, seed: int) -> float:
+        done.append(objectives[seed].evaluate(config, top))
+        if on_stage is not None:
+            on_stage(StageProgress("final comparison", len(done), total, top_rung=True))
+        return done[-1]
+
+    return final_pick(evaluate, finalists, best_uniform, seeds)
 
 
 def _seed_scores(pick: FinalPick) -> list[SeedScores]:
@@ -272,7 +285,7 @@ class Prepared:
     above_maximum: bool
 
 
-def prepare(request: CompileRequest) -> Prepared:
+def prepare(request: CompileRequest, on_stage: Callable[[StageProgress], None] | None = None) -> Prepared:
     """Check the request, load the model and data, and measure (or replay) the importance priors."""
     _check_request(request)
     source, spec = _model(request)
@@ -281,7 +294,7 @@ def prepare(request: CompileRequest) -> Prepared:
     effort = request.effort if isinstance(request.effort, Effort) else EFFORTS[request.effort]
     work = request.work or Path(".qra-work")
     evaluator = _evaluator(request, source, space, effort, work)
-    importance = _importance(request, evaluator, effort, work)
+    importance = _importance(request, evaluator, effort, work, on_stage)
     problem = Problem(space, importance, request.budget.bytes, fidelities=tuple(range(evaluator.ladder.levels)))
     return Prepared(source, spec, space, effort, evaluator, problem, above_maximum)
 
@@ -320,18 +333,42 @@ def _note(request: CompileRequest, config: Config, pick: FinalPick | None = None
     )
 
 
+def _search_reporter(
+    prepared: "Prepared", on_progress: Callable[[Evaluation], None] | None, on_stage: Callable[[StageProgress], None] | None
+) -> Callable[[Evaluation], None]:
+    """The search's per-evaluation callback: the caller's, and a `StageProgress` with the best score at the
+    highest fidelity reached so far."""
+    best: dict[int, float] = {}
+
+    def report(evaluation: Evaluation) -> None:
+        if on_progress is not None:
+            on_progress(evaluation)
+        best[evaluation.fidelity] = min(best.get(evaluation.fidelity, float("inf")), evaluation.score)
+        if on_stage is not None:
+            on_stage(StageProgress("search", evaluation.index + 1, prepared.effort.evaluations, best=best[max(best)],
+                                   top_rung=evaluation.fidelity == prepared.problem.top))
+
+    return report
+
+
 def compile_plan(
-    request: CompileRequest, on_progress: Callable[[Evaluation], None] | None = None, prepared: Prepared | None = None
+    request: CompileRequest, on_progress: Callable[[Evaluation], None] | None = None, prepared: Prepared | None = None,
+    on_stage: Callable[[StageProgress], None] | None = None,
 ) -> CompileOutcome:
-    """Run every stage and return the verified plan (not yet written) with the search's record."""
+    """Run every stage and return the verified plan (not yet written) with the search's record. `on_progress`
+    sees every search evaluation; `on_stage` every stage's progress (`qra.compiler.progress`)."""
     began = time.perf_counter()
-    prepared = prepared or prepare(request)
+    prepared = prepared or prepare(request, on_stage)
     journal, baseline_journal = _journals(request, prepared)
     log.info("searching: %s, %d evaluations", request.strategy, prepared.effort.evaluations)
     strategy = _strategy(prepared.problem, request.strategy, request.training.seed)
-    result = run_search(strategy, prepared.evaluator, prepared.effort.evaluations, on_progress, journal)
+    reporter = _search_reporter(prepared, on_progress, on_stage)
+    result = run_search(strategy, prepared.evaluator, prepared.effort.evaluations, reporter, journal)
     uniform = _uniform_baseline(prepared, baseline_journal)
-    pick = pick_plan(request, prepared, result, uniform)
+    if on_stage is not None:
+        on_stage(StageProgress("search", len(result.history), len(result.history), best=result.best_score,
+                               uniform=uniform.best_score))
+    pick = pick_plan(request, prepared, result, uniform, on_stage)
     log.info("quantization cache: %s", prepared.evaluator.cache.stats)
     ladder = prepared.evaluator.ladder
     provenance = Provenance(

@@ -35,6 +35,7 @@ from torch import nn
 
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.compiler.importance import Importance
+from qra.compiler.progress import StageProgress
 from qra.compiler.space import Config, Gene
 from qra.files import digest, write_text
 from qra.runtime.heldout import HeldOut, score_held_out, sequence_losses
@@ -55,8 +56,10 @@ class _Journal:
     """Raw measurements by name, persisted after each one when a path is given; entries of a journal
     whose names are not among `names` (a measure this version no longer takes) are dropped."""
 
-    def __init__(self, path: Path | None, key: str, names: set[str]) -> None:
+    def __init__(self, path: Path | None, key: str, names: set[str],
+                 on_progress: Callable[[StageProgress], None] | None = None) -> None:
         self.expected = len(names)
+        self.on_progress = on_progress
         self.path = path
         self.key = key
         self.entries: dict[str, float] = {}
@@ -81,6 +84,8 @@ class _Journal:
 
     def record(self, name: str, value: float) -> None:
         self.entries[name] = value
+        if self.on_progress is not None:
+            self.on_progress(StageProgress("priors", len(self.entries), self.expected))
         if len(self.entries) % PROGRESS_EVERY == 0:
             log.info("priors: %d of %d measurements", len(self.entries), self.expected)
         if self.path is None:
@@ -225,10 +230,13 @@ def _monotone(values: dict[int, float], scale: float, descending: bool) -> dict[
 
 
 def measure_priors(
-    evaluator: FidelityEvaluator, settings: PriorSettings = PriorSettings(), journal: Path | None = None
+    evaluator: FidelityEvaluator, settings: PriorSettings = PriorSettings(), journal: Path | None = None,
+    on_progress: Callable[[StageProgress], None] | None = None,
 ) -> Importance:
     """AutoQRA's importance priors for every unit of the evaluator's space (resumable through `journal`)."""
-    record = _Journal(journal, _journal_key(evaluator, settings), _entry_names(evaluator))
+    record = _Journal(journal, _journal_key(evaluator, settings), _entry_names(evaluator), on_progress)
+    if on_progress is not None:
+        on_progress(StageProgress("priors", len(record.entries), record.expected))
     held_out = evaluator.data.held_out_prefix(settings.held_out_sequences)
     base = record.get("base", lambda: _loss(evaluator.model, held_out))
     sensitivity = _measure_sensitivity(evaluator, record, held_out)

@@ -54,9 +54,14 @@ def request(folder, tmp_path, **changes) -> CompileRequest:
 
 
 def test_compile_runs_every_stage_and_writes_a_verified_plan_with_provenance(tiny_folder, tmp_path):
-    scored = []
-    outcome = compile_plan(request(tiny_folder, tmp_path), on_progress=scored.append)
+    scored, stages = [], []
+    outcome = compile_plan(request(tiny_folder, tmp_path), on_progress=scored.append, on_stage=stages.append)
     plan = outcome.plan
+    order = [stage.stage for stage in stages]
+    assert order == sorted(order, key=["priors", "search", "final comparison"].index)  # stage by stage, in order
+    final = [stage for stage in stages if stage.stage == "final comparison"]
+    assert final[-1].done == final[-1].total == 2 * CHEAP.seeds and all(stage.top_rung for stage in final)
+    assert [stage.uniform for stage in stages if stage.uniform is not None] == [plan.provenance.baselines[next(iter(plan.provenance.baselines))]]
     assert verify_plan(plan, tiny_spec("llama", layers=2)).verified
     space = build_space(tiny_spec("llama", layers=2), BITS, RANKS, TRAINING, DEVICE)
     assert all(space.cost(evaluation.config) <= plan.budget.bytes for evaluation in scored)

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from qra.errors import QraError
-from qra.units import format_bytes, parse_bytes
+from qra.units import format_bytes, format_seconds, parse_bytes
 
 F = TypeVar("F", bound=Callable)
 
@@ -388,10 +388,11 @@ def compile_command(
     context: Annotated[str, typer.Option(help="fixed overhead of the device context")] = "500MB",
 ) -> None:
     """Search per-layer bits and LoRA ranks that fit BUDGET and fine-tune best; write a verified plan."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TextColumn
 
-    from qra.compiler.compile import CompileRequest, compile_plan
+    from qra.compiler.compile import EFFORTS, CompileRequest, compile_plan
     from qra.compiler.finalists import MARGIN_SE
+    from qra.compiler.progress import CompileClock, StageProgress
     from qra.plans.io import save_plan
     from qra.plans.schema import Budget
 
@@ -413,28 +414,32 @@ def compile_command(
         journal=journal, work=work or output.with_name(output.name + ".work"), resume=resume,
     )
     _log_progress()
-    columns = (TextColumn("search"), BarColumn(), TextColumn("{task.completed}/{task.total} evaluations"),
-               TextColumn("best {task.fields[best]:.4f}"), TextColumn("{task.fields[ladder]}"), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[scores]}"), TextColumn("{task.fields[eta]}"))
     progress = Progress(*columns, console=Console(stderr=True))
-    best: dict[int, float] = {}
-    counts: dict[int, int] = {}
-    task = None
+    if effort not in EFFORTS:
+        raise QraError(f"--effort {effort!r} is not one of {', '.join(EFFORTS)}")
+    effort_settings = EFFORTS[effort]
+    clock = CompileClock(search_total=effort_settings.evaluations,
+                         final_total=(effort_settings.finalists + 1) * effort_settings.seeds)
+    tasks: list = []  # the one task, added (and the display started) at the first report
+    known: dict[str, float] = {}
 
-    def show(evaluation) -> None:
-        nonlocal task
-        if task is None:
-            from qra.compiler.compile import EFFORTS
-
+    def show(stage: StageProgress) -> None:
+        if not tasks:
             progress.start()
-            task = progress.add_task("search", total=EFFORTS[effort].evaluations, best=float("nan"), ladder="")
-        counts[evaluation.fidelity] = counts.get(evaluation.fidelity, 0) + 1
-        best[evaluation.fidelity] = min(best.get(evaluation.fidelity, float("inf")), evaluation.score)
-        top = max(best)
-        ladder = " ".join(f"f{f}:{n}" for f, n in sorted(counts.items()))
-        progress.update(task, completed=sum(counts.values()), best=best[top], ladder=ladder)
+            tasks.append(progress.add_task(stage.stage, total=1, scores="", eta=""))
+        clock.update(stage)
+        known.update({name: value for name, value in (("best", stage.best), ("uniform", stage.uniform)) if value is not None})
+        left = clock.seconds_left()
+        progress.update(
+            tasks[0], description=stage.stage, completed=stage.done, total=max(stage.total, 1),
+            scores=", ".join(f"{name} {value:.4f}" for name, value in known.items()),
+            eta="" if left is None else f"compile ETA {format_seconds(left)}",
+        )
 
     try:
-        outcome = compile_plan(request, on_progress=show)
+        outcome = compile_plan(request, on_stage=show)
     finally:
         progress.stop()
     save_plan(outcome.plan, output)

@@ -33,3 +33,13 @@ def format_bytes(n: int | float) -> str:
         if n >= factor:
             return f"{sign}{n / factor:.2f} {unit}"
     return f"{sign}{int(n)} B"
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration as `1h02m`, `12m05s` or `45s`."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

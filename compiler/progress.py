@@ -1,0 +1,61 @@
+"""What a compile reports while it runs, stage by stage, for one progress display.
+
+Stages, in order: `priors` (one unit per measurement), `search` (one per evaluation), `final comparison`
+(one per fine-tune of a finalist or of uniform on a fresh seed). Each report says the stage, how much of it
+is done, the best score so far and the uniform baseline's, where known. `CompileClock` turns the reports
+into an estimate of the time left for the whole compile.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+STAGES = ("priors", "search", "final comparison")
+
+
+@dataclass(frozen=True)
+class StageProgress:
+    stage: str
+    done: int
+    total: int
+    best: float | None = None
+    uniform: float | None = None
+    top_rung: bool = False  # the unit just done was a fine-tune to the top rung (the final comparison's unit)
+
+
+@dataclass
+class CompileClock:
+    """Time left for the whole compile, from the rate of each stage so far. Stages not yet started are
+    priced by what is known: the search's and the final comparison's units by the mean seconds of a
+    top-rung fine-tune seen so far (or of any search evaluation before one is seen)."""
+
+    search_total: int
+    final_total: int
+    _started: dict[str, float] = field(default_factory=dict)
+    _done: dict[str, int] = field(default_factory=dict)
+    _totals: dict[str, int] = field(default_factory=dict)
+    _last: float = field(default_factory=time.perf_counter)
+    _top_seconds: list[float] = field(default_factory=list)
+
+    def update(self, progress: StageProgress, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        self._started.setdefault(progress.stage, self._last)
+        if progress.top_rung:
+            self._top_seconds.append(now - self._last)
+        self._done[progress.stage], self._totals[progress.stage] = progress.done, progress.total
+        self._last = now
+
+    def seconds_left(self, now: float | None = None) -> float | None:
+        now = time.perf_counter() if now is None else now
+        rates = {stage: (now - self._started[stage]) / done for stage, done in self._done.items() if done}
+        per_run = (sum(self._top_seconds) / len(self._top_seconds) if self._top_seconds
+                   else rates.get("search"))
+        left = 0.0
+        for stage, total in (("priors", self._totals.get("priors", 0)), ("search", self.search_total),
+                             ("final comparison", self.final_total)):
+            remaining = self._totals.get(stage, total) - self._done.get(stage, 0)
+            rate = rates.get(stage) if stage != "final comparison" else per_run
+            if remaining > 0:
+                if rate is None:
+                    return None
+                left += remaining * rate
+        return left
