@@ -19,7 +19,7 @@ from qra.compiler.fidelity import FidelityEvaluator, FidelityLadder, ladder_for,
 from qra.compiler.finalists import FinalPick, final_pick
 from qra.compiler.importance import Importance, flat_importance
 from qra.compiler.journal import Journal, JournaledObjective
-from qra.compiler.priors import PriorSettings, measure_priors
+from qra.compiler.priors import PriorSettings, journal_path, measure_priors
 from qra.compiler.progress import StageProgress
 from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Config, Granularity, SearchSpace, build_space, config_key
@@ -164,7 +164,8 @@ def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: E
         return flat_importance(len(space.units), space.bits, space.ranks)
     log.info("measuring importance priors: %d units x %d bit-widths, %d rank probes", len(space.units), len(space.bits), len(space.ranks))
     settings = PriorSettings(effort.prior_sequences, effort.prior_probe_steps)
-    return measure_priors(evaluator, settings, journal=work / "priors.json", on_progress=on_stage)
+    journal = journal_path(work / "priors", evaluator, settings)
+    return measure_priors(evaluator, settings, journal=journal, on_progress=on_stage)
 
 
 def _strategy(problem: Problem, name: str, seed: int):

@@ -116,6 +116,12 @@ def _journal_key(evaluator: FidelityEvaluator, settings: PriorSettings) -> str:
     return digest(identity)
 
 
+def journal_path(folder: Path, evaluator: FidelityEvaluator, settings: PriorSettings) -> Path:
+    """Where the priors of this evaluator and settings are journaled in a shared `folder`: one file per key,
+    so priors of another granularity or schedule kept in the same work folder are not overwritten."""
+    return folder / f"{_journal_key(evaluator, settings)[:16]}.json"
+
+
 def _only(evaluator: FidelityEvaluator, unit: int, gene: Gene, rank: int) -> Config:
     """Every unit at 16 bits and `rank`, except `unit`, which gets `gene`."""
     return tuple(gene if index == unit else Gene(FLOAT_BITS, rank) for index in range(len(evaluator.space.units)))

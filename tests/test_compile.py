@@ -122,7 +122,8 @@ def test_baseline_plans_share_the_searchs_priors_and_verify_unscored(tiny_folder
     compiled = request(tiny_folder, tmp_path)
     prepared = prepare(compiled)
     outcome = compile_plan(compiled, prepared=prepared)
-    priors = (tmp_path / "work" / "priors.json").read_text()
+    [journal] = (tmp_path / "work" / "priors").iterdir()
+    priors = journal.read_text()
     spec = tiny_spec("llama", layers=2)
     for name in ("uniform", "sequential", "heuristic"):
         plan = baseline_plan(compiled, prepared, name)
@@ -130,7 +131,7 @@ def test_baseline_plans_share_the_searchs_priors_and_verify_unscored(tiny_folder
         assert verify_plan(plan, spec).verified
         assert plan.model == outcome.plan.model and plan.budget == outcome.plan.budget
     assert {layer.bits for layer in baseline_plan(compiled, prepared, "uniform").layers} == {4}
-    assert (tmp_path / "work" / "priors.json").read_text() == priors
+    assert journal.read_text() == priors
     with pytest.raises(QraError, match="unknown baseline"):
         baseline_plan(compiled, prepared, "best")
 

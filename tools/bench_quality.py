@@ -183,11 +183,12 @@ def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict, prepa
             timings[f"search and final comparison {budget.text} {granularity}"] = round(time.perf_counter() - began, 1)
         plans[f"autoqra-{granularity}"] = load_plan(path)
     for method in BASELINES:
-        granularity = "module" if method == "llamacpp" else "layer"
+        # llama.cpp's mix needs no priors: its preparation (module granularity) measures none
+        granularity, strategy = ("module", method) if method == "llamacpp" else ("layer", "autoqra")
         path = folder / f"{_plan_name(settings, budget, 'layer')}.{method}.yaml"
         if not path.is_file():
             request = compile_request(settings, budget, granularity, out)
-            save_plan(baseline_plan(request, preparations.get(settings, budget, granularity), method), path)
+            save_plan(baseline_plan(request, preparations.get(settings, budget, granularity, strategy), method), path)
         plans[method] = load_plan(path)
     return plans
 
