@@ -17,12 +17,14 @@ def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def test_plans_are_shipped_and_named_by_model_and_budget():
+def test_plans_are_shipped_and_named_by_model_budget_and_granularity():
     assert SHIPPED, "no plan in plans/"
     for path in SHIPPED:
         plan = load_plan(path)
-        assert path.name == f"{plan.model.id}-{plan.budget.text}.yaml"
+        granularity = "module" if "granularity module" in plan.provenance.note else "layer"
+        assert path.name == f"{plan.model.id}-{plan.budget.text}{'-module' if granularity == 'module' else ''}.yaml"
         assert plan.provenance.strategy == "autoqra" and plan.provenance.evaluations
+        assert plan.provenance.finalists, "compiled by the search with its final paired comparison"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
