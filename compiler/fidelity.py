@@ -42,11 +42,10 @@ from qra.files import digest
 from qra.plans.memory import SettingsFor, plan_settings
 from qra.plans.schema import Plan, Training
 from qra.runtime.data import Batch, Dataset, Example, Feature, batch_source, batches, held_out_batches_by_task, pad_id, training_features
-from qra.runtime.heldout import HeldOut, Scores, score_held_out
+from qra.runtime.heldout import HELD_OUT_BATCH_SIZE, HeldOut, Scores, score_held_out
 from qra.runtime.run import BatchFor, Run, RunState, open_run
 
 log = logging.getLogger(__name__)
-HELD_OUT_BATCH_SIZE = 16  # scoring only: no gradients, so larger batches than training's cost little
 KEPT_STATES = 16  # run checkpoints kept in memory for promotion (a few MB each at small ranks)
 
 

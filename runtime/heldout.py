@@ -23,6 +23,8 @@ from torch.nn import functional
 
 from qra.runtime.data import IGNORE_INDEX, Batch
 
+HELD_OUT_BATCH_SIZE = 16  # scoring only: no gradients, so larger batches than training's cost little
+
 HeldOut = Mapping[str, Sequence[Batch]]
 """Each task's held-out batches, by task name."""
 

@@ -29,7 +29,7 @@ from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import model_problems
 from qra.runtime.data import Dataset, Example, batch_source, exact_match, held_out_batches_by_task, load_dataset, pad_id, training_features
 from qra.runtime.footprint import memory_report
-from qra.runtime.heldout import HeldOut
+from qra.runtime.heldout import HELD_OUT_BATCH_SIZE, HeldOut
 from qra.runtime.quantize import GPTQModelWeights, gptqmodel_log_dir
 from qra.runtime.run import StepLog, open_run
 from qra.runtime.train import train_run
@@ -37,7 +37,6 @@ from qra.runtime.train import train_run
 log = logging.getLogger(__name__)
 MARKER = "qra-run.json"
 CALIBRATION_SAMPLES = 32
-HELD_OUT_BATCH_SIZE = 16  # scoring only: no gradients, so larger batches than training's cost little
 
 
 @dataclass

@@ -49,7 +49,7 @@ from qra.plans.plot import bits_rank_pattern, plot_plan
 from qra.plans.schema import Budget, Device, Plan, Training
 from qra.plans.spec import spec_from_config
 from qra.runtime.footprint import measure_plan_footprint
-from qra.runtime.materialize import MaterializeRequest, held_out_exact_match, materialize
+from qra.runtime.materialize import MaterializeRequest, materialize
 
 log = logging.getLogger("bench_quality")
 
@@ -201,29 +201,14 @@ def ceiling_plan(settings: Settings, reference: Plan, spec) -> Plan:
 
 
 # stage 4: fine-tunes
-def _fine_tune(evaluator: FidelityEvaluator, plan: Plan, seed: int, exact_match_examples: int = 0) -> dict:
+def _fine_tune(evaluator: FidelityEvaluator, plan: Plan, seed: int) -> dict:
     evaluation = evaluator.measure_plan(plan, seed)
-    exact = None
-    if exact_match_examples and evaluator.data.answers:
-        exact = _exact_match(evaluator, plan, seed, exact_match_examples)
     return {
         "seed": seed, "loss": evaluation.loss, "se": evaluation.scores.se,
         "held_out_by_task": evaluation.scores.losses(),
         "se_by_task": {task: score.se for task, score in evaluation.scores.by_task.items()},
-        "exact_match": exact, "train_s": evaluation.wall_s,
+        "exact_match": None, "train_s": evaluation.wall_s,
     }
-
-
-def _exact_match(evaluator: FidelityEvaluator, plan: Plan, seed: int, examples: int) -> float | None:
-    """Greedy exact match on held-out questions, after the same run (repeated: generation needs the adapter
-    attached, which `measure_plan` removes; the run is deterministic, so it is the same model)."""
-    from qra.plans.memory import plan_settings
-    from qra.runtime.run import open_run
-
-    training = plan.training.model_copy(update={"seed": seed})
-    with open_run(evaluator.weights, evaluator.space.spec, plan_settings(plan), training, evaluator.data.batch_for(training)) as run:
-        run.train_to(training.steps)
-        return held_out_exact_match(run.model, evaluator.tokenizer, list(evaluator.data.answers), examples)
 
 
 def run_materialize(settings: Settings, plan: Plan, seed: int, folder: Path, cache: Path) -> dict:
@@ -428,7 +413,7 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
                 else:
                     log.info("fine-tuning %s at %s, seed %d", method, budget.text, seed)
                     result = _cached(folder / f"seed{seed}.json", plan_key(plan),
-                                     lambda: _fine_tune(evaluator, plan, seed, settings.exact_match_examples))
+                                     lambda: _fine_tune(evaluator, plan, seed))
                 runs.setdefault((name, method), []).append(result)
         report = _report(args, settings, budgets, plans, ceiling, runs, spec, timings, rates)
         _publish(report, out, args.report, budgets, settings)
@@ -505,7 +490,7 @@ def main() -> None:
     parser.add_argument("--lr-grid", default="2e-4,5e-4,1e-3,2e-3")
     parser.add_argument("--effort", default="quick")
     parser.add_argument("--seeds", default="10,11,12", help="bench seeds: none of them takes part in a compile")
-    parser.add_argument("--exact-match-examples", type=int, default=0)
+    parser.add_argument("--exact-match-examples", type=int, default=0, help="materialize mode: greedy exact match on this many held-out questions")
     parser.add_argument("--fine-tune", choices=("evaluator", "materialize"), default="evaluator")
     parser.add_argument("--measure-peaks", action="store_true")
     parser.add_argument("--weight-source-gap", action="store_true")
