@@ -31,7 +31,7 @@ from qra.plans.build import model_ref, with_memory
 from qra.plans.schema import Budget, Device, Plan, Prediction, Provenance, SeedScores, Training
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import verify_plan
-from qra.runtime.data import load_dataset
+from qra.runtime.data import Dataset, load_dataset, training_for
 from qra.runtime.precision import fastest_dtype
 from qra.units import format_bytes
 
@@ -145,13 +145,14 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _evaluator(request: CompileRequest, source: ModelSource, space: SearchSpace, effort: Effort, work: Path) -> FidelityEvaluator:
+def _evaluator(
+    request: CompileRequest, source: ModelSource, space: SearchSpace, effort: Effort, work: Path, dataset: Dataset
+) -> FidelityEvaluator:
     # bf16 where the CPU computes it natively (it then also rounds weights as the bf16 runtime does), else fp32
     dtype = fastest_dtype()
     log.info("loading %s and tokenizing %s; evaluating in %s", source.name, request.data, dtype)
     model, tokenizer = load_model(source, "bfloat16")
-    dataset = load_dataset(request.data, seed=request.training.seed)
-    training = request.training
+    training = space.training
     data = prepare_data(dataset, tokenizer, training.seq_len, training.batch_size, training.seed)
     cache = QuantCache(model, space.spec, data.train[: effort.calibration_batches], request.group_size, folder=work / "qcache")
     return FidelityEvaluator(model, space, data, cache, effort.ladder(training.steps), tokenizer, dtype=dtype)
@@ -290,11 +291,13 @@ def prepare(request: CompileRequest, on_stage: Callable[[StageProgress], None] |
     """Check the request, load the model and data, and measure (or replay) the importance priors."""
     _check_request(request)
     source, spec = _model(request)
-    space = build_space(spec, request.bits, request.ranks, request.training, request.device, request.granularity, request.group_size)
+    dataset = load_dataset(request.data, seed=request.training.seed)
+    training = training_for(request.training, dataset)
+    space = build_space(spec, request.bits, request.ranks, training, request.device, request.granularity, request.group_size)
     above_maximum = _check_budget(space, request.budget)
     effort = request.effort if isinstance(request.effort, Effort) else EFFORTS[request.effort]
     work = request.work or Path(".qra-work")
-    evaluator = _evaluator(request, source, space, effort, work)
+    evaluator = _evaluator(request, source, space, effort, work, dataset)
     importance = _importance(request, evaluator, effort, work, on_stage)
     problem = Problem(space, importance, request.budget.bytes, fidelities=tuple(range(evaluator.ladder.levels)))
     return Prepared(source, spec, space, effort, evaluator, problem, above_maximum)
@@ -305,7 +308,7 @@ def _plan(request: CompileRequest, prepared: Prepared, config: Config, predicted
     plan = Plan(
         model=model_ref(prepared.spec, prepared.source.name, content_hash(prepared.source)),
         budget=request.budget,
-        training=request.training,
+        training=prepared.space.training,
         device=request.device,
         layers=prepared.space.layer_plans(config),
         predicted=predicted,

@@ -197,7 +197,8 @@ class FidelityEvaluator:
             "train": batches_digest(self.data.train),
             "held_out": [batches_digest(task) for task in self.data.held_out_prefix(held_out_sequences).values()],
             "units": [unit.label for unit in self.space.units],
-            "training": self.space.training.model_dump(),
+            # whether batches pad is a fact of the data, already in the batches' digests
+            "training": self.space.training.model_dump(exclude={"padded_batches"}),
             "dtype": str(self.dtype),
         }
 

@@ -24,6 +24,9 @@ INDEX_BYTES = 4  # g_idx is int32
 FP32 = 4
 LABEL_BYTES = 8  # int64 token ids
 CUDA_MASK_BYTES = 1  # dropout masks are bool on CUDA; on CPU they take the input dtype
+# int32 elements of gptqmodel's unpacking shift table per quantized linear (its `wf` buffers: two views of
+# one storage): one shift per code in a 32-bit word at 2, 4 and 8 bits, a 3x12 table at 3 bits
+SHIFT_TABLE_INT32S = {2: 16, 3: 36, 4: 8, 8: 4}
 
 SettingsFor = Callable[[int, LinearSpec], ModuleSettings]
 
@@ -66,10 +69,12 @@ def packed_linear_bytes(in_features: int, out_features: int, bits: int, group_si
 
 
 def linear_weight_bytes(module: LinearSpec, settings: ModuleSettings, compute_bytes: int) -> int:
-    """Bytes of a base linear at its planned bits: packed when quantized, dense at 16 bits."""
+    """Bytes of a base linear at its planned bits: dense at 16 bits; quantized, the packed tensors and the
+    module's unpacking shift table (a buffer gptqmodel keeps beside them)."""
     if settings.bits == 16:
         return (module.in_features * module.out_features + (module.out_features if module.bias else 0)) * compute_bytes
-    return packed_linear_bytes(module.in_features, module.out_features, settings.bits, settings.group_size, module.bias)
+    packed = packed_linear_bytes(module.in_features, module.out_features, settings.bits, settings.group_size, module.bias)
+    return packed + SHIFT_TABLE_INT32S[settings.bits] * INDEX_BYTES
 
 
 def lora_parameter_count(module: LinearSpec, rank: int) -> int:
@@ -128,12 +133,19 @@ def _layer_saved(
 
     The hidden state entering the layer needs no gradient only in layer 0 without gradient
     checkpointing; then neither its norm nor the quantized q/k/v base path saves anything.
+
+    A padded batch (`training.padded_batches`) gives SDPA an explicit attention mask instead of its causal
+    flag. SDPA then saves the mask, batch x 1 x T x T in the compute dtype, and k and v as it receives
+    them: expanded to every attention head (`repeat_kv`), not in their grouped shape (docs/measurements.md,
+    "Padded batches save more for attention").
     """
     e = DTYPE_BYTES[training.compute_dtype]
     a = DTYPE_BYTES[training.adapter_dtype]
     cast = training.adapter_dtype != training.compute_dtype
     h, inter, d = spec.hidden_size, spec.intermediate_size, spec.head_dim
     q_width, kv_width = spec.num_attention_heads * d, spec.num_key_value_heads * d
+    if training.padded_batches:
+        kv_width = q_width
     saved = {
         # RMSNorm computes in fp32: it saves the fp32 hidden state and rsqrt(variance)
         "post_attention_norm": tokens * (h * FP32 + FP32),
@@ -148,6 +160,8 @@ def _layer_saved(
         "mlp_up": tokens * inter * e,
         "mlp_act": tokens * inter * e,
     }
+    if training.padded_batches:
+        saved["attn_mask"] = training.batch_size * training.seq_len**2 * e
     if input_requires_grad:
         saved["input_norm"] = tokens * (h * FP32 + FP32)
     # the compute-dtype tensor each role reads; o_proj reads SDPA's output, already saved above

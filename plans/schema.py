@@ -48,6 +48,11 @@ class Training(_Strict):
     compute_dtype: DType = "bfloat16"
     adapter_dtype: DType = "float32"
     attention: Literal["sdpa", "eager"] = "sdpa"
+    padded_batches: bool = Field(
+        default=False,
+        description="some batch of the data holds sequences of different lengths, so it is padded and attention "
+        "runs with a mask (which saves more for backward); set from the data by `qra compile` and `--data`",
+    )
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     dequantize_in_backward: bool = Field(
         default=True,

@@ -36,10 +36,33 @@ def model_problems(plan: Plan, spec: ModelSpec, content_hash: str | None) -> lis
     return problems
 
 
-def verify_plan(plan: Plan, spec: ModelSpec | None = None, content_hash: str | None = None) -> Verification:
-    """Recompute the estimate where the model is known; otherwise check the plan's own memory record."""
+def for_data(plan: Plan, padded_batches: bool) -> Plan:
+    """The plan as the memory model sees it on data whose batches pad (or not): a plan made for packed
+    batches, run on data that pads, holds more for attention."""
+    return plan.model_copy(update={"training": plan.training.model_copy(update={"padded_batches": padded_batches})})
+
+
+def data_problem(plan: Plan, spec: ModelSpec, padded_batches: bool) -> str | None:
+    """Why the plan does not fit on data whose batches pad (None when it does, or when they don't pad)."""
+    if not padded_batches or plan.training.padded_batches:
+        return None
+    planned, needed = estimate_plan(spec, plan).total_bytes, estimate_plan(spec, for_data(plan, True)).total_bytes
+    if needed <= plan.budget.bytes:
+        return None
+    return (f"the plan was made for batches without padding, but this data pads them (prompt/response examples): "
+            f"attention then holds {needed - planned:,} bytes more, an estimated peak of {needed:,} bytes, over the "
+            f"budget of {plan.budget.bytes:,} bytes ({plan.budget.text}); compile the plan for this data, or raise the budget")
+
+
+def verify_plan(
+    plan: Plan, spec: ModelSpec | None = None, content_hash: str | None = None, padded_batches: bool | None = None
+) -> Verification:
+    """Recompute the estimate where the model is known; otherwise check the plan's own memory record. With
+    `padded_batches` (from the data it will train on), the estimate is for that data's worst batch."""
     if spec is not None:
         problems = model_problems(plan, spec, content_hash)
+        if padded_batches:
+            plan = for_data(plan, True)
         components = estimate_plan(spec, plan).components
         recomputed = True
     elif plan.memory is not None:

@@ -27,6 +27,8 @@ from qra.errors import QraError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from qra.plans.schema import Training
+
 IGNORE_INDEX = -100
 """The label that the loss skips: prompt tokens and padding."""
 
@@ -296,6 +298,37 @@ def held_out_batches_by_task(
         task: batches(training_features(examples, tokenizer, seq_len), batch_size, seed, 0, pad)[:count]
         for task, examples in dataset.held_out_by_task().items()
     }
+
+
+def pads(dataset: Dataset, batch_size: int) -> bool:
+    """Whether a training batch of `dataset` can be padded: when it has prompt/response examples (one
+    sequence each, of its own length) and a batch holds more than one sequence. Plain text alone is packed
+    into full blocks and never pads. (Prompt/response examples that all cut to one length would not pad
+    either; they are counted as padding, which only overestimates.)"""
+    return batch_size > 1 and any(not example.is_text for example in dataset.train)
+
+
+def training_for(training: Training, dataset: Dataset) -> Training:
+    """`training` with `padded_batches` set from the data, as the memory model needs it."""
+    return training.model_copy(update={"padded_batches": pads(dataset, training.batch_size)})
+
+
+@dataclass(frozen=True)
+class BatchExtent:
+    """What a batch's training step holds in memory depends on: its tokens, and whether it is padded
+    (attention then runs with a mask)."""
+
+    tokens: int
+    padded: bool
+
+    @classmethod
+    def of(cls, batch: Batch) -> "BatchExtent":
+        mask = batch.get("attention_mask")
+        return cls(int(batch["input_ids"].numel()), mask is not None and bool((mask == 0).any()))
+
+    def covers(self, other: "BatchExtent") -> bool:
+        """Whether a step on this batch holds at least what a step on `other` holds."""
+        return self.tokens >= other.tokens and (self.padded or not other.padded)
 
 
 def batch_source(

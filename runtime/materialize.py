@@ -2,7 +2,8 @@
 
 Stages, each resumable (a finished stage leaves its folder under OUT/work and is skipped next time):
 check the plan against the model → tokenize the data → GPTQ-quantize each module to its planned bits →
-attach LoRA at each module's rank → train (memory measured on the first step) → evaluate → package.
+attach LoRA at each module's rank → train (memory measured on the first step, and again on any larger batch)
+→ evaluate → package.
 
 With a shared `cache` folder, the dequantized base and each quantization (keyed by the model, the bits and
 group size of every module, and the calibration tokens) are kept there and reused by later runs, e.g. the
@@ -26,8 +27,8 @@ from qra.plans.io import dump_plan
 from qra.plans.memory import plan_settings
 from qra.plans.schema import Plan, Training
 from qra.plans.spec import ModelSpec, spec_from_config
-from qra.plans.verify import model_problems
-from qra.runtime.data import Dataset, Example, batch_source, exact_match, held_out_batches_by_task, load_dataset, pad_id, training_features
+from qra.plans.verify import data_problem, for_data, model_problems
+from qra.runtime.data import Dataset, Example, batch_source, exact_match, held_out_batches_by_task, load_dataset, pad_id, pads, training_features
 from qra.runtime.footprint import memory_report
 from qra.runtime.heldout import HELD_OUT_BATCH_SIZE, HeldOut
 from qra.runtime.quantize import GPTQModelWeights, gptqmodel_log_dir
@@ -152,7 +153,11 @@ def check_request(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, 
     check_formats(request.formats)
     _check_output(request)
     source, spec = _model_for(request)
-    return source, spec, load_dataset(request.data, seed=request.seed_of_data)
+    dataset = load_dataset(request.data, seed=request.seed_of_data)
+    problem = data_problem(request.plan, spec, pads(dataset, request.plan.training.batch_size))
+    if problem is not None:
+        raise QraError(problem)
+    return source, spec, dataset
 
 
 def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] | None = None) -> dict:
@@ -198,7 +203,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
         wall["evaluate"] = time.perf_counter() - began
     results["wall_s"] = wall
     if result.measured is not None:
-        results["memory"] = memory_report(plan, spec, result.measured)
+        results["memory"] = memory_report(for_data(plan, pads(dataset, training.batch_size)), spec, result.measured)
     log.info("packaging: %s", ", ".join(request.formats))
     context = PackageContext(
         quantized=weights.quantized or base, adapter=adapter_folder, tokenizer=tokenizer, plan=plan,

@@ -191,7 +191,9 @@ def measure_lora_step(
     model: nn.Module, spec: "ModelSpec", settings_for: "SettingsFor", training: "Training", seed: int = 0
 ) -> MeasuredFootprint:
     """Attach LoRA as planned to `model` (already in the compute dtype), and measure one training step on a
-    random batch of the plan's shape. The optimizer's learning rate is zero: the weights do not move."""
+    random batch of the plan's shape, the worst its data gives: full length, and padded where the plan's
+    batches pad (the last token of the first sequence is padding, so attention runs with a mask). The
+    optimizer's learning rate is zero: the weights do not move."""
     from qra.runtime.lora import attach_lora
 
     model.config.use_cache = False
@@ -203,4 +205,8 @@ def measure_lora_step(
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.0)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, spec.vocab_size, (training.batch_size, training.seq_len), generator=generator)
-    return measure_training_step(peft_model, optimizer, {"input_ids": ids, "labels": ids})
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    if training.padded_batches:
+        batch["attention_mask"][0, -1] = 0
+        batch["labels"][0, -1] = -100
+    return measure_training_step(peft_model, optimizer, batch)

@@ -37,7 +37,7 @@ from qra.files import atomic_folder
 from qra.plans.memory import SettingsFor
 from qra.plans.schema import Training
 from qra.plans.spec import ModelSpec
-from qra.runtime.data import Batch
+from qra.runtime.data import Batch, BatchExtent
 from qra.runtime.heldout import HeldOut, Scores, score_held_out
 from qra.runtime.lora import attach_lora
 from qra.runtime.measure import MeasuredFootprint, StepMeasurement
@@ -102,18 +102,26 @@ class Run:
         self, until: int, on_step: Callable[[StepLog], None] | None = None, measure: bool = False,
         on_checkpoint: Callable[["Run"], None] | None = None, checkpoint_every: int = 0,
     ) -> MeasuredFootprint | None:
-        """Optimizer steps from the current step up to `until` (at most `training.steps`). With `measure`,
-        the first of them is measured. `on_checkpoint` is called every `checkpoint_every` steps and at the end."""
+        """Optimizer steps from the current step up to `until` (at most `training.steps`). With `measure`, the
+        first of them is measured, and so is every later one whose batch no measured batch covers (`BatchExtent`:
+        as many tokens or more, and padded if it is); the largest footprint is returned, since the peak is over
+        all steps. `on_checkpoint` is called every `checkpoint_every` steps and at the end."""
         until = min(until, self.training.steps)
-        measured = None
+        measured: MeasuredFootprint | None = None
+        extents: list[BatchExtent] = []
         first = self.step
         began = time.perf_counter()
         self.model.train()
         while self.step < until:
-            measurement = StepMeasurement(self.model) if measure and measured is None else None
+            extent = BatchExtent.of(self.batch_for(self.step, 0)) if measure else None
+            covered = extent is None or any(seen.covers(extent) for seen in extents)
+            measurement = StepMeasurement(self.model) if not covered else None
             loss = self._optimizer_step(measurement)
             if measurement is not None:
-                measured = measurement.finish(self.optimizer)
+                extents.append(extent)
+                footprint = measurement.finish(self.optimizer)
+                if measured is None or footprint.total_bytes > measured.total_bytes:
+                    measured = footprint
             self.optimizer.zero_grad(set_to_none=True)
             self.losses.append(loss)
             self.step += 1

@@ -28,6 +28,7 @@ DIR` copies them there, `--ship DIR` copies the autoqra plans there as `<model>-
 """
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from qra.plans.plot import bits_rank_pattern, plot_plan
 from qra.plans.schema import Budget, Device, Plan, Training
 from qra.plans.spec import spec_from_config
 from qra.runtime.footprint import measure_plan_footprint
+from qra.runtime.data import load_dataset, pads
 from qra.runtime.materialize import MaterializeRequest, materialize
 
 log = logging.getLogger("bench_quality")
@@ -75,8 +77,15 @@ class Settings:
     exact_match_examples: int = 50
 
     def training(self, seed: int = 0) -> Training:
+        """The schedule every method trains with; its batches pad where the data's do (the memory model's
+        worst batch)."""
         return Training(seq_len=self.seq_len, batch_size=self.batch_size, steps=self.steps,
-                        learning_rate=self.learning_rate, seed=seed)
+                        learning_rate=self.learning_rate, seed=seed, padded_batches=_pads(self.data, self.batch_size))
+
+
+@functools.cache
+def _pads(data: str, batch_size: int) -> bool:
+    return pads(load_dataset(data), batch_size)
 
 
 def _megabytes(footprint: int) -> Budget:
@@ -103,8 +112,9 @@ def budgets_for(spec, training: Training, device: Device) -> dict[str, Budget]:
 
 
 def plan_key(plan: Plan) -> str:
-    """What a fine-tune's result depends on in a plan: its layers and training settings (the seed aside)."""
-    identity = [[layer.model_dump() for layer in plan.layers], plan.training.model_dump(exclude={"seed"})]
+    """What a fine-tune's result depends on in a plan: its layers and training settings (the seed aside, and
+    whether batches pad, which only the memory model reads)."""
+    identity = [[layer.model_dump() for layer in plan.layers], plan.training.model_dump(exclude={"seed", "padded_batches"})]
     return digest(identity, 16)
 
 
@@ -407,7 +417,8 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
         for name, budget in budgets.items():
             evaluator = preparations.get(settings, first, "layer").evaluator
             for method, plan in {**plans[name], CEILING: ceiling}.items():
-                folder = out / "runs" / (CEILING if method == CEILING else f"{budget.text}-{method}")
+                # one folder per configuration and schedule: methods or budgets that give the same plan share its runs
+                folder = out / "fine-tunes" / f"{args.fine_tune}-{plan_key(plan)}"
                 if args.fine_tune == "materialize":
                     result = run_materialize(settings, plan, seed, folder / f"seed{seed}", out / "cache")
                 else:
@@ -421,7 +432,8 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
     if args.weight_source_gap:
         plan = plans["B1"]["uniform"]
         seed = settings.seeds[0]
-        materialized = run_materialize(settings, plan, seed, out / "runs" / "weight-source-gap" / f"seed{seed}", out / "cache")
+        materialized = run_materialize(settings, plan, seed, out / "fine-tunes" / f"materialize-{plan_key(plan)}" / f"seed{seed}",
+                                       out / "cache")
         cached = runs[("B1", "uniform")][0]
         report["weight_source_gap"] = {
             "plan": "B1 uniform", "seed": seed, "cached_gptq": cached["loss"], "gptqmodel_pass": materialized["loss"],

@@ -125,12 +125,14 @@ def estimate(
     device: Annotated[str, typer.Option(help="cuda or cpu: the device the estimate is for")] = "cuda",
     context: Annotated[str, typer.Option(help="fixed overhead of the device context, e.g. 500MB (0 on CPU)")] = "500MB",
     budget: Annotated[str | None, typer.Option(help="say whether the estimate fits, e.g. 8GB")] = None,
+    data: Annotated[str | None, typer.Option(help="estimate for this data's worst batch (prompt/response data pads batches)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object: total_bytes and each component, in bytes")] = False,
 ) -> None:
     """Estimate the peak memory of fine-tuning MODEL at uniform --bits/--rank, or under --plan."""
     from qra.plans.io import load_plan
     from qra.plans.memory import estimate_memory, estimate_plan, uniform_settings
     from qra.plans.report import memory_table
+    from qra.plans.verify import for_data
 
     budget_bytes = parse_bytes(budget) if budget is not None else None
     if plan is not None:
@@ -139,6 +141,8 @@ def estimate(
         if spec.num_layers != len(loaded.layers):
             raise QraError(f"the plan has {len(loaded.layers)} layers but model {model!r} has {spec.num_layers}")
         _check_seq_len(spec, loaded.training.seq_len)
+        if data is not None:
+            loaded = for_data(loaded, _data_pads(data, loaded.training.batch_size))
         result = estimate_plan(spec, loaded)
         budget_bytes = budget_bytes or loaded.budget.bytes
     else:
@@ -146,6 +150,8 @@ def estimate(
             raise QraError("give --bits and --rank for a uniform estimate, or --plan PLAN")
         _check_bits_rank(bits, rank, group_size)
         training = _training(seq_len, batch_size, grad_checkpointing, compute_dtype)
+        if data is not None:
+            training = training.model_copy(update={"padded_batches": _data_pads(data, batch_size)})
         source, spec = _spec_for(model)
         _check_seq_len(spec, seq_len)
         result = estimate_memory(spec, uniform_settings(bits, rank, group_size), training, _device(device, context))
@@ -175,6 +181,7 @@ def plan_new(
     compute_dtype: Annotated[str, typer.Option()] = "bfloat16",
     steps: Annotated[int, typer.Option(help="optimizer steps of the fine-tune")] = 100,
     learning_rate: Annotated[float, typer.Option(help="peak learning rate (warmup, then cosine decay)")] = 2e-4,
+    data: Annotated[str | None, typer.Option(help="the data the plan will train on: its worst batch sets the estimate (prompt/response data pads batches)")] = None,
 ) -> None:
     """Write a uniform plan (every layer the same bits and rank), the QLoRA-style baseline."""
     from qra.models import content_hash
@@ -188,6 +195,8 @@ def plan_new(
     if steps < 1 or learning_rate <= 0:
         raise QraError("--steps and --learning-rate must be positive")
     training = training.model_copy(update={"steps": steps, "learning_rate": learning_rate})
+    if data is not None:
+        training = training.model_copy(update={"padded_batches": _data_pads(data, batch_size)})
     source, spec = _spec_for(model)
     _check_seq_len(spec, seq_len)
     plan = uniform_plan(
@@ -197,6 +206,12 @@ def plan_new(
     save_plan(plan, output)
     fits = "fits" if plan.memory.headroom_bytes >= 0 else "does NOT fit"
     typer.echo(f"wrote {output}: estimated peak {format_bytes(plan.memory.total_bytes)} {fits} in {budget}")
+
+
+def _data_pads(data: str, batch_size: int) -> bool:
+    from qra.runtime.data import load_dataset, pads
+
+    return pads(load_dataset(data), batch_size)
 
 
 def _spec_of_plan(plan, model: str | None):
@@ -250,6 +265,7 @@ def plan_show(
 def plan_verify(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="plan YAML")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="check against this model (default: the plan's, if it can be found)")] = None,
+    data: Annotated[str | None, typer.Option(help="check the plan for this data's worst batch (padded batches hold more)")] = None,
 ) -> None:
     """Exit 0 when the plan is verified; 1 when over budget or the model's fingerprint does not match;
     2 when the plan is unreadable or invalid."""
@@ -258,7 +274,12 @@ def plan_verify(
 
     plan = load_plan(plan_path)
     spec, weights_hash = _spec_of_plan(plan, model)
-    verdict = verify_plan(plan, spec, weights_hash)
+    padded = _data_pads(data, plan.training.batch_size) if data is not None else None
+    if padded and spec is None:
+        raise QraError("--data needs the model's shapes to re-estimate: pass --model (a config, folder or alias)")
+    verdict = verify_plan(plan, spec, weights_hash, padded)
+    if padded and not plan.training.padded_batches:
+        typer.echo(f"note: the plan was made for batches without padding; {data} pads them, and the estimate below is for that")
     how = "recomputed from the model" if verdict.recomputed else "as recorded in the plan (model not available)"
     for problem in verdict.problems:
         typer.echo(f"not verified: {problem}", err=True)
