@@ -18,7 +18,8 @@ Both are divided by the float model's held-out loss (relative loss change), so t
 `Importance.lost` can subtract them. Negative measurements (noise, an adapter that overfits) count as 0,
 and each unit's values are made monotone: fewer bits never hurt less, more rank never gains less.
 
-Every measurement is journaled as it completes (`journal`, JSON, replaced atomically); a rerun with the same
+Every measurement is journaled as it completes (`journal`, JSON, replaced atomically under a file lock, so
+compiles sharing a work folder keep each other's measurements); a rerun with the same
 model, data and settings reuses the finished entries (also under another fidelity ladder: the probes train the first
 steps of the plan's own schedule), and a journal for anything else is started afresh.
 """
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from qra.compiler.fidelity import FidelityEvaluator
@@ -54,7 +56,11 @@ class PriorSettings:
 
 class _Journal:
     """Raw measurements by name, persisted after each one when a path is given; entries of a journal
-    whose names are not among `names` (a measure this version no longer takes) are dropped."""
+    whose names are not among `names` (a measure this version no longer takes) are dropped.
+
+    Several compiles may share one work folder and so one journal: each write takes a file lock, merges
+    what the others wrote since, and replaces the file atomically, so the journal holds the union of every
+    process's measurements; before measuring, an entry another process finished is taken from the file."""
 
     def __init__(self, path: Path | None, key: str, names: set[str],
                  on_progress: Callable[[StageProgress], None] | None = None) -> None:
@@ -62,35 +68,50 @@ class _Journal:
         self.on_progress = on_progress
         self.path = path
         self.key = key
-        self.entries: dict[str, float] = {}
-        if path is not None and path.is_file():
-            try:
-                data = json.loads(path.read_text())
-                entries = {name: float(value) for name, value in data["entries"].items()} if data.get("key") == key else None
-            except (ValueError, KeyError, TypeError, AttributeError) as error:
-                log.warning("priors journal %s does not parse (%s): starting afresh", path, error)
-                entries = {}
-            if entries is None:
-                log.warning("priors journal %s is for another model, data or settings: starting afresh", path)
-            self.entries = {name: value for name, value in (entries or {}).items() if name in names}
+        self.names = names
+        self.entries: dict[str, float] = self._read(warn=True)
+
+    def _read(self, warn: bool = False) -> dict[str, float]:
+        """The journal's entries on disk for this key (none for another key, or a file that does not parse)."""
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            entries = {name: float(value) for name, value in data["entries"].items()} if data.get("key") == self.key else None
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            if warn:
+                log.warning("priors journal %s does not parse (%s): starting afresh", self.path, error)
+            return {}
+        if entries is None:
+            if warn:
+                log.warning("priors journal %s is for another model, data or settings: starting afresh", self.path)
+            return {}
+        return {name: value for name, value in entries.items() if name in self.names}
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
+    def refresh(self) -> None:
+        """Take in what other processes sharing the journal have measured."""
+        self.entries = {**self._read(), **self.entries}
+
     def get(self, name: str, measure: Callable[[], float]) -> float:
+        if name not in self.entries:
+            self.refresh()
         if name not in self.entries:
             self.record(name, measure())
         return self.entries[name]
 
     def record(self, name: str, value: float) -> None:
         self.entries[name] = value
+        if self.path is not None:
+            with FileLock(self.path.with_name(self.path.name + ".lock")):
+                self.refresh()
+                write_text(self.path, json.dumps({"key": self.key, "entries": self.entries}, indent=1))
         if self.on_progress is not None:
             self.on_progress(StageProgress("priors", len(self.entries), self.expected))
         if len(self.entries) % PROGRESS_EVERY == 0:
             log.info("priors: %d of %d measurements", len(self.entries), self.expected)
-        if self.path is None:
-            return
-        write_text(self.path, json.dumps({"key": self.key, "entries": self.entries}, indent=1))
 
 
 def _sensitivity_name(unit: int, bits: int) -> str:
@@ -221,6 +242,7 @@ def _measure_plasticity(
 ) -> list[dict[int, float]]:
     units = range(len(evaluator.space.units))
     for rank in evaluator.space.ranks:
+        journal.refresh()
         if not all(_plasticity_name(unit, rank) in journal for unit in units):
             _probe(evaluator, journal, held_out, rank, steps)
     return [{rank: journal.entries[_plasticity_name(unit, rank)] for rank in evaluator.space.ranks} for unit in units]

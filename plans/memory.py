@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qra.plans.schema import ModuleSettings, Device, Plan, Training
-from qra.plans.spec import ATTENTION_INPUT, ATTENTION_OUTPUT, MLP_INPUT, MLP_OUTPUT, LinearSpec, ModelSpec
+from qra.plans.spec import ATTENTION_INPUT, ATTENTION_OUTPUT, MLP_INPUT, MLP_OUTPUT, LinearSpec, ModelSpec, TensorSpec
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 PACK_BITS = 32  # gptqmodel packs codes into int32 words
@@ -102,8 +102,17 @@ def _weights(spec: ModelSpec, settings_for: SettingsFor, compute_bytes: int) -> 
                 dense += size
             else:
                 quantized += size
-    dense += sum(t.numel * (compute_bytes if t.floating else t.itemsize) for t in spec.other_tensors)
+    dense += sum(t.numel * _other_tensor_bytes(t, compute_bytes) for t in spec.other_tensors)
     return quantized, dense
+
+
+def _other_tensor_bytes(tensor: TensorSpec, compute_bytes: int) -> int:
+    """Bytes per element: parameters in the compute dtype; floating buffers (the rotary frequencies) in fp32,
+    as transformers computes them and `from_pretrained` keeps them (a model cast with `.to` holds them in
+    the compute dtype: then this overestimates, by a few hundred bytes)."""
+    if not tensor.floating:
+        return tensor.itemsize
+    return FP32 if tensor.buffer else compute_bytes
 
 
 def _lora_state(spec: ModelSpec, settings_for: SettingsFor, adapter_bytes: int) -> tuple[int, int, int]:

@@ -54,6 +54,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     floating: bool
     itemsize: int
+    buffer: bool = False
 
     @property
     def numel(self) -> int:
@@ -139,9 +140,10 @@ def spec_from_config(config: PretrainedConfig) -> ModelSpec:
     architecture = type(model).__name__
     _check_supported(architecture, layers)
     in_layers = {f"{prefix}.{i}.{m.name}.{kind}" for i, layer in enumerate(layers) for m in layer for kind in ("weight", "bias")}
+    tensors = [(name, t, False) for name, t in model.named_parameters()] + [(name, t, True) for name, t in model.named_buffers()]
     other = tuple(
-        TensorSpec(name=name, shape=tuple(t.shape), floating=t.is_floating_point(), itemsize=t.element_size())
-        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        TensorSpec(name=name, shape=tuple(t.shape), floating=t.is_floating_point(), itemsize=t.element_size(), buffer=buffer)
+        for name, t, buffer in tensors
         if name not in in_layers
     )
     text_config = config.get_text_config()

@@ -331,6 +331,16 @@ class BatchExtent:
         return self.tokens >= other.tokens and (self.padded or not other.padded)
 
 
+def worst_batch(candidates: Sequence[Batch]) -> Batch:
+    """The batch whose training step holds the most: one that covers every other (`BatchExtent.covers`),
+    else the one with the most tokens, padded before unpadded."""
+    extents = [BatchExtent.of(batch) for batch in candidates]
+    for batch, extent in zip(candidates, extents):
+        if all(extent.covers(other) for other in extents):
+            return batch
+    return max(zip(candidates, extents), key=lambda pair: (pair[1].tokens, pair[1].padded))[0]
+
+
 def batch_source(
     features: Sequence[Feature], batch_size: int, grad_accumulation: int, seed: int, pad: int
 ) -> Callable[[int, int], Batch]:

@@ -188,12 +188,14 @@ def measure_training_step(
 
 
 def measure_lora_step(
-    model: nn.Module, spec: "ModelSpec", settings_for: "SettingsFor", training: "Training", seed: int = 0
+    model: nn.Module, spec: "ModelSpec", settings_for: "SettingsFor", training: "Training", seed: int = 0,
+    batch: dict[str, torch.Tensor] | None = None,
 ) -> MeasuredFootprint:
     """Attach LoRA as planned to `model` (already in the compute dtype), and measure one training step on a
     random batch of the plan's shape, the worst its data gives: full length, and padded where the plan's
     batches pad (the last token of the first sequence is padding, so attention runs with a mask). The
-    optimizer's learning rate is zero: the weights do not move."""
+    optimizer's learning rate is zero: the weights do not move. `batch` replaces the random one (a real
+    batch of the data, e.g. its `worst_batch`)."""
     from qra.runtime.lora import attach_lora
 
     model.config.use_cache = False
@@ -203,6 +205,8 @@ def measure_lora_step(
     peft_model = attach_lora(model, spec, settings_for, dropout=training.lora_dropout)
     peft_model.train()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.0)
+    if batch is not None:
+        return measure_training_step(peft_model, optimizer, batch)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, spec.vocab_size, (training.batch_size, training.seq_len), generator=generator)
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}

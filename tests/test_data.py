@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from qra.errors import QraError
+from qra.plans.schema import Training
 from qra.runtime.data import (
     IGNORE_INDEX,
+    BatchExtent,
     Example,
     arithmetic,
     batches,
@@ -23,9 +25,12 @@ from qra.runtime.data import (
     load_dataset,
     pack_text,
     pad_id,
+    pads,
     python_reference,
     tokenize_examples,
     training_features,
+    training_for,
+    worst_batch,
 )
 from tiny import tiny_tokenizer
 
@@ -301,3 +306,26 @@ def test_exact_match_compares_the_first_line_stripped():
     answers = {examples[0].prompt: " 2\nQ: What is 5 + 5?", examples[1].prompt: " 5"}
     assert exact_match(answers.__getitem__, examples) == 0.5
     assert exact_match(lambda prompt: "2 \n", examples[:1]) == 1.0
+
+
+def test_batches_pad_where_the_data_has_prompt_response_examples_and_a_batch_holds_several_sequences():
+    assert not pads(python_reference(), batch_size=4)  # packed into full blocks
+    assert pads(arithmetic(), batch_size=4)
+    assert pads(load_dataset("python-reference+arithmetic"), batch_size=4)
+    assert not pads(arithmetic(), batch_size=1)
+    assert training_for(Training(batch_size=4), arithmetic()).padded_batches
+    assert not training_for(Training(batch_size=4), python_reference()).padded_batches
+
+
+def test_a_batch_extent_covers_another_with_no_more_tokens_and_no_padding_it_lacks():
+    tokenizer = tiny_tokenizer()
+    features = training_features(load_dataset("python-reference+arithmetic").train[-40:], tokenizer, 32)
+    epoch = batches(features, 4, seed=0, epoch=0, pad=pad_id(tokenizer))
+    extents = {BatchExtent.of(batch) for batch in epoch}
+    assert any(extent.padded for extent in extents)
+    worst = BatchExtent.of(worst_batch(epoch))
+    assert all(worst.covers(extent) for extent in extents)
+    full_padded = BatchExtent(tokens=128, padded=True)
+    assert all(full_padded.covers(extent) for extent in extents if extent.tokens <= 128)
+    assert not BatchExtent(tokens=128, padded=False).covers(full_padded)
+    assert not BatchExtent(tokens=64, padded=True).covers(BatchExtent(tokens=128, padded=False))

@@ -140,3 +140,15 @@ def test_a_placeholder_quantization_holds_the_real_ones_tensors_and_its_training
         enable_dequantize_in_backward(model)
         steps.append(measure_lora_step(model, quantized.spec, planned, training))
     assert steps[0].to_dict() == steps[1].to_dict()
+
+
+def test_weights_and_buffers_of_a_quantized_model_are_estimated_to_the_byte(quantized):
+    """Everything frozen that a quantized model holds: packed tensors, gptqmodel's unpacking shift tables
+    (a small buffer per module), 16-bit tensors and the rotary buffer; a plan must not be over by a byte."""
+    model = load_quantized(quantized.checkpoint).model
+    enable_dequantize_in_backward(model)
+    training = Training(batch_size=2, seq_len=40)
+    measured = measure_lora_step(model, quantized.spec, planned, training)
+    components = estimate_memory(quantized.spec, planned, training, Device(kind="cpu")).components
+    assert components["quantized_weights"] + components["frozen_weights"] == measured.frozen_bytes
+    assert estimate_memory(quantized.spec, planned, training, Device(kind="cpu")).persistent_bytes == measured.total_bytes

@@ -156,3 +156,32 @@ def test_joined_data_reports_each_tasks_held_out_loss_their_mean_as_headline_and
     assert len(list((cache / "quantized").iterdir())) == 1
     assert not (tmp_path / "seed1" / "work" / "quantized").exists()
     assert results[1]["wall_s"]["quantize"] < results[0]["wall_s"]["quantize"]
+
+
+def test_on_joined_data_the_peak_is_measured_on_the_worst_batch_and_agrees_with_the_estimate(tiny_folder, tmp_path):
+    """Packed text and padded questions in one data set: some batches pad (attention runs with a mask), so the
+    plan is made for padded batches; every batch that no measured batch covers is measured, and the largest
+    footprint agrees with the memory model to the byte in every persistent term."""
+    plan = mixed_plan(tiny_folder, steps=8, padded_batches=True)
+    request = MaterializeRequest(plan=plan, output=tmp_path / "run", data="python-reference+arithmetic", exact_match_examples=0)
+    memory = materialize(request)["memory"]
+    assert memory["measured_persistent_bytes"] == memory["estimated_persistent_bytes"]
+    assert memory["measured_peak_bytes"] <= memory["estimate"]["total_bytes"]
+    assert memory["measured_peak_bytes"] == pytest.approx(memory["estimate"]["total_bytes"], rel=0.01)
+
+
+def test_a_plan_made_for_packed_batches_is_refused_on_data_that_pads_where_that_breaks_its_budget(tiny_folder, tmp_path):
+    spec = tiny_spec("llama", layers=4)
+    packed = mixed_plan(tiny_folder)
+    tight = with_memory(packed.model_copy(update={"budget": Budget(bytes=packed.memory.total_bytes, text="tight")}), spec)
+    plan_path = tmp_path / "plan.yaml"
+    save_plan(tight, plan_path)
+    assert run("materialize", plan_path, "-o", tmp_path / "text", "--data", "python-reference", "--check").exit_code == 0
+    refused = run("materialize", plan_path, "-o", tmp_path / "joined", "--data", "python-reference+arithmetic", "--check")
+    assert_refused(refused)
+    assert "made for batches without padding" in refused.stderr and "over the budget" in refused.stderr
+    verdict = run("plan", "verify", plan_path, "--model", tiny_folder, "--data", "python-reference+arithmetic")
+    assert verdict.exit_code == 1
+    assert "note: the plan was made for batches without padding" in verdict.output
+    assert "not verified: estimated peak" in verdict.output and "exceeds the budget" in verdict.output
+    assert run("plan", "verify", plan_path, "--model", tiny_folder, "--data", "python-reference").exit_code == 0

@@ -234,7 +234,8 @@ def test_plan_table_with_a_spec_adds_bytes_per_layer_and_totals_that_agree_with_
     assert table.row_count == len(plan.layers) + 1
     text = rendered(table)
     components = estimate_plan(spec, plan).components
-    other_bytes = sum(t.numel * (2 if t.floating else t.itemsize) for t in spec.other_tensors)  # bfloat16
+    # parameters in bfloat16, floating buffers (rotary frequencies) in fp32
+    other_bytes = sum(t.numel * ((4 if t.buffer else 2) if t.floating else t.itemsize) for t in spec.other_tensors)
     base_weights = components["quantized_weights"] + components["frozen_weights"] - other_bytes
     total_line = next(line for line in text.splitlines() if "total" in line)
     assert format_bytes(base_weights) in total_line

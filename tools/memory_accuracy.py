@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from qra.plans.memory import estimate_memory, uniform_settings  # noqa: E402
 from qra.plans.schema import Device, ModuleSettings, Training  # noqa: E402
 from qra.plans.spec import spec_from_config  # noqa: E402
+from qra.runtime.data import batches, load_dataset, pad_id, training_for, training_features, worst_batch  # noqa: E402
 from qra.runtime.measure import measure_lora_step  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -52,8 +53,8 @@ REAL_SETTINGS = [
 ]
 
 
-def row(label: str, spec, model, settings_for, training: Training) -> list[str]:
-    measured = measure_lora_step(model, spec, settings_for, training)
+def row(label: str, spec, model, settings_for, training: Training, batch=None) -> list[str]:
+    measured = measure_lora_step(model, spec, settings_for, training, batch=batch)
     components = estimate_memory(spec, settings_for, training, Device(kind="cpu")).components
     pairs = [
         ("weights", components["quantized_weights"] + components["frozen_weights"], measured.frozen_bytes),
@@ -68,7 +69,7 @@ def row(label: str, spec, model, settings_for, training: Training) -> list[str]:
 
 
 def tiny_rows() -> list[list[str]]:
-    from tiny import tiny_config
+    from tiny import tiny_config, tiny_tokenizer
 
     rows = []
     for family, label, kwargs, settings_for in TINY_SETTINGS:
@@ -77,6 +78,42 @@ def tiny_rows() -> list[list[str]]:
         config = tiny_config(family)
         model = AutoModelForCausalLM.from_config(config).to(getattr(torch, training.compute_dtype))
         rows.append(row(f"tiny {family} {label}", spec_from_config(config), model, settings_for, training))
+    tokenizer = tiny_tokenizer()
+    for family in ("llama", "qwen2"):
+        config = tiny_config(family)
+
+        def load(config=config):
+            torch.manual_seed(0)
+            return AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+
+        rows += data_rows(f"tiny {family} bf16 r8", spec_from_config(config), load, uniform_settings(16, 8), tokenizer, 2, 48)
+    return rows
+
+
+DATA_ROWS = [
+    ("joined text + prompt/response", "python-reference+arithmetic"),
+    ("prompt/response only", "arithmetic"),
+]
+
+
+def data_shape(data: str, tokenizer, batch_size: int, seq_len: int):
+    """The training settings for `data` (its batches pad or not) and its worst batch. Prompt/response-only data
+    is cut at its longest sequence, so that the worst batch is full length, as the estimate assumes."""
+    dataset = load_dataset(data)
+    features = training_features(dataset.train, tokenizer, seq_len)
+    if not any(example.is_text for example in dataset.train):
+        seq_len = max(len(feature["input_ids"]) for feature in features)
+    training = training_for(Training(batch_size=batch_size, seq_len=seq_len), dataset)
+    return training, worst_batch(batches(features, batch_size, seed=0, epoch=0, pad=pad_id(tokenizer)))
+
+
+def data_rows(label: str, spec, load, settings_for, tokenizer, batch_size: int, seq_len: int) -> list[list[str]]:
+    """One row per kind of data: a training step on the data's worst real batch."""
+    rows = []
+    for kind, data in DATA_ROWS:
+        training, batch = data_shape(data, tokenizer, batch_size, seq_len)
+        shape = f"b{batch_size}x{training.seq_len}"
+        rows.append(row(f"{label} {shape} {kind} ({data})", spec, load(), settings_for, training, batch))
     return rows
 
 
@@ -123,9 +160,15 @@ def quantized_rows(model_name: str) -> list[list[str]]:
         tokenizer.save_pretrained(base)
         for index, (label, kwargs, settings_for) in enumerate(QUANTIZED_PLANS):
             checkpoint = quantize_to_plan(base, spec, settings_for, calibration, Path(tmp) / f"gptq{index}")
-            model = load_quantized(checkpoint).model
-            enable_dequantize_in_backward(model)
-            rows.append(row(f"{model_name} GPTQ {label}", spec, model, settings_for, Training(**kwargs)))
+
+            def load(checkpoint=checkpoint):
+                model = load_quantized(checkpoint).model
+                enable_dequantize_in_backward(model)
+                return model
+
+            rows.append(row(f"{model_name} GPTQ {label}", spec, load(), settings_for, Training(**kwargs)))
+            if index == 0:
+                rows += data_rows(f"{model_name} GPTQ 4-bit r8", spec, load, settings_for, tokenizer, 4, 128)
     return rows
 
 
