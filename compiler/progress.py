@@ -7,7 +7,10 @@ into an estimate of the time left for the whole compile.
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from qra.units import format_seconds
 
 STAGES = ("priors", "search", "final comparison")
 
@@ -59,3 +62,39 @@ class CompileClock:
                     return None
                 left += remaining * rate
         return left
+
+
+def describe(progress: StageProgress, scores: dict[str, float], seconds_left: float | None) -> str:
+    """One line of progress: the stage, done/total, the scores known so far and the compile's ETA."""
+    parts = [f"{progress.stage}: {progress.done}/{progress.total}"]
+    parts += [f"{name} {value:.4f}" for name, value in scores.items()]
+    if seconds_left is not None:
+        parts.append(f"compile ETA {format_seconds(seconds_left)}")
+    return ", ".join(parts)
+
+
+class StageLines:
+    """The progress display for a log or a pipe: one line per stage, written when the stage ends (the next
+    one starts, or `close`), with its counts, the scores and the ETA for the rest of the compile."""
+
+    def __init__(self, write: Callable[[str], None], clock: CompileClock) -> None:
+        self.write = write
+        self.clock = clock
+        self.scores: dict[str, float] = {}
+        self._last: StageProgress | None = None
+
+    def __call__(self, progress: StageProgress) -> None:
+        self.clock.update(progress)
+        self.scores.update({name: value for name, value in (("best", progress.best), ("uniform", progress.uniform))
+                            if value is not None})
+        if self._last is not None and progress.stage != self._last.stage:
+            self._flush()
+        self._last = progress
+
+    def _flush(self) -> None:
+        self.write(describe(self._last, self.scores, self.clock.seconds_left()))
+
+    def close(self) -> None:
+        if self._last is not None:
+            self._flush()
+            self._last = None

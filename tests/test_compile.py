@@ -169,6 +169,10 @@ def test_compile_from_the_command_line_says_what_the_paired_comparison_decided_a
     ])
     assert result.exit_code == 0, result.output
     assert "predicted held-out loss" in result.stdout and re.search(r"uniform \d+-bit rank \d+: \d", result.stdout)
+    # stderr is not a terminal here: the progress is one line per stage, with its counts and the compile's ETA
+    stage_lines = [line for line in result.stderr.splitlines() if re.match(r"(priors|search|final comparison): \d+/\d+", line)]
+    assert [line.split(":")[0] for line in stage_lines] == ["priors", "search", "final comparison"]
+    assert all("compile ETA" in line for line in stage_lines[:2]) and "uniform" in stage_lines[-1]
     assert "the plan beats it by" in result.stdout or "the plan is uniform" in result.stdout
     assert runner.invoke(app, ["plan", "verify", str(plan_path)]).exit_code == 0
     result = runner.invoke(app, ["materialize", str(plan_path), "-o", str(tmp_path / "run"), "--data", corpus_of(tiny_folder)])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from qra.compiler.progress import CompileClock, StageProgress
+from qra.compiler.progress import CompileClock, StageLines, StageProgress
 from qra.units import format_seconds
 
 
@@ -21,3 +21,18 @@ def test_the_eta_prices_what_is_left_of_every_stage_by_the_rates_seen():
 
 def test_durations_read_as_hours_minutes_seconds():
     assert [format_seconds(s) for s in (5, 125, 3725)] == ["5s", "2m05s", "1h02m"]
+
+
+def test_in_a_log_the_progress_is_one_line_per_stage_with_its_counts_and_the_eta():
+    lines: list[str] = []
+    reports = [StageProgress("priors", done, 3) for done in range(4)]
+    reports += [StageProgress("search", 1, 2, best=2.5, top_rung=True), StageProgress("search", 2, 2, best=2.4)]
+    reports += [StageProgress("final comparison", done, 2, best=2.4, uniform=2.6, top_rung=True) for done in (1, 2)]
+    display = StageLines(lines.append, CompileClock(search_total=2, final_total=2))
+    for report in reports:
+        display(report)
+    display.close()
+    assert [line.split(":")[0] for line in lines] == ["priors", "search", "final comparison"]
+    assert lines[0].startswith("priors: 3/3") and "compile ETA" in lines[0]
+    assert lines[1].startswith("search: 2/2, best 2.4000")
+    assert lines[2].startswith("final comparison: 2/2, best 2.4000, uniform 2.6000")

@@ -35,9 +35,9 @@ def _quiet_libraries() -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
-def _log_progress() -> None:
-    """Stage messages of long commands go to stderr, one line each; gptqmodel's import banner (peft
-    imports it) goes to its log instead of stdout."""
+def _log_progress(level: int = logging.INFO) -> None:
+    """Stage messages of long commands (at `level` and above) go to stderr, one line each; gptqmodel's
+    import banner (peft imports it) goes to its log instead of stdout."""
     from qra.runtime.quantize import quiet_gptqmodel
 
     with quiet_gptqmodel():
@@ -47,7 +47,7 @@ def _log_progress() -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("qra")
     logger.handlers = [handler]
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     logger.propagate = False
 
 
@@ -374,6 +374,38 @@ def materialize(
         typer.echo(f"{name}: {path}")
 
 
+def _compile_with_bar(request, clock, console: Console):
+    """The compile with one live progress bar on a terminal: stage, done/total, scores, the compile's ETA."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from qra.compiler.compile import compile_plan
+    from qra.compiler.progress import StageProgress
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[scores]}"), TextColumn("{task.fields[eta]}"))
+    progress = Progress(*columns, console=console)
+    tasks: list = []  # the one task, added (and the display started) at the first report
+    known: dict[str, float] = {}
+
+    def show(stage: StageProgress) -> None:
+        if not tasks:
+            progress.start()
+            tasks.append(progress.add_task(stage.stage, total=1, scores="", eta=""))
+        clock.update(stage)
+        known.update({name: value for name, value in (("best", stage.best), ("uniform", stage.uniform)) if value is not None})
+        left = clock.seconds_left()
+        progress.update(
+            tasks[0], description=stage.stage, completed=stage.done, total=max(stage.total, 1),
+            scores=", ".join(f"{name} {value:.4f}" for name, value in known.items()),
+            eta="" if left is None else f"compile ETA {format_seconds(left)}",
+        )
+
+    try:
+        return compile_plan(request, on_stage=show)
+    finally:
+        progress.stop()
+
+
 def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
         values = tuple(int(item) for item in text.split(",") if item.strip())
@@ -407,13 +439,12 @@ def compile_command(
     learning_rate: Annotated[float, typer.Option(help="peak learning rate of the plan's fine-tune (warmup, then cosine decay)")] = 2e-4,
     device: Annotated[str, typer.Option(help="cuda or cpu: the device the budget is for")] = "cuda",
     context: Annotated[str, typer.Option(help="fixed overhead of the device context")] = "500MB",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display (errors and the final line only)")] = False,
 ) -> None:
     """Search per-layer bits and LoRA ranks that fit BUDGET and fine-tune best; write a verified plan."""
-    from rich.progress import BarColumn, Progress, TextColumn
-
     from qra.compiler.compile import EFFORTS, CompileRequest, compile_plan
     from qra.compiler.finalists import MARGIN_SE
-    from qra.compiler.progress import CompileClock, StageProgress
+    from qra.compiler.progress import CompileClock, StageLines
     from qra.plans.io import save_plan
     from qra.plans.schema import Budget
 
@@ -434,35 +465,24 @@ def compile_command(
         granularity=granularity, effort=effort, strategy=strategy, training=training, device=_device(device, context),
         journal=journal, work=work or output.with_name(output.name + ".work"), resume=resume,
     )
-    _log_progress()
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[scores]}"), TextColumn("{task.fields[eta]}"))
-    progress = Progress(*columns, console=Console(stderr=True))
     if effort not in EFFORTS:
         raise QraError(f"--effort {effort!r} is not one of {', '.join(EFFORTS)}")
     effort_settings = EFFORTS[effort]
     clock = CompileClock(search_total=effort_settings.evaluations,
                          final_total=(effort_settings.finalists + 1) * effort_settings.seeds)
-    tasks: list = []  # the one task, added (and the display started) at the first report
-    known: dict[str, float] = {}
-
-    def show(stage: StageProgress) -> None:
-        if not tasks:
-            progress.start()
-            tasks.append(progress.add_task(stage.stage, total=1, scores="", eta=""))
-        clock.update(stage)
-        known.update({name: value for name, value in (("best", stage.best), ("uniform", stage.uniform)) if value is not None})
-        left = clock.seconds_left()
-        progress.update(
-            tasks[0], description=stage.stage, completed=stage.done, total=max(stage.total, 1),
-            scores=", ".join(f"{name} {value:.4f}" for name, value in known.items()),
-            eta="" if left is None else f"compile ETA {format_seconds(left)}",
-        )
-
-    try:
-        outcome = compile_plan(request, on_stage=show)
-    finally:
-        progress.stop()
+    console = Console(stderr=True)
+    # on a terminal, the stage messages scroll above the bar; in a log or a pipe, one line per stage and warnings
+    _log_progress(logging.INFO if console.is_terminal and not quiet else logging.WARNING)
+    if quiet:
+        outcome = compile_plan(request)
+    elif console.is_terminal:
+        outcome = _compile_with_bar(request, clock, console)
+    else:
+        lines = StageLines(lambda line: typer.echo(line, err=True), clock)
+        try:
+            outcome = compile_plan(request, on_stage=lines)
+        finally:
+            lines.close()
     save_plan(outcome.plan, output)
     plan = outcome.plan
     uniform, *finalists = plan.provenance.finalists
