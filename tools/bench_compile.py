@@ -1,0 +1,140 @@
+"""What a compile costs, in fine-tunes of the plan it emits: the target is a quick compile at most 10 times
+one fine-tune of the plan's schedule, the standard effort at most 30 times.
+
+    python tools/bench_compile.py --out runs/bench-compile            # SmolLM2, quick effort, from cold
+
+Measured in one run, on this machine: the wall time of `qra compile` from a cold start (a new, empty
+`--work`: the quantization cache and the priors are built from nothing), stage by stage (loading the model
+and calibrating, the priors, the search, the final paired comparison), then the wall time of one fine-tune
+of the emitted plan's whole schedule through the same `Run` the compile scores candidates with (cached GPTQ
+weights, every held-out sequence scored). Prints a table with the ratio and writes OUT/compile-cost.json and
+OUT/compile-cost.md. Run it with nothing else on the machine: two cores halve under any other job.
+"""
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qra.compiler.compile import CompileRequest, compile_plan, prepare
+from qra.compiler.progress import StageProgress
+from qra.files import write_text
+from qra.models import load_config, resolve_model
+from qra.plans.memory import estimate_memory, uniform_settings
+from qra.plans.schema import Budget, Device, Training
+from qra.plans.spec import spec_from_config
+from qra.runtime.data import load_dataset, training_for
+from qra.units import format_seconds
+
+log = logging.getLogger("bench_compile")
+TARGETS = {"quick": 10, "standard": 30}
+
+
+@dataclass
+class StageTimes:
+    """Wall seconds of each stage, from the compile's own progress reports: a stage runs from its first
+    report (or the end of the stage before) to the first report of the next."""
+
+    began: float = field(default_factory=time.perf_counter)
+    order: list[str] = field(default_factory=list)
+    starts: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, progress: StageProgress) -> None:
+        if progress.stage not in self.starts:
+            self.starts[progress.stage] = time.perf_counter()
+            self.order.append(progress.stage)
+
+    def seconds(self, ended: float) -> dict[str, float]:
+        marks = [("load and calibrate", self.began)] + [(stage, self.starts[stage]) for stage in self.order]
+        ends = [at for _, at in marks[1:]] + [ended]
+        return {name: round(end - start, 1) for (name, start), end in zip(marks, ends)}
+
+
+def uniform_budget(model: str, data: str, training: Training, bits: int = 4, rank: int = 8) -> Budget:
+    """The footprint of uniform `bits` at `rank` on this data's batches, rounded up to 0.1 MB: B1 of the
+    quality benchmark."""
+    spec = spec_from_config(load_config(resolve_model(model)))
+    footprint = estimate_memory(spec, uniform_settings(bits, rank), training_for(training, load_dataset(data)), Device()).total_bytes
+    megabytes = math.ceil(footprint / 10**5) / 10
+    return Budget(bytes=int(megabytes * 10**6), text=f"{megabytes:.1f}MB")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    training = Training(seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, learning_rate=args.learning_rate)
+    budget = uniform_budget(args.model, args.data, training)
+    work = args.out / f"work-{args.effort}-{args.granularity}"
+    shutil.rmtree(work, ignore_errors=True)  # from cold: nothing cached
+    request = CompileRequest(
+        model=args.model, budget=budget, data=args.data, bits=tuple(args.bits), ranks=tuple(args.ranks),
+        granularity=args.granularity, effort=args.effort, training=training, work=work,
+        journal=args.out / f"plan-{args.effort}-{args.granularity}.journal.jsonl",
+    )
+    request.journal.unlink(missing_ok=True)
+    for seeded in request.journal.parent.glob(f"{request.journal.stem}.*"):
+        seeded.unlink()
+    stages = StageTimes()
+    prepared = prepare(request, on_stage=stages)
+    outcome = compile_plan(request, prepared=prepared, on_stage=stages)
+    compile_s = time.perf_counter() - stages.began
+    by_stage = stages.seconds(time.perf_counter())
+    log.info("compile: %s; one fine-tune of the plan next", format_seconds(compile_s))
+    began = time.perf_counter()
+    evaluation = prepared.evaluator.measure_plan(outcome.plan, seed=0)
+    fine_tune_s = time.perf_counter() - began
+    return {
+        "model": args.model, "data": args.data, "budget": budget.text, "effort": args.effort, "granularity": args.granularity,
+        "schedule": f"{args.steps} steps, batch {args.batch_size} x {args.seq_len}, learning rate {args.learning_rate:g}",
+        "stages_s": by_stage, "compile_s": round(compile_s, 2), "fine_tune_s": round(fine_tune_s, 2),
+        "fine_tune_loss": evaluation.loss, "ratio": compile_s / fine_tune_s, "target": TARGETS.get(args.effort),
+        "evaluations": outcome.plan.provenance.evaluations, "quantization_cache": str(prepared.evaluator.cache.stats),
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"{result['model']} on {result['data']}, budget {result['budget']}, `--effort {result['effort']}`, granularity "
+        f"{result['granularity']}, schedule {result['schedule']}; from a cold start.",
+        "",
+        "| stage | wall | in fine-tunes |",
+        "|---|---|---|",
+    ]
+    for stage, seconds in result["stages_s"].items():
+        lines.append(f"| {stage} | {format_seconds(seconds)} | {seconds / result['fine_tune_s']:.1f}x |")
+    lines.append(f"| **compile** | **{format_seconds(result['compile_s'])}** | **{result['ratio']:.1f}x** |")
+    lines.append(f"| one fine-tune of the plan (baseline) | {format_seconds(result['fine_tune_s'])} | 1.0x |")
+    if result["target"] is not None:
+        verdict = "met" if result["ratio"] <= result["target"] else f"missed by {result['ratio'] / result['target']:.1f}x"
+        lines += ["", f"Target: at most {result['target']}x one fine-tune: {verdict}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-compile"))
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="python-reference+arithmetic")
+    parser.add_argument("--effort", default="quick", choices=("quick", "standard", "thorough"))
+    parser.add_argument("--granularity", default="module", choices=("layer", "module"))
+    parser.add_argument("--bits", type=int, nargs="+", default=[3, 4, 8])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = measure(args)
+    table = markdown(result)
+    write_text(args.out / "compile-cost.json", json.dumps(result, indent=2))
+    write_text(args.out / "compile-cost.md", table)
+    sys.stdout.write(table)
+
+
+if __name__ == "__main__":
+    main()
