@@ -208,7 +208,10 @@ def _saved_activations(spec: ModelSpec, settings_for: SettingsFor, training: Tra
     e = DTYPE_BYTES[training.compute_dtype]
     tokens = training.batch_size * training.seq_len
     final_norm = tokens * (spec.hidden_size * FP32 + FP32)
-    loss = tokens * spec.vocab_size * FP32 + tokens * LABEL_BYTES + FP32
+    # the loss pads the labels by one position and slices them shifted; with one sequence the slice is
+    # contiguous and keeps the padded storage, one label longer
+    labels = (tokens + (1 if training.batch_size == 1 else 0)) * LABEL_BYTES
+    loss = tokens * spec.vocab_size * FP32 + labels + FP32
     if training.gradient_checkpointing:
         layer_inputs = spec.num_layers * tokens * spec.hidden_size * e
         return layer_inputs + final_norm + loss

@@ -300,6 +300,11 @@ def held_out_batches_by_task(
     }
 
 
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    """The batch's tensors on `device` (the same batch where they are there already)."""
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def pads(dataset: Dataset, batch_size: int) -> bool:
     """Whether a training batch of `dataset` can be padded: when it has prompt/response examples (one
     sequence each, of its own length) and a batch holds more than one sequence. Plain text alone is packed

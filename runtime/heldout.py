@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from qra.runtime.data import IGNORE_INDEX, Batch
+from qra.runtime.data import IGNORE_INDEX, Batch, to_device
 
 HELD_OUT_BATCH_SIZE = 16  # scoring only: no gradients, so larger batches than training's cost little
 
@@ -62,13 +62,15 @@ class Scores:
 
 
 def sequence_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence of `batch`: the summed next-token loss (float64) and the number of scored tokens."""
+    """Per sequence of `batch`: the summed next-token loss (float64) and the number of scored tokens, on the
+    CPU (the batch goes to the model's device)."""
+    batch = to_device(batch, next(model.parameters()).device)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     per_token = functional.cross_entropy(
         logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none"
     ) * (labels != IGNORE_INDEX)
-    return per_token.double().sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
+    return per_token.double().sum(dim=1).cpu(), (labels != IGNORE_INDEX).sum(dim=1).cpu()
 
 
 def task_score(sums: torch.Tensor, counts: torch.Tensor) -> TaskScore:

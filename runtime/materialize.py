@@ -2,8 +2,8 @@
 
 Stages, each resumable (a finished stage leaves its folder under OUT/work and is skipped next time):
 check the plan against the model → tokenize the data → GPTQ-quantize each module to its planned bits →
-attach LoRA at each module's rank → train (memory measured on the first step, and again on any larger batch)
-→ evaluate → package.
+attach LoRA at each module's rank → train (memory measured on the first step, on any later batch no measured one
+covers, and on the data's worst batch) → evaluate → package.
 
 With a shared `cache` folder, the dequantized base and each quantization (keyed by the model, the bits and
 group size of every module, and the calibration tokens) are kept there and reused by later runs, e.g. the
@@ -28,7 +28,7 @@ from qra.plans.memory import plan_settings
 from qra.plans.schema import Plan, Training
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import data_problem, for_data, model_problems
-from qra.runtime.data import Dataset, Example, batch_source, exact_match, held_out_batches_by_task, load_dataset, pad_id, pads, training_features
+from qra.runtime.data import Dataset, Example, batch_source, batches, exact_match, held_out_batches_by_task, load_dataset, pad_id, pads, training_features, worst_batch
 from qra.runtime.footprint import memory_report
 from qra.runtime.heldout import HELD_OUT_BATCH_SIZE, HeldOut
 from qra.runtime.quantize import GPTQModelWeights, gptqmodel_log_dir
@@ -57,6 +57,11 @@ class MaterializeRequest:
     @property
     def seed_of_data(self) -> int:
         return self.plan.training.seed if self.data_seed is None else self.data_seed
+
+
+def training_device(plan: Plan) -> str:
+    """Where the fine-tune runs: the GPU where the plan targets one and there is one, else the CPU."""
+    return "cuda" if plan.device.kind == "cuda" and torch.cuda.is_available() else "cpu"
 
 
 def plan_digest(plan: Plan) -> str:
@@ -127,7 +132,7 @@ def held_out_exact_match(model, tokenizer, examples: list[Example], limit: int =
     model.eval()
 
     def generate(prompt: str) -> str:
-        inputs = tokenizer(prompt, return_tensors="pt")
+        inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tokenizer))
         return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -180,7 +185,9 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     log.info("quantizing to the plan's bits with gptqmodel (%d calibration sequences; its log: %s)",
              len(calibration), gptqmodel_log_dir())
     folder = shared / "quantized" / quantization_key(source, spec, plan, calibration) if request.cache else work / "quantized"
-    weights = GPTQModelWeights(base, spec, calibration, folder, training.compute_dtype, training.dequantize_in_backward)
+    device = training_device(plan)
+    log.info("training on %s", device)
+    weights = GPTQModelWeights(base, spec, calibration, folder, training.compute_dtype, training.dequantize_in_backward, device)
     batch_for = batch_source(train_features, training.batch_size, training.grad_accumulation, training.seed, pad_id(tokenizer))
     held_out = held_out_by_task(dataset, tokenizer, training, request.seed_of_data)
     wall: dict[str, float] = {}
@@ -188,7 +195,8 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     with open_run(weights, spec, plan_settings(plan), training, batch_for, held_out) as run:
         wall["quantize"] = time.perf_counter() - began
         log.info("training %d steps on %d sequences of %d tokens", training.steps, len(train_features), training.seq_len)
-        result = train_run(run, work / "checkpoint", request.checkpoint_every, request.resume, on_step)
+        worst = worst_batch(batches(train_features, training.batch_size, training.seed, 0, pad_id(tokenizer)))
+        result = train_run(run, work / "checkpoint", request.checkpoint_every, request.resume, on_step, worst_batch=worst)
         wall["train"] = result.wall_s
         adapter_folder = work / "adapter"
         run.model.save_pretrained(adapter_folder)

@@ -134,13 +134,13 @@ def placeholder_quantized(model: "nn.Module", spec: ModelSpec, settings_for: Set
 class GPTQModelWeights:
     """`qra materialize`'s weight source (a `qra.runtime.run.WeightSource`): one gptqmodel quantization pass
     over the base model at every module's planned bits, calibrated on `calibration`, saved to `folder` once
-    (a staging folder renamed into place) and loaded with the TORCH backend. A plan with every module at 16
-    bits loads the base model as it is."""
+    (a staging folder renamed into place) and loaded with the TORCH backend, then moved to `device`. A plan
+    with every module at 16 bits loads the base model as it is."""
 
     def __init__(self, base: Path, spec: ModelSpec, calibration: list[list[int]], folder: Path, dtype: str,
-                 dequantize_in_backward: bool = True) -> None:
+                 dequantize_in_backward: bool = True, device: str = "cpu") -> None:
         self.base, self.spec, self.calibration, self.folder = base, spec, calibration, folder
-        self.dtype, self.dequantize_in_backward = dtype, dequantize_in_backward
+        self.dtype, self.dequantize_in_backward, self.device = dtype, dequantize_in_backward, device
         self.quantized: Path | None = None  # the gptqmodel checkpoint, once made (None: 16-bit plan)
 
     @contextlib.contextmanager
@@ -161,4 +161,4 @@ class GPTQModelWeights:
             if self.dequantize_in_backward:
                 enable_dequantize_in_backward(model)
         model.config.use_cache = False
-        yield model
+        yield model.to(self.device)

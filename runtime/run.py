@@ -37,7 +37,7 @@ from qra.files import atomic_folder
 from qra.plans.memory import SettingsFor
 from qra.plans.schema import Training
 from qra.plans.spec import ModelSpec
-from qra.runtime.data import Batch, BatchExtent
+from qra.runtime.data import Batch, BatchExtent, to_device
 from qra.runtime.heldout import HeldOut, Scores, score_held_out
 from qra.runtime.lora import attach_lora
 from qra.runtime.measure import MeasuredFootprint, StepMeasurement
@@ -137,8 +137,9 @@ class Run:
     def _optimizer_step(self, measurement: StepMeasurement | None) -> float:
         accumulation = self.training.grad_accumulation
         step_loss = 0.0
+        device = next(self.model.parameters()).device
         for micro in range(accumulation):
-            batch = self.batch_for(self.step, micro)
+            batch = to_device(self.batch_for(self.step, micro), device)
             with measurement.forward() if measurement is not None and micro == 0 else contextlib.nullcontext():
                 loss = self.model(**batch).loss
             (loss / accumulation).backward()
@@ -147,6 +148,21 @@ class Run:
         self.optimizer.step()
         self.scheduler.step()
         return step_loss
+
+    def measure_batch(self, batch: Batch) -> MeasuredFootprint:
+        """The footprint of a training step on `batch`, taken after the run has stepped (so that the optimizer's
+        state exists): a forward and backward under measurement, no optimizer step, the gradients dropped and
+        the random state restored, so the run goes on as if it had not been taken."""
+        rng = torch.get_rng_state()
+        measurement = StepMeasurement(self.model)
+        self.model.train()
+        with measurement.forward():
+            loss = self.model(**to_device(batch, next(self.model.parameters()).device)).loss
+        loss.backward()
+        footprint = measurement.finish(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+        return footprint
 
     def score(self) -> Scores:
         """Held-out loss of every task (with its standard error) at the current step."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from qra.plans.schema import Training
+from qra.runtime.data import Batch
 from qra.runtime.heldout import HeldOut, Scores
 from qra.runtime.measure import MeasuredFootprint
 from qra.runtime.run import BatchFor, Run, StepLog
@@ -55,16 +56,23 @@ def train_run(
     resume: bool = False,
     on_step: Callable[[StepLog], None] | None = None,
     measure: bool = True,
+    worst_batch: Batch | None = None,
 ) -> TrainResult:
     """Train `run` to the end of its schedule. With `resume`, it continues from the checkpoint in
-    `checkpoint_dir` and ends where an uninterrupted run with the same seed ends; with `measure`, the first
-    step run in this process is measured (`TrainResult.measured`)."""
+    `checkpoint_dir` and ends where an uninterrupted run with the same seed ends. With `measure`, the first
+    step run in this process is measured, and every later one whose batch no measured batch covers; with
+    `worst_batch` as well (the data's largest, which a short schedule may never reach), a step on it is
+    measured after training without changing the run. `TrainResult.measured` is the largest footprint."""
     if resume and checkpoint_dir is not None:
         run.load(checkpoint_dir)
     start = run.step
     before = run.score() if start == 0 and run.held_out else None
     save = (lambda r: r.save(checkpoint_dir)) if checkpoint_dir is not None else None
     measured = run.train_to(run.training.steps, on_step, measure, on_checkpoint=save, checkpoint_every=checkpoint_every)
+    if measure and worst_batch is not None:
+        worst = run.measure_batch(worst_batch)
+        if measured is None or worst.total_bytes > measured.total_bytes:
+            measured = worst
     after = run.score() if run.held_out else None
     before_by_task, before_mean = _losses(before)
     after_by_task, after_mean = _losses(after)

@@ -160,9 +160,9 @@ def test_joined_data_reports_each_tasks_held_out_loss_their_mean_as_headline_and
 
 def test_on_joined_data_the_peak_is_measured_on_the_worst_batch_and_agrees_with_the_estimate(tiny_folder, tmp_path):
     """Packed text and padded questions in one data set: some batches pad (attention runs with a mask), so the
-    plan is made for padded batches; every batch that no measured batch covers is measured, and the largest
-    footprint agrees with the memory model to the byte in every persistent term."""
-    plan = mixed_plan(tiny_folder, steps=8, padded_batches=True)
+    plan is made for padded batches; the data's worst batch is measured even where the schedule never trains
+    on it, and the largest footprint agrees with the memory model to the byte in every persistent term."""
+    plan = mixed_plan(tiny_folder, steps=1, padded_batches=True)  # one step: its batch need not be the worst
     request = MaterializeRequest(plan=plan, output=tmp_path / "run", data="python-reference+arithmetic", exact_match_examples=0)
     memory = materialize(request)["memory"]
     assert memory["measured_persistent_bytes"] == memory["estimated_persistent_bytes"]

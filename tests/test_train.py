@@ -74,3 +74,22 @@ def test_resume_after_interruption_reaches_the_same_adapter(tmp_path):
     for name, parameter in resumed.named_parameters():
         if parameter.requires_grad:
             torch.testing.assert_close(parameter, expected[name], rtol=0, atol=0)
+
+
+def test_measuring_the_datas_worst_batch_takes_the_largest_footprint_and_leaves_the_run_as_it_was():
+    """A padded batch longer than any the schedule trains on: its step is measured after training (dropout on,
+    so the random state matters too), the footprint reported is its, and the adapter is the one training gave."""
+    from qra.runtime.run import Run
+    from qra.runtime.train import train_run
+
+    ids = torch.arange(2 * 48).reshape(2, 48) % 37
+    mask = torch.ones_like(ids)
+    mask[0, -5:] = 0
+    worst = {"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask}
+    plain, measured = lora_model(), lora_model()
+    plain_result = train_run(Run(plain, TRAINING, repeating_batches))
+    measured_result = train_run(Run(measured, TRAINING, repeating_batches), worst_batch=worst)
+    assert measured_result.measured.saved_activation_bytes > plain_result.measured.saved_activation_bytes
+    for (name, a), (_, b) in zip(plain.named_parameters(), measured.named_parameters()):
+        assert torch.equal(a, b), name
+    assert measured_result.losses == plain_result.losses
