@@ -25,6 +25,10 @@ from qra.plans.schema import Device, ModuleSettings, Training  # noqa: E402
 from qra.plans.spec import spec_from_config  # noqa: E402
 from qra.runtime.data import batches, load_dataset, pad_id, training_for, training_features, worst_batch  # noqa: E402
 from qra.runtime.measure import measure_lora_step  # noqa: E402
+from qra.runtime.quantize import quiet_gptqmodel  # noqa: E402
+
+with quiet_gptqmodel():  # its import banner would go to stdout, into the table
+    import gptqmodel  # noqa: E402, F401
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
