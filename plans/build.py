@@ -1,6 +1,8 @@
 """Make plans from a model spec: a uniform plan (every layer the same bits and rank), and the memory
 record that binds any plan's estimate to its budget."""
 
+import math
+
 from qra.plans.fingerprint import structural_fingerprint
 from qra.plans.memory import MemoryEstimate, estimate_plan
 from qra.plans.schema import Budget, Device, LayerPlan, MemoryEstimateRecord, ModelRef, Plan, Provenance, Training
@@ -15,6 +17,12 @@ def model_ref(spec: ModelSpec, model_id: str, content_hash: str | None) -> Model
         fingerprint=structural_fingerprint(spec),
         content_hash=content_hash,
     )
+
+
+def budget_covering(total_bytes: int) -> Budget:
+    """The smallest budget of whole tenths of a megabyte (10^5 bytes) that holds `total_bytes`."""
+    megabytes = math.ceil(total_bytes / 10**5) / 10
+    return Budget(bytes=int(round(megabytes * 10**6)), text=f"{megabytes:.1f}MB")
 
 
 def memory_record(estimate: MemoryEstimate, budget_bytes: int) -> MemoryEstimateRecord:

@@ -16,7 +16,7 @@ from qra.plans import io as plan_io
 from qra.plans.io import dump_plan, load_plan, save_plan
 from qra.plans.memory import estimate_plan
 from qra.plans.report import memory_table, plan_diff, plan_table
-from qra.plans.schema import Plan
+from qra.plans.schema import Budget, Plan
 from qra.units import format_bytes
 from tiny import tiny_spec
 
@@ -247,3 +247,10 @@ def test_memory_table_shows_total_budget_and_a_negative_headroom():
     assert "60.0%" in text
     assert "1.00 kB" in text
     assert "-100 B" in text
+
+
+def test_a_budget_covering_a_footprint_is_the_next_tenth_of_a_megabyte():
+    from qra.plans.build import budget_covering
+
+    assert budget_covering(1_546_100_001) == Budget(bytes=1_546_200_000, text="1546.2MB")
+    assert budget_covering(1_517_900_000) == Budget(bytes=1_517_900_000, text="1517.9MB")

@@ -14,7 +14,6 @@ OUT/compile-cost.md. Run it with nothing else on the machine: two cores halve un
 import argparse
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ from qra.compiler.compile import CompileRequest, compile_plan, prepare
 from qra.compiler.progress import StageProgress
 from qra.files import write_text
 from qra.models import load_config, resolve_model
+from qra.plans.build import budget_covering
 from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.schema import Budget, Device, Training
 from qra.plans.spec import spec_from_config
@@ -59,9 +59,7 @@ def uniform_budget(model: str, data: str, training: Training, bits: int = 4, ran
     """The footprint of uniform `bits` at `rank` on this data's batches, rounded up to 0.1 MB: B1 of the
     quality benchmark."""
     spec = spec_from_config(load_config(resolve_model(model)))
-    footprint = estimate_memory(spec, uniform_settings(bits, rank), training_for(training, load_dataset(data)), Device()).total_bytes
-    megabytes = math.ceil(footprint / 10**5) / 10
-    return Budget(bytes=int(megabytes * 10**6), text=f"{megabytes:.1f}MB")
+    return budget_covering(estimate_memory(spec, uniform_settings(bits, rank), training_for(training, load_dataset(data)), Device()).total_bytes)
 
 
 def measure(args: argparse.Namespace) -> dict:

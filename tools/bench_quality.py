@@ -43,7 +43,7 @@ from qra.compiler.fidelity import FidelityEvaluator
 from qra.compiler.finalists import paired_difference
 from qra.files import atomic_path, digest, write_text
 from qra.models import load_config, load_model, resolve_model
-from qra.plans.build import uniform_plan
+from qra.plans.build import budget_covering, uniform_plan
 from qra.plans.io import load_plan, save_plan
 from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.plot import bits_rank_pattern, plot_plan
@@ -88,24 +88,19 @@ def _pads(data: str, batch_size: int) -> bool:
     return pads(load_dataset(data), batch_size)
 
 
-def _megabytes(footprint: int) -> Budget:
-    megabytes = math.ceil(footprint / 10**5) / 10
-    return Budget(bytes=int(megabytes * 10**6), text=f"{megabytes:.1f}MB")
-
-
 def footprint(spec, bits: int, rank: int, training: Training, device: Device) -> int:
     return estimate_memory(spec, uniform_settings(bits, rank), training, device).total_bytes
 
 
 def budget_for(spec, bits: int, training: Training, device: Device, rank: int = 8) -> Budget:
     """The footprint of uniform `bits` at `rank`, rounded up to 0.1 MB, as a budget."""
-    return _megabytes(footprint(spec, bits, rank, training, device))
+    return budget_covering(footprint(spec, bits, rank, training, device))
 
 
 def budgets_for(spec, training: Training, device: Device) -> dict[str, Budget]:
     """B1: uniform 4-bit rank 8's footprint; B2: midway between uniform 3-bit rank 4 and 4-bit rank 4."""
     low, high = footprint(spec, 3, 4, training, device), footprint(spec, 4, 4, training, device)
-    middle = _megabytes((low + high) // 2)
+    middle = budget_covering((low + high) // 2)
     if middle.bytes >= high:
         middle = Budget(bytes=(low + high) // 2, text=f"{(low + high) / 2e6:.3f}MB")
     return {"B1": budget_for(spec, 4, training, device), "B2": middle}

@@ -31,7 +31,6 @@ Writes OUT/gpu-check.json and OUT/gpu-check.md.
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ import torch
 
 from qra.files import write_text
 from qra.models import content_hash, load_config, resolve_model
-from qra.plans.build import model_ref, uniform_plan, with_memory
+from qra.plans.build import budget_covering, model_ref, uniform_plan, with_memory
 from qra.plans.memory import estimate_memory, plan_settings
 from qra.plans.schema import Budget, Device, ModuleOverride, Plan, Training
 from qra.plans.spec import spec_from_config
@@ -96,9 +95,8 @@ def device_context() -> int:
 
 def _budgeted(plan: Plan, spec) -> Plan:
     """`plan` with its own estimate, rounded up to 0.1 MB, as its budget."""
-    total = estimate_memory(spec, plan_settings(plan), plan.training, plan.device).total_bytes
-    megabytes = math.ceil(total / 10**5) / 10
-    return with_memory(plan.model_copy(update={"budget": Budget(bytes=int(megabytes * 10**6), text=f"{megabytes:.1f}MB")}), spec)
+    budget = budget_covering(estimate_memory(spec, plan_settings(plan), plan.training, plan.device).total_bytes)
+    return with_memory(plan.model_copy(update={"budget": budget}), spec)
 
 
 def small_plans(setup: Setup, device: Device) -> dict[str, Plan]:
