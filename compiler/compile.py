@@ -6,10 +6,12 @@ the plan, verified by the memory model and written atomically. A rerun with `--r
 journal and the priors record and ends at the same plan as an uninterrupted run with the same seed.
 """
 
+import functools
 import importlib.metadata
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +20,8 @@ from pathlib import Path
 from qra.compiler.fidelity import FidelityEvaluator, FidelityLadder, ladder_for, prepare_data
 from qra.compiler.finalists import FinalPick, final_pick
 from qra.compiler.importance import Importance, flat_importance
-from qra.compiler.journal import Journal, JournaledObjective
+from qra.compiler.journal import Journal, JournaledPool
+from qra.compiler.pool import Outcome, Pool, Task, open_pool
 from qra.compiler.priors import PriorSettings, journal_path, measure_priors
 from qra.compiler.progress import StageProgress
 from qra.compiler.qcache import QuantCache
@@ -85,6 +88,8 @@ class CompileRequest:
     journal: Path | None = None
     work: Path | None = None
     resume: bool = False
+    workers: int = 0
+    ray_address: str | None = None
 
 
 @dataclass
@@ -202,10 +207,10 @@ def _journals(request: CompileRequest, prepared: "Prepared") -> tuple[Journal | 
     )
 
 
-def _uniform_baseline(prepared: "Prepared", journal: Journal | None) -> SearchResult:
+def _uniform_baseline(prepared: "Prepared", journal: Journal | None, pool: Pool) -> SearchResult:
     """The uniform (QLoRA-style) configuration at the same budget, scored at the top fidelity in this run
     (journaled on its own, beside the search's journal)."""
-    return run_search(Baseline(prepared.problem, "uniform"), prepared.evaluator, 1, journal=journal)
+    return run_search(Baseline(prepared.problem, "uniform"), None, 1, journal=journal, pool=pool)
 
 
 def _baseline_name(config: Config) -> str:
@@ -219,49 +224,41 @@ def _is_uniform(config: Config) -> bool:
 def finalists_of(result: SearchResult, uniform: SearchResult, count: int) -> tuple[list[Config], Config]:
     """The `count` best distinct non-uniform configurations the search scored at the top rung, and the best
     uniform configuration scored there (the search's own uniform starts, or the uniform baseline)."""
-    top = [e for e in (*result.history, *uniform.history) if e.fidelity == uniform.best_fidelity]
+    top = [e for e in (*result.history, *uniform.history) if e.fidelity == uniform.best_fidelity and math.isfinite(e.score)]
     ranked = sorted(top, key=lambda e: e.score)
     best_uniform = next(e.config for e in ranked if _is_uniform(e.config))
     finalists = list(dict.fromkeys(e.config for e in ranked if not _is_uniform(e.config)))[:count]
     return finalists, best_uniform
 
 
-class _SeededObjective:
-    """The evaluator at another seed (the finalists' fresh seeds), as an `Objective` a journal can wrap."""
-
-    def __init__(self, evaluator: FidelityEvaluator, seed: int) -> None:
-        self.evaluator, self.seed = evaluator, seed
-
-    def evaluate(self, config: Config, fidelity: int) -> float:
-        return self.evaluator.measure(config, fidelity, self.seed).loss
-
-
 def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResult, uniform: SearchResult,
-              on_stage: Callable[[StageProgress], None] | None = None) -> FinalPick:
-    """The final paired comparison (`qra.compiler.finalists`) on fresh seeds, each seed's runs journaled
-    beside the search's journal, so a resumed compile replays them."""
+              pool: Pool, on_stage: Callable[[StageProgress], None] | None = None) -> FinalPick:
+    """The final paired comparison (`qra.compiler.finalists`) on fresh seeds, every run at once on the pool,
+    each seed's runs journaled beside the search's journal, so a resumed compile replays them."""
     finalists, best_uniform = finalists_of(result, uniform, prepared.effort.finalists)
     top = prepared.problem.top
     seeds = [request.training.seed + 1 + index for index in range(prepared.effort.seeds)]
-    objectives = {}
-    for seed in seeds:
-        objective = _SeededObjective(prepared.evaluator, seed)
-        if request.journal is None:
-            objectives[seed] = objective
-        else:
-            path = request.journal.with_name(f"{request.journal.stem}.seed{seed}.jsonl")
-            objectives[seed] = JournaledObjective(objective, Journal(path, journal_key(request, prepared, f"finalists seed {seed}")))
+    runner: Pool = pool
+    if request.journal is not None:
+        journals = {
+            seed: Journal(request.journal.with_name(f"{request.journal.stem}.seed{seed}.jsonl"),
+                          journal_key(request, prepared, f"finalists seed {seed}"))
+            for seed in seeds
+        }
+        runner = JournaledPool(pool, lambda task: journals[task.seed])
     log.info("final comparison: %d finalist(s) and %s on seeds %s", len(finalists), _baseline_name(best_uniform), seeds)
-    total = (len([c for c in finalists if c != best_uniform]) + 1) * len(seeds)
-    done: list[float] = []
+    done: list[int] = []
 
-    def evaluate(config: Config, seed: int) -> float:
-        done.append(objectives[seed].evaluate(config, top))
-        if on_stage is not None:
-            on_stage(StageProgress("final comparison", len(done), total, top_rung=True))
-        return done[-1]
+    def run_all(runs: Sequence[tuple[Config, int]]) -> list[float]:
+        def finished(position: int, outcome: Outcome) -> None:
+            done.append(position)
+            if on_stage is not None:
+                on_stage(StageProgress("final comparison", len(done), len(runs), top_rung=True))
 
-    return final_pick(evaluate, finalists, best_uniform, seeds)
+        tasks = [Task(config, top, seed, stage="final comparison") for config, seed in runs]
+        return [outcome.score for outcome in runner.run(tasks, finished)]
+
+    return final_pick(run_all, finalists, best_uniform, seeds)
 
 
 def _seed_scores(pick: FinalPick) -> list[SeedScores]:
@@ -287,20 +284,49 @@ class Prepared:
     above_maximum: bool
 
 
-def prepare(request: CompileRequest, on_stage: Callable[[StageProgress], None] | None = None) -> Prepared:
-    """Check the request, load the model and data, and measure (or replay) the importance priors."""
+@dataclass(frozen=True)
+class Setting:
+    """What a request resolves to before anything is measured: the model, its data, the space, the effort."""
+
+    source: ModelSource
+    spec: ModelSpec
+    dataset: Dataset
+    space: SearchSpace
+    effort: Effort
+    work: Path
+
+
+def resolve(request: CompileRequest) -> Setting:
     _check_request(request)
     source, spec = _model(request)
     dataset = load_dataset(request.data, seed=request.training.seed)
     training = training_for(request.training, dataset)
     space = build_space(spec, request.bits, request.ranks, training, request.device, request.granularity, request.group_size)
-    above_maximum = _check_budget(space, request.budget)
     effort = request.effort if isinstance(request.effort, Effort) else EFFORTS[request.effort]
-    work = request.work or Path(".qra-work")
-    evaluator = _evaluator(request, source, space, effort, work, dataset)
-    importance = _importance(request, evaluator, effort, work, on_stage)
-    problem = Problem(space, importance, request.budget.bytes, fidelities=tuple(range(evaluator.ladder.levels)))
-    return Prepared(source, spec, space, effort, evaluator, problem, above_maximum)
+    return Setting(source, spec, dataset, space, effort, request.work or Path(".qra-work"))
+
+
+def build_evaluator(request: CompileRequest) -> FidelityEvaluator:
+    """The request's evaluator, as `prepare` builds it: what each worker of a pool loads once."""
+    setting = resolve(request)
+    return _evaluator(request, setting.source, setting.space, setting.effort, setting.work, setting.dataset)
+
+
+def prepare(request: CompileRequest, on_stage: Callable[[StageProgress], None] | None = None) -> Prepared:
+    """Check the request, load the model and data, and measure (or replay) the importance priors."""
+    setting = resolve(request)
+    above_maximum = _check_budget(setting.space, request.budget)
+    evaluator = _evaluator(request, setting.source, setting.space, setting.effort, setting.work, setting.dataset)
+    importance = _importance(request, evaluator, setting.effort, setting.work, on_stage)
+    problem = Problem(setting.space, importance, request.budget.bytes, fidelities=tuple(range(evaluator.ladder.levels)))
+    return Prepared(setting.source, setting.spec, setting.space, setting.effort, evaluator, problem, above_maximum)
+
+
+def open_compile_pool(request: CompileRequest, prepared: Prepared) -> Pool:
+    """Where the request's candidate runs execute: `request.workers` Ray workers, or a Ray cluster at
+    `request.ray_address`, each loading the request's evaluator once; else this process's evaluator."""
+    return open_pool(prepared.evaluator, request.workers, request.ray_address,
+                     functools.partial(build_evaluator, request), prepared.evaluator.fingerprint)
 
 
 def _plan(request: CompileRequest, prepared: Prepared, config: Config, predicted: Prediction, provenance: Provenance) -> Plan:
@@ -343,13 +369,15 @@ def _search_reporter(
     """The search's per-evaluation callback: the caller's, and a `StageProgress` with the best score at the
     highest fidelity reached so far."""
     best: dict[int, float] = {}
+    reported: list[Evaluation] = []  # in the order they finished (workers finish out of order)
 
     def report(evaluation: Evaluation) -> None:
+        reported.append(evaluation)
         if on_progress is not None:
             on_progress(evaluation)
-        best[evaluation.fidelity] = min(best.get(evaluation.fidelity, float("inf")), evaluation.score)
+        best[evaluation.fidelity] = min(best.get(evaluation.fidelity, math.inf), evaluation.score)
         if on_stage is not None:
-            on_stage(StageProgress("search", evaluation.index + 1, prepared.effort.evaluations, best=best[max(best)],
+            on_stage(StageProgress("search", len(reported), prepared.effort.evaluations, best=best[max(best)],
                                    top_rung=evaluation.fidelity == prepared.problem.top))
 
     return report
@@ -360,19 +388,24 @@ def compile_plan(
     on_stage: Callable[[StageProgress], None] | None = None,
 ) -> CompileOutcome:
     """Run every stage and return the verified plan (not yet written) with the search's record. `on_progress`
-    sees every search evaluation; `on_stage` every stage's progress (`qra.compiler.progress`)."""
+    sees every search evaluation; `on_stage` every stage's progress (`qra.compiler.progress`). Candidate
+    runs execute on the request's pool (`open_compile_pool`)."""
     began = time.perf_counter()
     prepared = prepared or prepare(request, on_stage)
     journal, baseline_journal = _journals(request, prepared)
-    log.info("searching: %s, %d evaluations", request.strategy, prepared.effort.evaluations)
-    strategy = _strategy(prepared.problem, request.strategy, request.training.seed)
-    reporter = _search_reporter(prepared, on_progress, on_stage)
-    result = run_search(strategy, prepared.evaluator, prepared.effort.evaluations, reporter, journal)
-    uniform = _uniform_baseline(prepared, baseline_journal)
-    if on_stage is not None:
-        on_stage(StageProgress("search", len(result.history), len(result.history), best=result.best_score,
-                               uniform=uniform.best_score))
-    pick = pick_plan(request, prepared, result, uniform, on_stage)
+    pool = open_compile_pool(request, prepared)
+    try:
+        log.info("searching: %s, %d evaluations", request.strategy, prepared.effort.evaluations)
+        strategy = _strategy(prepared.problem, request.strategy, request.training.seed)
+        reporter = _search_reporter(prepared, on_progress, on_stage)
+        result = run_search(strategy, None, prepared.effort.evaluations, reporter, journal, pool)
+        uniform = _uniform_baseline(prepared, baseline_journal, pool)
+        if on_stage is not None:
+            on_stage(StageProgress("search", len(result.history), len(result.history), best=result.best_score,
+                                   uniform=uniform.best_score))
+        pick = pick_plan(request, prepared, result, uniform, pool, on_stage)
+    finally:
+        pool.close()
     log.info("quantization cache: %s", prepared.evaluator.cache.stats)
     ladder = prepared.evaluator.ladder
     provenance = Provenance(

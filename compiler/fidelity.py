@@ -206,9 +206,9 @@ class FidelityEvaluator:
         """The plan's training settings, with another seed for the finalists' paired runs."""
         return self.space.training if seed is None else self.space.training.model_copy(update={"seed": seed})
 
-    def evaluate(self, config: Config, fidelity: int) -> float:
-        """Held-out loss of `config` at `fidelity` (0 = no training); lower is better."""
-        return self.measure(config, fidelity).loss
+    def evaluate(self, config: Config, fidelity: int, seed: int | None = None) -> float:
+        """Held-out loss of `config` at `fidelity` (0 = no training), on `seed` (the plan's by default); lower is better."""
+        return self.measure(config, fidelity, seed).loss
 
     def measure(self, config: Config, fidelity: int, seed: int | None = None) -> Evaluation:
         if not 0 <= fidelity < self.ladder.levels:

@@ -7,7 +7,8 @@ finalists and the best uniform configuration are run again, at the top rung, on 
 part in choosing them, paired by seed: for seed s, d_s = loss(finalist, s) − loss(uniform, s). The paired
 mean d̄ and its standard error SE = sd(d)/√n decide: of the finalists with d̄ < −2·SE, the one with the
 lowest d̄ is the plan; if there is none, the plan is the uniform configuration, and the compile says so. The plan's predicted
-loss is its mean over these seeds, an unbiased estimate of what a user's run gets.
+loss is its mean over these seeds, an unbiased estimate of what a user's run gets. A run that failed (its
+worker died twice) has an infinite loss; its seed is left out of that finalist's pairing.
 """
 
 import logging
@@ -36,9 +37,12 @@ class PairedDifference:
 
 
 def paired_difference(candidate: Sequence[float], baseline: Sequence[float]) -> PairedDifference:
+    """Over the seeds where both runs finished (a failed run's loss is infinite)."""
     if len(candidate) != len(baseline) or not candidate:
         raise ValueError("a paired difference needs one candidate and one baseline score per seed")
-    differences = [c - b for c, b in zip(candidate, baseline)]
+    differences = [c - b for c, b in zip(candidate, baseline) if math.isfinite(c) and math.isfinite(b)]
+    if not differences:
+        return PairedDifference(math.nan, math.nan, 0)
     se = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
     return PairedDifference(statistics.fmean(differences), se, len(differences))
 
@@ -57,21 +61,24 @@ class FinalPick:
 
     @property
     def predicted(self) -> float:
-        """The plan's mean held-out loss over the fresh seeds."""
-        return statistics.fmean(self.scores[config_key(self.config)].values())
+        """The plan's mean held-out loss over the fresh seeds (those whose run finished)."""
+        finished = [score for score in self.scores[config_key(self.config)].values() if math.isfinite(score)]
+        return statistics.fmean(finished) if finished else math.inf
 
 
-def final_pick(
-    evaluate: Callable[[Config, int], float], finalists: Sequence[Config], uniform: Config, seeds: Sequence[int]
-) -> FinalPick:
-    """Run every finalist and `uniform` on each of `seeds` (`evaluate(config, seed)`), pair by seed, and
-    pick, among the finalists that beat uniform beyond `MARGIN_SE` standard errors, the one with the lowest
-    mean difference; else uniform. (With a few finalists, testing each inflates the chance of a false win
-    a little; the finalists are few by design.)"""
+RunAll = Callable[[Sequence[tuple[Config, int]]], Sequence[float]]
+
+
+def final_pick(run_all: RunAll, finalists: Sequence[Config], uniform: Config, seeds: Sequence[int]) -> FinalPick:
+    """Run every finalist and `uniform` on each of `seeds` (`run_all` takes every (config, seed) at once, so
+    they can run in parallel, and returns their losses in that order), pair by seed, and pick, among the
+    finalists that beat uniform beyond `MARGIN_SE` standard errors, the one with the lowest mean difference;
+    else uniform. (With a few finalists, testing each inflates the chance of a false win a little; the
+    finalists are few by design.)"""
     candidates = [config for config in dict.fromkeys(finalists) if config != uniform]
-    scores: dict[str, dict[int, float]] = {}
-    for config in (uniform, *candidates):
-        scores[config_key(config)] = {seed: evaluate(config, seed) for seed in seeds}
+    runs = [(config, seed) for config in (uniform, *candidates) for seed in seeds]
+    losses = dict(zip(runs, run_all(runs)))
+    scores = {config_key(config): {seed: losses[(config, seed)] for seed in seeds} for config in (uniform, *candidates)}
     baseline = [scores[config_key(uniform)][seed] for seed in seeds]
     differences = {
         config_key(config): paired_difference([scores[config_key(config)][seed] for seed in seeds], baseline)

@@ -37,7 +37,7 @@ from qra.files import atomic_path
 from qra.plans.fingerprint import structural_fingerprint
 from qra.plans.memory import SettingsFor
 from qra.plans.spec import LinearSpec, ModelSpec
-from qra.runtime.data import Batch
+from qra.runtime.data import Batch, to_device
 from qra.runtime.quantize import quiet_gptqmodel
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,9 @@ class QuantCache:
         self.model.eval()
         try:
             with torch.no_grad():
+                device = next(self.model.parameters()).device
                 for batch in self.calibration:
+                    batch = to_device(batch, device)
                     current["mask"] = batch["attention_mask"].bool()
                     self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         finally:
@@ -285,7 +287,7 @@ class CachedWeights:
             for path, weight in cached:
                 parameter = self.model.get_submodule(path).weight
                 swapped.append((parameter, parameter.data))
-                parameter.data = weight.to(parameter.dtype)
+                parameter.data = weight.to(parameter.device, parameter.dtype)
             yield self.model
         finally:
             for parameter, original in swapped:

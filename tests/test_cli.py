@@ -351,3 +351,10 @@ def test_script_plan_for_another_model_is_exit_2_and_one_stderr_line_without_lib
     assert "Traceback" not in done.stderr
     assert done.stdout == ""
     assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: the plan has 4 layers"), done.stderr
+
+
+def test_compile_refuses_a_negative_worker_count_with_one_line(runner, tiny, tmp_path):
+    result = invoke(runner, "compile", "--output", tmp_path / "p.yaml", "--budget", "8GB", "--model", tiny["llama4"],
+                    "--workers", -1)
+    assert "--workers" in assert_one_error_line(result)
+    assert not (tmp_path / "p.yaml").exists()

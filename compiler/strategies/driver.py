@@ -3,15 +3,20 @@
 The driver owns what all strategies share: the evaluation budget, the budget check on every scored
 candidate, deduplication (a config asked again at a fidelity it was scored at is answered from memory
 and spends nothing), the journal, and the incumbent (the best score at the highest fidelity scored).
+Each batch a strategy asks is run at once on the pool (in this process, or on workers in parallel:
+`qra.compiler.pool`), and the scores are told in the order they were asked, so the search is the same
+wherever its candidates run. A candidate whose runs failed (its worker died twice) is told an infinite
+loss: strategies rank it last and leave it out of their models.
 """
 
 import logging
-import time
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qra.compiler.journal import Journal, JournaledObjective, Objective
+from qra.compiler.journal import Journal, JournaledPool, Objective
+from qra.compiler.pool import InProcessPool, Outcome, Pool, Task
 from qra.compiler.space import Config, config_key
 from qra.compiler.strategies.base import Candidate, Strategy
 from qra.errors import QraError
@@ -29,6 +34,8 @@ class Evaluation:
     score: float
     stage: str
     seconds: float
+    failure: str = ""
+    batch: int = 0  # the strategy's ask it answers: the evaluations of one batch can run in parallel
 
 
 @dataclass(frozen=True)
@@ -42,15 +49,6 @@ class SearchResult:
     replayed: int  # evaluations answered from the journal
 
 
-def _scorer(
-    objective: Objective, journal: Journal | None
-) -> tuple[Callable[[Candidate], float], JournaledObjective | None]:
-    if journal is None:
-        return (lambda c: float(objective.evaluate(c.config, c.fidelity))), None
-    journaled = JournaledObjective(objective, journal)
-    return (lambda c: journaled.evaluate(c.config, c.fidelity, c.stage)), journaled
-
-
 def _check_budget(strategy: Strategy, candidate: Candidate) -> None:
     problem = strategy.problem
     cost = problem.space.cost(candidate.config)
@@ -62,45 +60,83 @@ def _check_budget(strategy: Strategy, candidate: Candidate) -> None:
 
 
 def _best(history: list[Evaluation]) -> Evaluation:
-    top = max(e.fidelity for e in history)
-    return min((e for e in history if e.fidelity == top), key=lambda e: e.score)
+    scored = [e for e in history if math.isfinite(e.score)]
+    if not scored:
+        raise QraError(f"every evaluation of the search failed; the first: {history[0].failure}")
+    top = max(e.fidelity for e in scored)
+    return min((e for e in scored if e.fidelity == top), key=lambda e: e.score)
+
+
+def _fresh(batch: list[Candidate], known: dict[tuple[Config, int], float], room: int) -> tuple[list[Candidate], int]:
+    """The candidates of `batch` to run (not known, not asked earlier in the batch, at most `room`), and how
+    many asks the batch holds before the room ran out (the rest of the batch is dropped)."""
+    fresh: list[Candidate] = []
+    seen = set(known)
+    for position, candidate in enumerate(batch):
+        key = (candidate.config, candidate.fidelity)
+        if key in seen:
+            continue
+        if len(fresh) == room:
+            return fresh, position
+        fresh.append(candidate)
+        seen.add(key)
+    return fresh, len(batch)
 
 
 def run_search(
     strategy: Strategy,
-    objective: Objective,
+    objective: Objective | None,
     budget_evaluations: int,
     on_progress: Callable[[Evaluation], None] | None = None,
     journal: Journal | None = None,
+    pool: Pool | None = None,
 ) -> SearchResult:
-    """Run `strategy` for at most `budget_evaluations` evaluations of `objective` (lower is better)."""
+    """Run `strategy` for at most `budget_evaluations` evaluations (lower is better) of `objective`, or of the
+    tasks `pool` runs (which then replaces the objective)."""
     if budget_evaluations < 1:
         raise QraError(f"the search needs at least one evaluation, got {budget_evaluations}")
-    score, journaled = _scorer(objective, journal)
+    if pool is None:
+        if objective is None:
+            raise ValueError("run_search needs an objective or a pool")
+        pool = InProcessPool(objective)
+    journaled = JournaledPool(pool, lambda task: journal) if journal is not None else None
+    runner = journaled or pool
     strategy.start(budget_evaluations)
     history: list[Evaluation] = []
     known: dict[tuple[Config, int], float] = {}
-    hits = stale = 0
+    hits = stale = asks = 0
     while len(history) < budget_evaluations and stale < STALE_LIMIT:
         batch = strategy.ask()
+        asks += 1
         if not batch:
             break
         for candidate in batch:
             _check_budget(strategy, candidate)
+        fresh, asked = _fresh(batch, known, budget_evaluations - len(history))
+        first = len(history)
+        records: dict[int, Evaluation] = {}
+
+        def done(position: int, outcome: Outcome, fresh: list[Candidate] = fresh, first: int = first,
+                 records: dict[int, Evaluation] = records, ask: int = asks) -> None:
+            candidate = fresh[position]
+            records[position] = Evaluation(first + position, candidate.config, candidate.fidelity, outcome.score,
+                                           candidate.stage, outcome.seconds, outcome.failure, ask)
+            if on_progress is not None:
+                on_progress(records[position])
+
+        runner.run([Task(c.config, c.fidelity, stage=c.stage) for c in fresh], done)
+        for position in range(len(fresh)):
+            evaluation = records[position]
+            history.append(evaluation)
+            known[(evaluation.config, evaluation.fidelity)] = evaluation.score
+        fresh_keys = {(c.config, c.fidelity) for c in fresh}
+        for candidate in batch[:asked]:
             key = (candidate.config, candidate.fidelity)
-            if key in known:
-                hits, stale = hits + 1, stale + 1
-            elif len(history) < budget_evaluations:
-                started = time.perf_counter()
-                known[key] = score(candidate)
-                record = Evaluation(len(history), candidate.config, candidate.fidelity, known[key], candidate.stage,
-                                    time.perf_counter() - started)
-                history.append(record)
+            if key in fresh_keys:
+                fresh_keys.discard(key)
                 stale = 0
-                if on_progress is not None:
-                    on_progress(record)
             else:
-                break
+                hits, stale = hits + 1, stale + 1
             strategy.tell(candidate, known[key])
     if not history:
         raise QraError(f"{type(strategy).__name__} asked for nothing to evaluate")

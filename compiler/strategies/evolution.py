@@ -247,7 +247,7 @@ class Evolution:
     def _training_set(self) -> tuple[list[Config], list[float]] | None:
         """The configs scored at the highest fidelity that has at least MIN_TRAIN of them."""
         for fidelity in reversed(self.problem.fidelities):
-            scored = [i for i in self.individuals.values() if fidelity in i.scores]
+            scored = [i for i in self.individuals.values() if math.isfinite(i.scores.get(fidelity, math.inf))]
             if len(scored) >= MIN_TRAIN:
                 return [i.config for i in scored], [i.scores[fidelity] for i in scored]
         return None

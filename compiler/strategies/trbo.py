@@ -11,6 +11,7 @@ the repaired point. The region grows after `success_tolerance` consecutive impro
 incumbent and shrinks after `failure_tolerance` consecutive failures (TuRBO's rule).
 """
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -99,27 +100,32 @@ class TrustRegionBO:
             point = self._propose()
             config = self.problem.repair(self.problem.decode(np.array(point)))
             if config in self._scored:
-                self._observations[point] = self._scored[config]
+                if math.isfinite(self._scored[config]):
+                    self._observations[point] = self._scored[config]
                 point, config = self._explore()
         self._asked = point
         return [Candidate(config, self.problem.top, self.stage)]
 
     def tell(self, candidate: Candidate, score: float) -> None:
         self._observe(candidate.config, score)
-        if self._asked is not None:
+        if self._asked is not None and math.isfinite(score):
             self._observations[self._asked] = score
-            self._asked = None
+        self._asked = None
         if self.incumbent_score is None:
             self.incumbent_score = score
             return
-        success = score < self.incumbent_score - IMPROVEMENT * abs(self.incumbent_score)
+        if math.isfinite(self.incumbent_score):
+            success = score < self.incumbent_score - IMPROVEMENT * abs(self.incumbent_score)
+        else:
+            success = math.isfinite(score)
         if success:
             self.incumbent, self.incumbent_score = candidate.config, score
         self.region = self.region.update(success)
 
     def _observe(self, config: Config, score: float) -> None:
         self._scored[config] = score
-        self._observations[tuple(int(v) for v in self.problem.encode(config))] = score
+        if math.isfinite(score):  # a failed run is never asked again, and stays out of the GP
+            self._observations[tuple(int(v) for v in self.problem.encode(config))] = score
 
     def _propose(self) -> tuple[int, ...]:
         """One point from a GP-EI optimizer over the trust region, fitted to the observations inside it."""

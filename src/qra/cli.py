@@ -1,6 +1,7 @@
 """The `qra` command line: thin wiring from typed options to the plans, compiler and runtime packages."""
 
 import functools
+import importlib.util
 import json
 import logging
 from collections.abc import Callable
@@ -440,6 +441,8 @@ def compile_command(
     device: Annotated[str, typer.Option(help="cuda or cpu: the device the budget is for")] = "cuda",
     context: Annotated[str, typer.Option(help="fixed overhead of the device context")] = "500MB",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display (errors and the final line only)")] = False,
+    workers: Annotated[int, typer.Option(help="run candidates on a local Ray cluster with this many workers (0: in this process)")] = 0,
+    ray_address: Annotated[str | None, typer.Option(help="run candidates on the Ray cluster at this address (e.g. auto, or HOST:6379)")] = None,
 ) -> None:
     """Search per-layer bits and LoRA ranks that fit BUDGET and fine-tune best; write a verified plan."""
     from qra.compiler.compile import EFFORTS, CompileRequest, compile_plan
@@ -457,6 +460,10 @@ def compile_command(
         _check_bits_rank(16, r, 128)
     if steps < 1 or learning_rate <= 0 or seed < 0:
         raise QraError("--steps and --learning-rate must be positive, --seed at least 0")
+    if workers < 0:
+        raise QraError(f"--workers must be 0 (everything in this process) or more, got {workers}")
+    if (workers or ray_address) and importlib.util.find_spec("ray") is None:
+        raise QraError("--workers and --ray-address need Ray: pip install -c constraints.txt ray")
     training = _training(seq_len, batch_size, grad_checkpointing, "bfloat16").model_copy(
         update={"steps": steps, "learning_rate": learning_rate, "seed": seed})
     journal = journal or output.with_name(output.name + ".journal.jsonl")
@@ -464,6 +471,7 @@ def compile_command(
         model=model, budget=Budget(bytes=parse_bytes(budget), text=budget), data=data, bits=bit_choices, ranks=rank_choices,
         granularity=granularity, effort=effort, strategy=strategy, training=training, device=_device(device, context),
         journal=journal, work=work or output.with_name(output.name + ".work"), resume=resume,
+        workers=workers, ray_address=ray_address,
     )
     if effort not in EFFORTS:
         raise QraError(f"--effort {effort!r} is not one of {', '.join(EFFORTS)}")
