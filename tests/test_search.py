@@ -15,6 +15,7 @@ import pytest
 
 from qra.compiler.importance import Importance
 from qra.compiler.journal import Journal
+from qra.compiler.pool import Outcome
 from qra.compiler.space import Config, Gene, SearchSpace, build_space, config_key
 from qra.compiler.strategies import (
     BASELINES, STRATEGIES, AutoQRA, Baseline, Evolution, Problem, RandomSearch, TrustRegion, TrustRegionBO,
@@ -295,3 +296,38 @@ def test_baselines_follow_their_rules(problem: Problem) -> None:
     heuristic = BASELINES["heuristic"](problem)
     assert problem.fits(heuristic)
     assert min(heuristic[0].bits, heuristic[-1].bits) >= max(g.bits for g in heuristic[1:-1])
+
+
+class LastFirst:
+    """A pool (`qra.compiler.pool.Pool`) that finishes each batch last-asked-first, as parallel workers may."""
+
+    def __init__(self, objective: Synthetic) -> None:
+        self.objective = objective
+
+    def run(self, tasks, on_done=None):
+        outcomes = [Outcome(self.objective.evaluate(task.config, task.fidelity), 0.0) for task in tasks]
+        for position in reversed(range(len(tasks))):
+            if on_done is not None:
+                on_done(position, outcomes[position])
+        return outcomes
+
+    def close(self) -> None:
+        return None
+
+
+def test_results_finishing_out_of_order_give_the_same_search_and_the_same_journal(problem: Problem, tmp_path) -> None:
+    in_order = _journaled(problem, tmp_path / "in-order.jsonl", Synthetic())
+    reversed_path = tmp_path / "last-first.jsonl"
+    last_first = run_search(AutoQRA(problem, 5), None, 30, journal=Journal(reversed_path, KEY), pool=LastFirst(Synthetic()))
+    assert _trace(last_first) == _trace(in_order) and last_first.best_config == in_order.best_config
+    assert max(e.batch for e in last_first.history) < len(last_first.history)  # the strategy asked in batches
+    records = lambda path: [(r.config, r.fidelity, r.score, r.stage) for r in Journal(path, KEY).records]  # noqa: E731
+    assert records(reversed_path) == records(tmp_path / "in-order.jsonl")
+
+
+def test_a_failed_run_is_journaled_without_a_score_and_replayed_as_failed(problem: Problem, tmp_path) -> None:
+    path = tmp_path / "journal.jsonl"
+    Journal(path, KEY).append(problem.space.uniform(4, 8), 2, math.inf, 1.0, "trbo", "worker died: killed")
+    assert '"score": null' in path.read_text().splitlines()[1]
+    record = Journal(path, KEY).records[0]
+    assert record.score == math.inf and record.outcome.failed and record.failure == "worker died: killed"
