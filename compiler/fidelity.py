@@ -83,6 +83,18 @@ def ladder_for(
     return FidelityLadder(steps=tuple(steps), plan_steps=plan_steps, screen_share=screen_share)
 
 
+def cast_keeping_fp32_buffers(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model`'s parameters in `dtype` (not `.float()`: transformers refuses it on models loaded from GGUF),
+    its fp32 buffers (the rotary frequencies) kept in fp32, as `from_pretrained` and so materialize's model
+    keep them: cast to bf16 they move by up to 1.4e-3 and every candidate's attention with them."""
+    kept = {name: buffer.clone() for name, buffer in model.named_buffers() if buffer.dtype == torch.float32}
+    model = model.to(dtype)
+    for name, buffer in kept.items():
+        owner, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, buffer)
+    return model
+
+
 @dataclass(frozen=True)
 class EvalData:
     """Training sequences (every run batches them by its own seed: `batch_for`), the epoch-0 batches of
@@ -166,7 +178,7 @@ class FidelityEvaluator:
     ) -> None:
         if cache.model is not model:
             raise ValueError("the cache must quantize the evaluator's own model")
-        self.model = model.to(dtype)  # not .float(): transformers refuses it on models loaded from GGUF
+        self.model = cast_keeping_fp32_buffers(model, dtype)
         self.model.config.use_cache = False
         self.model.eval()
         self.space = space
@@ -200,6 +212,7 @@ class FidelityEvaluator:
             # whether batches pad is a fact of the data, already in the batches' digests
             "training": self.space.training.model_dump(exclude={"padded_batches"}),
             "dtype": str(self.dtype),
+            "fp32_buffers": True,
         }
 
     def training(self, seed: int | None = None) -> Training:

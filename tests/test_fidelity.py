@@ -10,7 +10,7 @@ from tiny import save_tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from qra.compiler import priors
-from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, ladder_for, prepare_data
+from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, cast_keeping_fp32_buffers, ladder_for, prepare_data
 from qra.compiler.priors import PriorSettings, measure_priors
 from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Gene, build_space
@@ -293,3 +293,13 @@ def test_a_priors_journal_that_does_not_parse_is_started_afresh(setup, tmp_path)
     importance = measure_priors(setup, settings, journal)
     assert len(importance.sensitivity) == len(setup.space.units)
     assert json.loads(journal.read_text())["entries"]
+
+
+def test_the_evaluator_casts_weights_and_keeps_the_rotary_frequencies_in_fp32_as_materialize_does(tmp_path):
+    folder = save_tiny_model(tmp_path / "model", "llama", layers=2)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    frequencies = model.model.rotary_emb.inv_freq.clone()
+    assert frequencies.dtype == torch.float32  # as from_pretrained, and so materialize's model, holds them
+    cast = cast_keeping_fp32_buffers(model.float(), torch.bfloat16)
+    assert cast.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(cast.model.rotary_emb.inv_freq, frequencies)

@@ -106,10 +106,16 @@ def budgets_for(spec, training: Training, device: Device) -> dict[str, Budget]:
     return {"B1": budget_for(spec, 4, training, device), "B2": middle}
 
 
+# Raised when the fine-tune pipeline's numerics change, so cached results of the old one are not reused
+# (2: the evaluator keeps the rotary frequencies in fp32).
+PIPELINE_REVISION = 2
+
+
 def plan_key(plan: Plan) -> str:
     """What a fine-tune's result depends on in a plan: its layers and training settings (the seed aside, and
-    whether batches pad, which only the memory model reads)."""
-    identity = [[layer.model_dump() for layer in plan.layers], plan.training.model_dump(exclude={"seed", "padded_batches"})]
+    whether batches pad, which only the memory model reads), and the pipeline's revision."""
+    identity = [[layer.model_dump() for layer in plan.layers], plan.training.model_dump(exclude={"seed", "padded_batches"}),
+                PIPELINE_REVISION]
     return digest(identity, 16)
 
 
