@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -325,8 +325,10 @@ def prepare(request: CompileRequest, on_stage: Callable[[StageProgress], None] |
 def open_compile_pool(request: CompileRequest, prepared: Prepared) -> Pool:
     """Where the request's candidate runs execute: `request.workers` Ray workers, or a Ray cluster at
     `request.ray_address`, each loading the request's evaluator once; else this process's evaluator."""
+    # a worker needs the evaluator only; the journal is the driver's (and exists already on --resume)
+    for_workers = replace(request, journal=None, resume=False)
     return open_pool(prepared.evaluator, request.workers, request.ray_address,
-                     functools.partial(build_evaluator, request), prepared.evaluator.fingerprint)
+                     functools.partial(build_evaluator, for_workers), prepared.evaluator.fingerprint)
 
 
 def _plan(request: CompileRequest, prepared: Prepared, config: Config, predicted: Prediction, provenance: Provenance) -> Plan:
@@ -369,15 +371,15 @@ def _search_reporter(
     """The search's per-evaluation callback: the caller's, and a `StageProgress` with the best score at the
     highest fidelity reached so far."""
     best: dict[int, float] = {}
-    reported: list[Evaluation] = []  # in the order they finished (workers finish out of order)
+    reported = [0]  # evaluations reported so far (workers finish out of order, so not the last index + 1)
 
     def report(evaluation: Evaluation) -> None:
-        reported.append(evaluation)
+        reported[0] += 1
         if on_progress is not None:
             on_progress(evaluation)
         best[evaluation.fidelity] = min(best.get(evaluation.fidelity, math.inf), evaluation.score)
         if on_stage is not None:
-            on_stage(StageProgress("search", len(reported), prepared.effort.evaluations, best=best[max(best)],
+            on_stage(StageProgress("search", reported[0], prepared.effort.evaluations, best=best[max(best)],
                                    top_rung=evaluation.fidelity == prepared.problem.top))
 
     return report

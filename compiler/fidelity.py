@@ -86,7 +86,7 @@ def ladder_for(
 def cast_keeping_fp32_buffers(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """`model`'s parameters in `dtype` (not `.float()`: transformers refuses it on models loaded from GGUF),
     its fp32 buffers (the rotary frequencies) kept in fp32, as `from_pretrained` and so materialize's model
-    keep them: cast to bf16 they move by up to 1.4e-3 and every candidate's attention with them."""
+    keep them: cast to bf16 they move, and every candidate's attention with them."""
     kept = {name: buffer.clone() for name, buffer in model.named_buffers() if buffer.dtype == torch.float32}
     model = model.to(dtype)
     for name, buffer in kept.items():

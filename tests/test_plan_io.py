@@ -13,6 +13,7 @@ from rich.console import Console
 
 from qra.errors import QraError
 from qra.plans import io as plan_io
+from qra.plans.build import budget_covering
 from qra.plans.io import dump_plan, load_plan, save_plan
 from qra.plans.memory import estimate_plan
 from qra.plans.report import memory_table, plan_diff, plan_table
@@ -250,7 +251,5 @@ def test_memory_table_shows_total_budget_and_a_negative_headroom():
 
 
 def test_a_budget_covering_a_footprint_is_the_next_tenth_of_a_megabyte():
-    from qra.plans.build import budget_covering
-
     assert budget_covering(1_546_100_001) == Budget(bytes=1_546_200_000, text="1546.2MB")
     assert budget_covering(1_517_900_000) == Budget(bytes=1_517_900_000, text="1517.9MB")

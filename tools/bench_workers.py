@@ -4,8 +4,9 @@
 
 Measured: one quick compile of a tiny Llama (4 layers, hidden 128) on the Python reference, run three times
 on the same warm `--work` (the quantization cache and the priors are built once, before the clock starts):
-in this process, on 1 Ray worker and on 2. Each time is the wall time of `compile_plan` (the search, the
-uniform baseline and the final paired comparison, the pool's start-up included). The table gives the ratios
+in this process, on 1 Ray worker and on 2. Each time is the wall time of `compile_plan`: loading the model
+and replaying the priors, then the search, the uniform baseline and the final paired comparison, the pool's
+start-up included. The table gives the ratios
 and whether the three plans are the same.
 
 Projected: the same search (AutoQRA, quick effort, layer granularity) asked for its candidates on

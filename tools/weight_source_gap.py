@@ -1,7 +1,7 @@
 """The weight-source gap before any fine-tuning: the same plan's weights from the search's quantization cache
 (per-module GPTQ on the float model's inputs) and from `qra materialize`'s gptqmodel pass (sequential), each
-swapped into the float model and scored on every held-out sequence; and each source's squared error
-against the float weights.
+swapped into the float model and scored on every held-out sequence; materialize's own packed model scored the
+same way; and each source's squared error against the float weights.
 
     python tools/weight_source_gap.py --bench runs/bench-quality \\
         --quantized runs/bench-quality/cache/quantized/<key> --out runs/bench-quality/weight-source-gap.json
@@ -62,6 +62,8 @@ def measure(bench: Path, quantized: Path, settings: Settings) -> dict:
         finally:
             for path, original in originals.items():
                 model.get_submodule(path).weight.data = original
+    packed = wrapper.model.eval()  # materialize's own model: the packed modules, its fp32 rotary frequencies
+    scores["gptqmodel, packed"] = score_held_out(packed, held_out)
     return {
         "quantized": str(quantized), "modules": len(modules),
         "held_out_loss": {name: {"mean": s.mean, "se": s.se, "by_task": {t: v.loss for t, v in s.by_task.items()}}
