@@ -87,7 +87,7 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "data": args.data, "budget": budget.text, "effort": args.effort, "granularity": args.granularity,
         "schedule": f"{args.steps} steps, batch {args.batch_size} x {args.seq_len}, learning rate {args.learning_rate:g}",
-        "stages_s": by_stage, "compile_s": round(compile_s, 2), "fine_tune_s": round(fine_tune_s, 2),
+        "stages_s": by_stage, "compile_s": compile_s, "fine_tune_s": fine_tune_s,
         "fine_tune_loss": evaluation.loss, "ratio": compile_s / fine_tune_s, "target": TARGETS.get(args.effort),
         "evaluations": outcome.plan.provenance.evaluations, "quantization_cache": str(prepared.evaluator.cache.stats),
     }
