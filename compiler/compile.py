@@ -1,8 +1,9 @@
 """`qra compile`: the orchestrator that turns a model, a budget and data into a verified plan.
 
 Stages (AutoQRA): budget bounds → quantization cache → importance priors → search (the chosen strategy,
-ask/tell, every evaluation journaled) → the uniform baseline scored at the same budget and fidelity →
-the plan, verified by the memory model and written atomically. A rerun with `--resume` replays the
+ask/tell, every evaluation journaled) → the final comparison of the best finalists with the best uniform
+configuration at the same budget, on fresh seeds, paired → the plan, verified by the memory model and
+written atomically. A rerun with `--resume` replays the
 journal and the priors record and ends at the same plan as an uninterrupted run with the same seed.
 """
 
@@ -26,7 +27,7 @@ from qra.compiler.priors import PriorSettings, journal_path, measure_priors
 from qra.compiler.progress import StageProgress
 from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Config, Granularity, SearchSpace, build_space, config_key
-from qra.compiler.strategies import BASELINES, STRATEGIES, Baseline, Evaluation, Problem, SearchResult, run_search
+from qra.compiler.strategies import BASELINES, STRATEGIES, Baseline, Evaluation, Problem, SearchResult, run_search, uniform_config
 from qra.errors import QraError
 from qra.files import digest
 from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
@@ -195,22 +196,11 @@ def journal_key(request: CompileRequest, prepared: "Prepared", strategy: str) ->
     return digest(identity)
 
 
-def _journals(request: CompileRequest, prepared: "Prepared") -> tuple[Journal | None, Journal | None]:
-    """The search's journal and the uniform baseline's beside it, both opened (and checked against this
-    compile) before anything is evaluated."""
+def _journal(request: CompileRequest, prepared: "Prepared") -> Journal | None:
+    """The search's journal, opened (and checked against this compile) before anything is evaluated."""
     if request.journal is None:
-        return None, None
-    baseline = request.journal.with_name(request.journal.stem + ".baseline.jsonl")
-    return (
-        Journal(request.journal, journal_key(request, prepared, request.strategy)),
-        Journal(baseline, journal_key(request, prepared, "uniform baseline")),
-    )
-
-
-def _uniform_baseline(prepared: "Prepared", journal: Journal | None, pool: Pool) -> SearchResult:
-    """The uniform (QLoRA-style) configuration at the same budget, scored at the top fidelity in this run
-    (journaled on its own, beside the search's journal)."""
-    return run_search(Baseline(prepared.problem, "uniform"), None, 1, journal=journal, pool=pool)
+        return None
+    return Journal(request.journal, journal_key(request, prepared, request.strategy))
 
 
 def _baseline_name(config: Config) -> str:
@@ -221,21 +211,23 @@ def _is_uniform(config: Config) -> bool:
     return len(set(config)) == 1
 
 
-def finalists_of(result: SearchResult, uniform: SearchResult, count: int) -> tuple[list[Config], Config]:
-    """The `count` best distinct non-uniform configurations the search scored at the top rung, and the best
-    uniform configuration scored there (the search's own uniform starts, or the uniform baseline)."""
-    top = [e for e in (*result.history, *uniform.history) if e.fidelity == uniform.best_fidelity and math.isfinite(e.score)]
+def finalists_of(result: SearchResult, problem: Problem, count: int) -> tuple[list[Config], Config]:
+    """The `count` best distinct non-uniform configurations the search scored at the top rung, and the uniform
+    configuration to beat: the best the search scored there (its warm start holds the fitting uniforms), else
+    the QLoRA-style default (`uniform_config`). The uniform is not run on the search's seed for its own
+    sake: the final comparison runs it on every fresh seed."""
+    top = [e for e in result.history if e.fidelity == problem.top and math.isfinite(e.score)]
     ranked = sorted(top, key=lambda e: e.score)
-    best_uniform = next(e.config for e in ranked if _is_uniform(e.config))
+    best_uniform = next((e.config for e in ranked if _is_uniform(e.config)), None) or uniform_config(problem)
     finalists = list(dict.fromkeys(e.config for e in ranked if not _is_uniform(e.config)))[:count]
     return finalists, best_uniform
 
 
-def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResult, uniform: SearchResult,
-              pool: Pool, on_stage: Callable[[StageProgress], None] | None = None) -> FinalPick:
+def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResult, pool: Pool,
+              on_stage: Callable[[StageProgress], None] | None = None) -> FinalPick:
     """The final paired comparison (`qra.compiler.finalists`) on fresh seeds, every run at once on the pool,
     each seed's runs journaled beside the search's journal, so a resumed compile replays them."""
-    finalists, best_uniform = finalists_of(result, uniform, prepared.effort.finalists)
+    finalists, best_uniform = finalists_of(result, prepared.problem, prepared.effort.finalists)
     top = prepared.problem.top
     seeds = [request.training.seed + 1 + index for index in range(prepared.effort.seeds)]
     runner: Pool = pool
@@ -258,7 +250,10 @@ def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResul
         tasks = [Task(config, top, seed, stage="final comparison") for config, seed in runs]
         return [outcome.score for outcome in runner.run(tasks, finished)]
 
-    return final_pick(run_all, finalists, best_uniform, seeds)
+    pick = final_pick(run_all, finalists, best_uniform, seeds)
+    if on_stage is not None:
+        on_stage(StageProgress("final comparison", len(done), len(done), best=pick.predicted, uniform=pick.mean_of(pick.uniform)))
+    return pick
 
 
 def _seed_scores(pick: FinalPick) -> list[SeedScores]:
@@ -394,18 +389,14 @@ def compile_plan(
     runs execute on the request's pool (`open_compile_pool`)."""
     began = time.perf_counter()
     prepared = prepared or prepare(request, on_stage)
-    journal, baseline_journal = _journals(request, prepared)
+    journal = _journal(request, prepared)
     pool = open_compile_pool(request, prepared)
     try:
         log.info("searching: %s, %d evaluations", request.strategy, prepared.effort.evaluations)
         strategy = _strategy(prepared.problem, request.strategy, request.training.seed)
         reporter = _search_reporter(prepared, on_progress, on_stage)
         result = run_search(strategy, None, prepared.effort.evaluations, reporter, journal, pool)
-        uniform = _uniform_baseline(prepared, baseline_journal, pool)
-        if on_stage is not None:
-            on_stage(StageProgress("search", len(result.history), len(result.history), best=result.best_score,
-                                   uniform=uniform.best_score))
-        pick = pick_plan(request, prepared, result, uniform, pool, on_stage)
+        pick = pick_plan(request, prepared, result, pool, on_stage)
     finally:
         pool.close()
     log.info("quantization cache: %s", prepared.evaluator.cache.stats)
@@ -416,7 +407,7 @@ def compile_plan(
         evaluations={f"f{fidelity}": count for fidelity, count in result.evaluations.items()},
         wall_time_s=round(time.perf_counter() - began, 1),
         versions=_versions(),
-        baselines={_baseline_name(uniform.best_config): uniform.best_score},
+        baselines={_baseline_name(pick.uniform): pick.mean_of(pick.uniform)},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         note=_note(request, pick.config, pick),
         finalists=_seed_scores(pick),

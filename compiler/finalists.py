@@ -59,11 +59,15 @@ class FinalPick:
     def is_uniform(self) -> bool:
         return self.config == self.uniform
 
+    def mean_of(self, config: Config) -> float:
+        """`config`'s mean held-out loss over the fresh seeds (those whose run finished)."""
+        finished = [score for score in self.scores[config_key(config)].values() if math.isfinite(score)]
+        return statistics.fmean(finished) if finished else math.inf
+
     @property
     def predicted(self) -> float:
-        """The plan's mean held-out loss over the fresh seeds (those whose run finished)."""
-        finished = [score for score in self.scores[config_key(self.config)].values() if math.isfinite(score)]
-        return statistics.fmean(finished) if finished else math.inf
+        """The plan's mean held-out loss over the fresh seeds: an unbiased estimate of a user's run."""
+        return self.mean_of(self.config)
 
 
 RunAll = Callable[[Sequence[tuple[Config, int]]], Sequence[float]]

@@ -60,7 +60,8 @@ def test_compile_runs_every_stage_and_writes_a_verified_plan_with_provenance(tin
     order = [stage.stage for stage in stages]
     assert order == sorted(order, key=["priors", "search", "final comparison"].index)  # stage by stage, in order
     final = [stage for stage in stages if stage.stage == "final comparison"]
-    assert final[-1].done == final[-1].total == 2 * CHEAP.seeds and all(stage.top_rung for stage in final)
+    assert final[-1].done == final[-1].total == 2 * CHEAP.seeds and all(stage.top_rung for stage in final[:-1])
+    assert final[-1].best == plan.predicted.score  # the closing report: the pick's scores, no further fine-tune
     assert [stage.uniform for stage in stages if stage.uniform is not None] == [plan.provenance.baselines[next(iter(plan.provenance.baselines))]]
     assert verify_plan(plan, tiny_spec("llama", layers=2)).verified
     space = build_space(tiny_spec("llama", layers=2), BITS, RANKS, TRAINING, DEVICE)
@@ -71,6 +72,21 @@ def test_compile_runs_every_stage_and_writes_a_verified_plan_with_provenance(tin
     assert plan.provenance.truncated_at_step is None
     stages = {e.stage.split(":")[0] for e in scored}
     assert stages == {"evolution", "trbo"}
+
+
+def test_every_fine_tune_the_compile_runs_is_a_search_evaluation_or_a_final_comparison_run(tiny_folder, tmp_path):
+    """No uniform run on the search's seed for its own sake: uniform is judged on the fresh seeds only."""
+    compiled = request(tiny_folder, tmp_path)
+    prepared = prepare(compiled)
+    runs = []
+    evaluate = prepared.evaluator.evaluate
+    prepared.evaluator.evaluate = lambda config, fidelity, seed=None: runs.append((fidelity, seed)) or evaluate(config, fidelity, seed)
+    scored = []
+    outcome = compile_plan(compiled, on_progress=scored.append, prepared=prepared)
+    assert len(runs) == len(scored) + 2 * CHEAP.seeds  # one finalist and uniform, on each fresh seed
+    assert sorted(seed for _, seed in runs if seed is not None) == sorted([1, 2] * 2)
+    uniform = outcome.plan.provenance.finalists[0]
+    assert outcome.plan.provenance.baselines == {uniform.name: pytest.approx(sum(uniform.scores.values()) / 2)}
 
 
 def test_interrupted_compile_resumes_to_the_same_plan(tiny_folder, tmp_path):
