@@ -33,3 +33,15 @@ def test_the_table_gives_each_sources_loss_per_task_and_weight_error():
     text = markdown(result)
     assert "| gptqmodel | 3.0500 ± 0.0100 | 2.9500 | 3.1500 | 1,000 |" in text
     assert "| float | 3.0000 ± 0.0100 | 2.9000 | 3.1000 |  |" in text
+
+
+def test_fine_tuned_sources_are_compared_with_the_cached_weights_paired_by_seed():
+    run = lambda seed, a, b: {"seed": seed, "mean": (a + b) / 2, "se": 0.01, "by_task": {"a": a, "b": b}}  # noqa: E731
+    loss = {"mean": 3.0, "se": 0.01, "by_task": {"a": 2.9, "b": 3.1}}
+    result = {"modules": 3, "held_out_loss": {"float": loss}, "squared_weight_error": {},
+              "fine_tuned": {"cached": [run(10, 3.0, 1.0), run(11, 3.0, 1.2)],
+                             "gptqmodel": [run(10, 2.9, 1.1), run(11, 2.95, 1.25)]}}
+    text = markdown(result)
+    assert "| cached | 10, 11 | 2.0500 | 3.0000 | 1.1000 |  |  |  |" in text
+    # paired by seed: a −0.1 and −0.05 (mean −0.075, SE 0.025); b +0.1 and +0.05
+    assert "| gptqmodel | 10, 11 | 2.0500 | 2.9250 | 1.1750 | +0.0000 ± 0.0000 | -0.0750 ± 0.0250 | +0.0750 ± 0.0250 |" in text

@@ -32,6 +32,7 @@ from torch import nn
 from bench_quality import Settings, compile_request
 
 from qra.compiler.compile import build_evaluator
+from qra.compiler.finalists import paired_difference
 from qra.files import write_text
 from qra.plans.io import load_plan
 from qra.plans.memory import plan_settings
@@ -135,6 +136,11 @@ def measure(bench: Path, quantized: Path, settings: Settings, plan: Plan | None 
     return result
 
 
+def _paired(values: list[float], cached: list[float]) -> str:
+    difference = paired_difference(values, cached)
+    return f"{difference.mean:+.4f}" + (f" ± {difference.se:.4f}" if difference.seeds > 1 else "")
+
+
 def markdown(result: dict) -> str:
     tasks = list(result["held_out_loss"]["float"]["by_task"])
     lines = [f"Weights before fine-tuning ({result['modules']} quantized modules), held-out loss on every sequence:", "",
@@ -145,14 +151,19 @@ def markdown(result: dict) -> str:
         cells = " | ".join(f"{loss['by_task'][task]:.4f}" for task in tasks)
         lines.append(f"| {name} | {loss['mean']:.4f} ± {loss['se']:.4f} | {cells} | {'' if error is None else f'{error:,.0f}'} |")
     if "fine_tuned" in result:
-        lines += ["", "After fine-tuning each with the plan's schedule through the same `Run` (held-out loss on every sequence):", "",
-                  "| weights | seeds | loss (mean of tasks) | " + " | ".join(tasks) + " | first / last training loss |",
-                  "|---|---|---|" + "---|" * len(tasks) + "---|"]
+        lines += ["", "After fine-tuning each with the plan's schedule through the same `Run` (held-out loss on every sequence; "
+                  "paired: the difference from the cached weights paired by seed, mean ± SE over seeds):", "",
+                  "| weights | seeds | loss (mean of tasks) | " + " | ".join(tasks) + " | paired vs cached | "
+                  + " | ".join(f"paired {task}" for task in tasks) + " |",
+                  "|---|---|---|" + "---|" * (2 * len(tasks) + 1)]
+        cached = result["fine_tuned"]["cached"]
         for name, runs in result["fine_tuned"].items():
             mean = statistics.fmean(run["mean"] for run in runs)
             cells = " | ".join(f"{statistics.fmean(run['by_task'][task] for run in runs):.4f}" for task in tasks)
-            first_last = ", ".join(f"{run['training_losses'][0]:.3f} / {run['training_losses'][-1]:.3f}" for run in runs)
-            lines.append(f"| {name} | {', '.join(str(run['seed']) for run in runs)} | {mean:.4f} | {cells} | {first_last} |")
+            pairs = [_paired([run["mean"] for run in runs], [run["mean"] for run in cached])]
+            pairs += [_paired([run["by_task"][task] for run in runs], [run["by_task"][task] for run in cached]) for task in tasks]
+            lines.append(f"| {name} | {', '.join(str(run['seed']) for run in runs)} | {mean:.4f} | {cells} | "
+                         + " | ".join("" if name == "cached" else pair for pair in pairs) + " |")
     return "\n".join(lines) + "\n"
 
 
