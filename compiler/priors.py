@@ -6,7 +6,8 @@
   own predictions: the loss increase without the noise of which tokens the held-out batches hold (a measured
   loss difference on a few batches came out negative for 26 of 90 sub-8-bit entries on SmolLM2). Measured
   damage, not weight error: a layer's relative weight error barely varies across layers and does not predict
-  its damage (docs/measurements.md).
+  its damage (docs/measurements.md). The layers before the unit are float in its measurement, so their
+  outputs are replayed from the reference pass (`FloatPrefix`) and only the rest of the model runs.
 - Plasticity at rank r: one short LoRA probe per rank with every unit at rank r on the float model (the
   first steps of the plan's own schedule), then each unit's share of the gain: the held-out loss increase if
   that unit's adapters alone were switched off, in the presence of the others (they are present in every
@@ -24,10 +25,11 @@ model, data and settings reuses the finished entries (also under another fidelit
 steps of the plan's own schedule), and a journal for anything else is started afresh.
 """
 
+import contextlib
 import json
 import logging
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,9 +150,48 @@ def _only(evaluator: FidelityEvaluator, unit: int, gene: Gene, rank: int) -> Con
     return tuple(gene if index == unit else Gene(FLOAT_BITS, rank) for index in range(len(evaluator.space.units)))
 
 
+class FloatPrefix:
+    """The float model's output of every decoder layer on the held-out batches, recorded while the reference
+    log-probabilities are computed. A sensitivity measurement quantizes one unit and keeps every other unit
+    float, so the layers before the unit's compute exactly what was recorded: `replaying(first)` returns
+    their recorded outputs, in call order, instead of computing them (on average half of each forward).
+    Written here because no library skips a prefix of a transformers model's decoder layers."""
+
+    def __init__(self, model: nn.Module, layer_prefix: str, layers: int) -> None:
+        self.layers = [model.get_submodule(f"{layer_prefix}.{index}") for index in range(layers)]
+        self.outputs: list[list] = [[] for _ in self.layers]
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        def keep(index: int):
+            return lambda module, args, output: self.outputs[index].append(output)
+
+        hooks = [layer.register_forward_hook(keep(index)) for index, layer in enumerate(self.layers)]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    @contextlib.contextmanager
+    def replaying(self, first: int) -> Iterator[None]:
+        """Layers below `first` return their recorded outputs, in the order they were recorded."""
+        def replay(index: int):
+            calls = iter(self.outputs[index])
+            return lambda *args, **kwargs: next(calls)
+
+        for index in range(first):
+            self.layers[index].forward = replay(index)
+        try:
+            yield
+        finally:
+            for layer in self.layers[:first]:
+                del layer.forward  # the instance attribute: the class's forward again
+
+
 def _scored_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token log-probabilities (float32) at every position whose next token the loss scores."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
     return torch.log_softmax(logits[batch["labels"][:, 1:] != -100].float(), dim=-1)
 
 
@@ -182,6 +223,8 @@ def _measure_sensitivity(
     evaluator: FidelityEvaluator, journal: _Journal, held_out: HeldOut
 ) -> list[dict[int, float]]:
     rank = evaluator.space.ranks[0]
+    spec = evaluator.space.spec
+    prefix = FloatPrefix(evaluator.model, spec.layer_prefix, len(spec.layers))
     reference: list[list[torch.Tensor]] = []
     raw = []
     for unit in range(len(evaluator.space.units)):
@@ -194,9 +237,10 @@ def _measure_sensitivity(
             def measure(unit: int = unit, bits: int = bits) -> float:
                 tasks = list(held_out.values())
                 if not reference:
-                    reference.extend(float_log_probs(evaluator.model, tasks))
+                    with prefix.recording():
+                        reference.extend(float_log_probs(evaluator.model, tasks))
                 settings = evaluator.space.settings_for(_only(evaluator, unit, Gene(bits, rank), rank))
-                with evaluator.weights.weights(settings) as model:
+                with evaluator.weights.weights(settings) as model, prefix.replaying(evaluator.space.units[unit].layer):
                     return divergence(model, tasks, reference)
 
             by_bits[bits] = journal.get(_sensitivity_name(unit, bits), measure)

@@ -175,6 +175,31 @@ def test_sensitivity_is_the_divergence_from_the_float_model_never_negative_and_l
     assert priors.divergence(setup.model, tasks, float_reference) == pytest.approx(0, abs=1e-6)
 
 
+def test_a_unit_is_measured_from_its_own_layer_on_with_the_float_layers_before_it_replayed(setup):
+    """The layers before a quantized unit are float in its measurement: replaying their recorded outputs
+    gives the divergence a whole forward gives, and layers before the unit are never run."""
+    tasks = list(setup.data.held_out_prefix(8).values())
+    spec = setup.space.spec
+    prefix = priors.FloatPrefix(setup.model, spec.layer_prefix, len(spec.layers))
+    with prefix.recording():
+        reference = priors.float_log_probs(setup.model, tasks)
+    unit = len(setup.space.units) - 1
+    settings = setup.space.settings_for(priors._only(setup, unit, Gene(2, 2), 2))
+    first = setup.space.units[unit].layer
+    with setup.weights.weights(settings) as model:
+        whole = priors.divergence(model, tasks, reference)
+        ran = []
+        hooks = [layer.self_attn.register_forward_pre_hook(lambda module, args, index=index: ran.append(index))
+                 for index, layer in enumerate(prefix.layers)]
+        with prefix.replaying(first):
+            replayed = priors.divergence(model, tasks, reference)
+        for hook in hooks:
+            hook.remove()
+    assert first > 0 and replayed == pytest.approx(whole, rel=1e-6) and whole > 0
+    assert set(ran) == set(range(first, len(spec.layers)))  # a replayed layer runs none of its modules
+    assert "forward" not in vars(prefix.layers[0])  # the class's forward is back
+
+
 def test_exact_match_is_an_optional_extra_metric(setup):
     answers = tuple(load_dataset("arithmetic").held_out[:3])
     data = EvalData(setup.data.features, setup.data.train, setup.data.held_out, setup.data.pad, 8, answers=answers)
