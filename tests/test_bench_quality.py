@@ -105,7 +105,7 @@ def test_a_tiny_benchmark_runs_every_stage_and_reruns_from_its_results(tmp_path)
     folder = save_tiny_model(tmp_path / "model", layers=2)
     corpus = tiny_corpus(tmp_path / "corpus.jsonl", examples=40)
     args = Namespace(out=tmp_path / "out", lr_grid="1e-3,5e-3", budgets="B1", fine_tune="evaluator", measure_peaks=False,
-                     weight_source_gap=False, ship=None, report=None)
+                     weight_source_gap=False, ship=None, report=None, methods="")
     settings = Settings(str(folder), str(corpus), 24, 2, 2, "quick", (10, 11), granularities=("module",), bits=(2, 4, 8),
                         ranks=(4, 8))
     report = run_benchmark(args, settings)
@@ -118,3 +118,6 @@ def test_a_tiny_benchmark_runs_every_stage_and_reruns_from_its_results(tmp_path)
     saved = json.loads((args.out / "quality.json").read_text())
     rerun = run_benchmark(args, settings)
     assert json.loads(json.dumps(rerun))["budgets"] == saved["budgets"]  # every run reused
+    args.methods = "llamacpp"
+    only = run_benchmark(args, settings)["budgets"]["B1"]["rows"]
+    assert set(only) == {"llamacpp", "uniform"} and only["llamacpp"]["gap_closed"] is None
