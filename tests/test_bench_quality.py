@@ -89,7 +89,7 @@ def test_report_has_one_table_row_per_method_and_budget_and_a_plot(tmp_path):
         entry["peak_mb"], entry["peak"] = 1000.0, "estimated"
     report = {
         "model": "tiny", "data": "python-reference+arithmetic", "steps": 40, "batch_size": 4, "seq_len": 128, "seeds": [10, 11, 12],
-        "learning_rate": 1e-3, "learning_rates": {"0.001": 2.0}, "fine_tune": "evaluator",
+        "learning_rate": 1e-3, "learning_rates": {"0.001": {"0": 2.0, "mean": 2.0}}, "fine_tune": "evaluator",
         "budgets": {"B1": {"budget": "1000.0MB", "budget_bytes": 10**9, "rows": rows, "predicted": {"autoqra-module": 2.46},
                            "targets": targets(rows, "B1", {"autoqra-module": 2.46}), "patterns": {"autoqra-module": "..."}}},
     }
@@ -97,6 +97,7 @@ def test_report_has_one_table_row_per_method_and_budget_and_a_plot(tmp_path):
     assert sum(line.startswith("| B1 (1000.0MB) |") for line in text.splitlines()) == 6
     assert "| B1 (1000.0MB) | autoqra-module | 1000.0 (estimated) | 2.4500 ± 0.0500 | 2.4500 ± 0.0500 [±0.010] |" in text
     assert "-0.6000 ± 0.0000 (win)" in text
+    assert "learning rate 0.001 (the lowest mean of uniform 4-bit r8 over seeds 0: 0.001: 2.0000)" in text
     plot_quality(report, tmp_path / "quality.png")
     assert (tmp_path / "quality.png").read_bytes().startswith(b"\x89PNG")
 
@@ -105,7 +106,7 @@ def test_a_tiny_benchmark_runs_every_stage_and_reruns_from_its_results(tmp_path)
     folder = save_tiny_model(tmp_path / "model", layers=2)
     corpus = tiny_corpus(tmp_path / "corpus.jsonl", examples=40)
     args = Namespace(out=tmp_path / "out", lr_grid="1e-3,5e-3", budgets="B1", fine_tune="evaluator", measure_peaks=False,
-                     weight_source_gap=False, ship=None, report=None, methods="")
+                     weight_source_gap=False, ship=None, report=None, methods="", lr_seeds="0,20", learning_rate=None)
     settings = Settings(str(folder), str(corpus), 24, 2, 2, "quick", (10, 11), granularities=("module",), bits=(2, 4, 8),
                         ranks=(4, 8))
     report = run_benchmark(args, settings)
@@ -113,6 +114,9 @@ def test_a_tiny_benchmark_runs_every_stage_and_reruns_from_its_results(tmp_path)
     assert set(rows) == {"autoqra-module", "uniform", "sequential", "heuristic", "llamacpp", CEILING}
     assert all(row["seeds"] == [10, 11] for row in rows.values())
     assert report["learning_rate"] in (1e-3, 5e-3) and set(report["learning_rates"]) == {"0.001", "0.005"}
+    chosen = report["learning_rates"][f"{report['learning_rate']:g}"]
+    assert chosen["mean"] == pytest.approx((chosen["0"] + chosen["20"]) / 2)
+    assert chosen["mean"] == min(scores["mean"] for scores in report["learning_rates"].values())
     finalists = report["budgets"]["B1"]["compile"]["autoqra-module"]["finalists"]
     assert finalists and set(finalists[0]["scores"]) == {1, 2, 3}  # the compile's seeds, none of the bench's
     saved = json.loads((args.out / "quality.json").read_text())
