@@ -436,7 +436,6 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
     report: dict = {}
     for seed in settings.seeds:
         for name, budget in budgets.items():
-            evaluator = preparations.get(settings, first, "layer").evaluator
             for method, plan in {**plans[name], CEILING: ceiling}.items():
                 if args.methods and method not in (*args.methods.split(","), "uniform"):
                     continue
@@ -446,8 +445,9 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
                     result = run_materialize(settings, plan, seed, folder / f"seed{seed}", out / "cache")
                 else:
                     log.info("fine-tuning %s at %s, seed %d", method, budget.text, seed)
+                    # the evaluator (model, cache, priors) is prepared only when a run is not cached
                     result = _cached(folder / f"seed{seed}.json", plan_key(plan),
-                                     lambda: _fine_tune(evaluator, plan, seed))
+                                     lambda: _fine_tune(preparations.get(settings, first, "layer").evaluator, plan, seed))
                 runs.setdefault((name, method), []).append(result)
         report = _report(args, settings, budgets, plans, ceiling, runs, spec, timings, rates)
         _publish(report, out, args.report, budgets, settings)
