@@ -125,3 +125,6 @@ def test_a_tiny_benchmark_runs_every_stage_and_reruns_from_its_results(tmp_path)
     args.methods = "llamacpp"
     only = run_benchmark(args, settings)["budgets"]["B1"]["rows"]
     assert set(only) == {"llamacpp", "uniform"} and only["llamacpp"]["gap_closed"] is None
+    args.methods, args.learning_rate = "", 2e-2
+    with pytest.raises(SystemExit, match="another schedule: learning_rate"):
+        run_benchmark(args, settings)  # the plans on disk were compiled at the rate chosen above

@@ -200,7 +200,7 @@ def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict, prepa
             began = time.perf_counter()
             save_plan(compile_plan(request, prepared=prepared).plan, path)
             timings[f"search and final comparison {budget.text} {granularity}"] = round(time.perf_counter() - began, 1)
-        plans[f"autoqra-{granularity}"] = load_plan(path)
+        plans[f"autoqra-{granularity}"] = _same_schedule(load_plan(path), settings, path)
     for method in BASELINES:
         # llama.cpp's mix needs no priors: its preparation (module granularity) measures none
         granularity, strategy = ("module", method) if method == "llamacpp" else ("layer", "autoqra")
@@ -208,8 +208,18 @@ def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict, prepa
         if not path.is_file():
             request = compile_request(settings, budget, granularity, out)
             save_plan(baseline_plan(request, preparations.get(settings, budget, granularity, strategy), method), path)
-        plans[method] = load_plan(path)
+        plans[method] = _same_schedule(load_plan(path), settings, path)
     return plans
+
+
+def _same_schedule(plan: Plan, settings: Settings, path: Path) -> Plan:
+    """A plan written by an earlier run of this benchmark, checked against the schedule of this one (a plan
+    compiled at another learning rate must not be reused: its file name does not say the rate)."""
+    theirs, mine = plan.training.model_dump(exclude={"seed"}), settings.training().model_dump(exclude={"seed"})
+    if theirs != mine:
+        changed = ", ".join(f"{key} {theirs[key]} (now {mine[key]})" for key in mine if theirs.get(key) != mine[key])
+        raise SystemExit(f"{path} was made with another schedule: {changed}; use another --out")
+    return plan
 
 
 def ceiling_plan(settings: Settings, reference: Plan, spec) -> Plan:
