@@ -3,8 +3,8 @@
 Stages (AutoQRA): budget bounds → quantization cache → importance priors → search (the chosen strategy,
 ask/tell, every evaluation journaled) → the final comparison of the best finalists with the best uniform
 configuration at the same budget, on fresh seeds, paired → the plan, verified by the memory model and
-written atomically. A rerun with `--resume` replays the
-journal and the priors record and ends at the same plan as an uninterrupted run with the same seed.
+written atomically. A rerun with `--resume` replays the journal and the priors record and ends at the same
+plan as an uninterrupted run with the same seed.
 """
 
 import functools

@@ -541,7 +541,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="10,11,12", help="bench seeds: none of them takes part in a compile")
     parser.add_argument("--exact-match-examples", type=int, default=0, help="materialize mode: greedy exact match on this many held-out questions")
     parser.add_argument("--fine-tune", choices=("evaluator", "materialize"), default="evaluator")
-    parser.add_argument("--methods", default="", help="fine-tune only these methods (uniform and 16-bit always run)")
+    parser.add_argument("--methods", default="", help="fine-tune only these methods and uniform (name 16-bit for the gap closed)")
     parser.add_argument("--measure-peaks", action="store_true")
     parser.add_argument("--weight-source-gap", action="store_true")
     parser.add_argument("--ship", type=Path, help="copy the autoqra plans here")

@@ -38,8 +38,7 @@ from qra.plans.io import load_plan
 from qra.plans.memory import plan_settings
 from qra.plans.schema import Budget, Plan
 from qra.runtime.heldout import score_held_out
-from qra.runtime.qlinear import enable_dequantize_in_backward
-from qra.runtime.quantize import load_quantized
+from qra.runtime.quantize import GPTQModelWeights, load_quantized
 from qra.runtime.run import open_run
 
 
@@ -71,19 +70,6 @@ class SwappedWeights:
         finally:
             for path, original in originals.items():
                 self.model.get_submodule(path).weight.data = original
-
-
-class PackedWeights:
-    """A `qra.runtime.run.WeightSource`: materialize's packed model as `GPTQModelWeights` yields it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        enable_dequantize_in_backward(model)
-        model.config.use_cache = False
-        self.model = model
-
-    @contextlib.contextmanager
-    def weights(self, settings_for=None) -> Iterator[nn.Module]:
-        yield self.model
 
 
 def fine_tune(source, evaluator, plan: Plan, seed: int) -> dict:
@@ -131,7 +117,9 @@ def measure(bench: Path, quantized: Path, settings: Settings, plan: Plan | None 
         "squared_weight_error": errors,
     }
     if plan is not None and seeds:
-        sources["gptqmodel, packed"] = PackedWeights(packed)
+        # materialize's own weight source: the checkpoint exists, so it is loaded, not quantized again
+        sources["gptqmodel, packed"] = GPTQModelWeights(quantized, spec, [], quantized, plan.training.compute_dtype,
+                                                        plan.training.dequantize_in_backward)
         result["fine_tuned"] = {name: [fine_tune(source, evaluator, plan, seed) for seed in seeds] for name, source in sources.items()}
     return result
 
