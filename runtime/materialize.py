@@ -153,11 +153,12 @@ def held_out_by_task(dataset: Dataset, tokenizer, training: Training, seed: int)
 
 def check_request(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, Dataset]:
     """Everything `materialize` checks before it writes anything: formats, output folder, model, data."""
-    from qra.runtime.package import check_formats
+    from qra.runtime.package import check_buildable, check_formats
 
     check_formats(request.formats)
     _check_output(request)
     source, spec = _model_for(request)
+    check_buildable(request.formats, spec)
     dataset = load_dataset(request.data, seed=request.seed_of_data)
     problem = data_problem(request.plan, spec, pads(dataset, request.plan.training.batch_size))
     if problem is not None:
@@ -216,6 +217,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     context = PackageContext(
         quantized=weights.quantized or base, adapter=adapter_folder, tokenizer=tokenizer, plan=plan,
         spec=spec, calibration=calibration, extra_manifest=results,
+        source_gguf=source.path if source.kind == "gguf" else None,
     )
     results["packages"] = {name: str(path) for name, path in package(request.formats, context, out).items()}
     write_text(out / "results.json", json.dumps(results, indent=2, default=str))

@@ -3,9 +3,11 @@ card says, and computes what the trained model computes (within the precision ea
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,6 +27,8 @@ from tiny import VOCAB, save_tiny_model, tiny_spec, tiny_tokenizer
 TEXT = "Return the value of the attribute, or raise an exception when the name is not defined."
 # layer: (bits, rank); layer 1 gives down_proj its own rank, layer 2 gives v_proj its own bits
 LAYERS = [(2, 4), (3, 8), (4, 2), (8, 6)]
+GGUF_LOGIT_CORRELATION = 0.95
+GGUF_MEAN_DIFFERENCE = 0.25
 OVERRIDES = {1: {"mlp.down_proj": ModuleOverride(rank=12)}, 2: {"self_attn.v_proj": ModuleOverride(bits=8)}}
 
 
@@ -101,7 +105,9 @@ def test_every_format_is_packaged_with_a_manifest_whose_hashes_match_its_files(r
         assert verify_manifest(folder) == []
         assert manifest["format"] == name
         assert manifest["plan_fingerprint"] == run.plan.model.fingerprint
-        assert set(manifest["versions"]) == {"torch", "transformers", "peft", "gptqmodel", "onnx", "onnxruntime", "qra"}
+        assert set(manifest["versions"]) == {
+            "torch", "transformers", "peft", "gptqmodel", "onnx", "onnxruntime", "gguf", "llama_cpp_python", "qra"
+        }
         assert manifest["results"] == run.ctx.extra_manifest
         card = (folder / "README.md").read_text()
         assert "tiny-llama" in card and "| 3 | 8 | 32 | 6 | 12 | - |" in card and "1 GB" in card
@@ -186,6 +192,48 @@ def test_the_onnx_package_computes_the_merged_model_in_fp32(run):
     assert (torch.from_numpy(logits) - expected).abs().max().item() < 1e-3
 
 
+def test_the_gguf_package_gives_each_tensor_its_planned_type_and_runs_in_llama_cpp(run):
+    import gguf
+    from llama_cpp import Llama
+
+    from qra.runtime.package.gguf import MODEL_FILE, llama_cpp_logits, planned_type, tensor_types, torch_logits
+
+    folder = run.folders["gguf"]
+    path = folder / MODEL_FILE
+    types = tensor_types(path)
+    settings_for = plan_settings(run.plan)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for index, layer in enumerate(run.spec.layers):
+        for module in layer:
+            expected = planned_type(settings_for(index, module).bits, module.in_features)
+            assert types[f"blk.{index}.{names[module.name]}.weight"] == expected, (index, module.name)
+    Q = gguf.GGMLQuantizationType
+    # rows of 128 take llama.cpp's 32-block fallbacks; down_proj's rows of 256 take the K-quants themselves
+    assert types["blk.0.attn_q.weight"] == Q.Q4_0 and types["blk.0.ffn_down.weight"] == Q.Q2_K
+    assert types["blk.2.attn_q.weight"] == Q.Q5_0 and types["blk.2.ffn_down.weight"] == Q.Q4_K
+    assert types["blk.2.attn_v.weight"] == types["blk.3.attn_q.weight"] == Q.Q8_0
+    manifest = json.loads((folder / "manifest.json").read_text())["gguf"]
+    assert manifest["tensor_types"] == {name: qtype.name for name, qtype in types.items()}
+    assert 2 < manifest["bits_per_weight"] < 16
+
+    # llama.cpp's logits against the merged model's (fp32). The file re-quantizes the merged weights with
+    # llama.cpp's quantizers at 2-8 bits (the conversion itself is exact: tests/test_gguf.py), so they are not
+    # equal. Measured here: correlation 0.982, mean |difference| 0.15 of the logits' spread. The bounds
+    # leave room for another CPU's kernels but fail a file whose tensors went to the wrong place (correlation
+    # of unrelated logits is about 0) or lost a layer.
+    ids = run.ctx.tokenizer(TEXT).input_ids
+    ours, reference = llama_cpp_logits(path, ids), torch_logits(run.folders["merged"], ids)
+    assert np.corrcoef(ours.ravel(), reference.ravel())[0, 1] > GGUF_LOGIT_CORRELATION
+    assert np.abs(ours - reference).mean() < GGUF_MEAN_DIFFERENCE * reference.std()
+
+    llm = Llama(model_path=str(path), n_ctx=128, verbose=False)
+    text = llm("Return the value", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    llm.close()
+    assert text.strip()
+
+
 def test_an_unknown_format_is_one_line_naming_the_valid_ones(run, tmp_path):
     with pytest.raises(QraError) as error:
         package(["merged", "tflite"], run.ctx, tmp_path / "out")
@@ -199,4 +247,20 @@ def test_an_unknown_format_is_one_line_naming_the_valid_ones(run, tmp_path):
 def test_gptq_without_calibration_is_refused_before_anything_is_written(run, tmp_path):
     with pytest.raises(QraError, match="calibration"):
         package(["adapter", "gptq"], replace(run.ctx, calibration=[]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_for_an_architecture_llama_cpp_does_not_take_is_refused_before_anything_is_written(run, tmp_path):
+    ctx = replace(run.ctx, spec=replace(run.spec, model_type="gpt_neox"))
+    with pytest.raises(QraError) as error:
+        package(["adapter", "gguf"], ctx, tmp_path / "out")
+    assert "\n" not in str(error.value) and "'gpt_neox'" in str(error.value) and "another format" in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_without_llama_cpp_python_says_how_to_install_it(run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what an import of a missing package raises
+    with pytest.raises(QraError) as error:
+        package(["gguf"], run.ctx, tmp_path / "out")
+    assert "\n" not in str(error.value) and "pip install" in str(error.value) and "llama-cpp-python" in str(error.value)
     assert not (tmp_path / "out").exists()

