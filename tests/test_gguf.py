@@ -48,3 +48,36 @@ def test_gguf_types_follow_llama_cpp_s_fallback_for_rows_k_quants_do_not_fit():
     assert [planned_type(bits, 1536) for bits in (16, 8, 4, 3, 2)] == [Q.BF16, Q.Q8_0, Q.Q4_K, Q.Q3_K, Q.Q2_K]
     assert [planned_type(bits, 576) for bits in (16, 8, 4, 3, 2)] == [Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q4_0]
     assert planned_type(4, 100) == Q.F16
+
+
+@pytest.mark.slow
+def test_smollm2_as_gguf_tokenizes_computes_and_answers_as_the_source_model(tmp_path):
+    """SmolLM2 (given as a GGUF, so its tokenizer is copied key for key) written as BF16 and typed as a uniform
+    4-bit plan: q/k/v/o/gate/up (rows of 576) fall back to Q5_0, down_proj (rows of 1536) is Q4_K."""
+    from qra.models import load_config, load_model, resolve_model
+    from qra.plans.memory import uniform_settings
+    from qra.plans.spec import spec_from_config
+    from qra.runtime.package.gguf import BASE_FILE_TYPE, planned_types, quantize
+
+    source = resolve_model("smollm2-135m")
+    spec = spec_from_config(load_config(source))
+    model, tokenizer = load_model(source, "bfloat16")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    written = bf16_gguf(tmp_path / "model", tokenizer, tmp_path / "bf16.gguf", "smollm2", source.path)
+    planned = planned_types(spec, uniform_settings(4, 8), written)
+    quantize(written.path, tmp_path / "plan.gguf", BASE_FILE_TYPE[4], {name: qtype for name, (_, qtype) in planned.items()})
+    types = tensor_types(tmp_path / "plan.gguf")
+    assert all(types[name] == qtype for name, (_, qtype) in planned.items())
+    assert types["blk.7.attn_q.weight"] == Q.Q5_0 and types["blk.7.ffn_down.weight"] == Q.Q4_K
+
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(tmp_path / "plan.gguf"), n_ctx=128, verbose=False)
+    assert llm.tokenize(TEXT.encode(), add_bos=False) == tokenizer(TEXT).input_ids
+    answer = llm("The capital of France is", max_tokens=3, temperature=0.0)["choices"][0]["text"]
+    llm.close()
+    assert "Paris" in answer
+    ids = tokenizer(TEXT).input_ids
+    ours, reference = llama_cpp_logits(written.path, ids), torch_logits(tmp_path / "model", ids)
+    assert np.abs(ours - reference).max() < 0.1 * reference.std()

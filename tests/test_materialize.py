@@ -102,11 +102,11 @@ def test_materialize_on_qwen2_with_answers_reports_exact_match_and_writes_every_
     plan_path = tmp_path / "plan.yaml"
     spec_plan = mixed_plan(tiny_qwen2_folder, "qwen2", steps=4)
     save_plan(spec_plan, plan_path)
-    result = run("materialize", plan_path, "-o", tmp_path / "run", "--data", "arithmetic", "--format", "adapter,merged,gptq,onnx")
+    result = run("materialize", plan_path, "-o", tmp_path / "run", "--data", "arithmetic", "--format", "adapter,merged,gptq,onnx,gguf")
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0.0 <= results["exact_match"] <= 1.0
-    for name in ("adapter", "merged", "gptq", "onnx"):
+    for name in ("adapter", "merged", "gptq", "onnx", "gguf"):
         manifest = json.loads((tmp_path / "run" / name / "manifest.json").read_text())
         assert manifest["plan_fingerprint"] == spec_plan.model.fingerprint
 
