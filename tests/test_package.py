@@ -217,6 +217,7 @@ def test_the_gguf_package_gives_each_tensor_its_planned_type_and_runs_in_llama_c
     manifest = json.loads((folder / "manifest.json").read_text())["gguf"]
     assert manifest["tensor_types"] == {name: qtype.name for name, qtype in types.items()}
     assert 2 < manifest["bits_per_weight"] < 16
+    assert (folder / "Modelfile").read_text() == f"FROM ./{MODEL_FILE}\n"
 
     # llama.cpp's logits against the merged model's (fp32). The file re-quantizes the merged weights with
     # llama.cpp's quantizers at 2-8 bits (the conversion itself is exact: tests/test_gguf.py), so they are not

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 Q = gguf.GGMLQuantizationType
 MODEL_FILE = "model.gguf"
+MODELFILE = "Modelfile"
 CHECK_TEXT = "The quick brown fox jumps over the lazy dog, then returns the value of the function."
 TYPE_OF_BITS = {16: Q.BF16, 8: Q.Q8_0, 4: Q.Q4_K, 3: Q.Q3_K, 2: Q.Q2_K}
 # llama.cpp's file types whose defaults the uncovered tensors (embeddings, output head) follow
@@ -57,10 +58,10 @@ llm = Llama(model_path="path/to/gguf/{MODEL_FILE}")
 print(llm("Hello", max_tokens=32)["choices"][0]["text"])
 ```
 
-Ollama (a `Modelfile` beside the file, then `ollama create my-model -f Modelfile && ollama run my-model`):
+Ollama, with the `Modelfile` in this folder (`FROM ./{MODEL_FILE}`; the chat template comes from the file):
 
-```
-FROM ./{MODEL_FILE}
+```bash
+ollama create my-model -f path/to/gguf/Modelfile && ollama run my-model
 ```
 
 The tokenizer and chat template are in the file; each tensor's type is in `manifest.json`."""
@@ -202,6 +203,7 @@ def build(work: Workspace, folder: Path) -> dict[str, Any]:
     wrong = {name: (types.get(name), qtype) for name, (_, qtype) in planned.items() if types.get(name) != qtype}
     if wrong:
         raise QraError(f"llama.cpp gave {len(wrong)} tensors another type than planned, e.g. {next(iter(wrong.items()))}")
+    (folder / MODELFILE).write_text(f"FROM ./{MODEL_FILE}\n", encoding="utf-8")
     ids = ctx.tokenizer(CHECK_TEXT).input_ids
     check_result = agreement(llama_cpp_logits(target, ids), torch_logits(source, ids))
     logger.info("gguf logits differ from the merged model's by at most %.3g (top-1 agreement %.0f%%)",
