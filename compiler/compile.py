@@ -240,12 +240,13 @@ def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResul
         runner = JournaledPool(pool, lambda task: journals[task.seed])
     log.info("final comparison: %d finalist(s) and %s on seeds %s", len(finalists), _baseline_name(best_uniform), seeds)
     done: list[int] = []
+    planned = (len(finalists) + 1) * len(seeds)  # at most: a finalist that cannot win skips the last seed
 
     def run_all(runs: Sequence[tuple[Config, int]]) -> list[float]:
         def finished(position: int, outcome: Outcome) -> None:
             done.append(position)
             if on_stage is not None:
-                on_stage(StageProgress("final comparison", len(done), len(runs), top_rung=True))
+                on_stage(StageProgress("final comparison", len(done), planned, top_rung=True))
 
         tasks = [Task(config, top, seed, stage="final comparison") for config, seed in runs]
         return [outcome.score for outcome in runner.run(tasks, finished)]

@@ -9,6 +9,11 @@ mean d̄ and its standard error SE = sd(d)/√n decide: of the finalists with d�
 lowest d̄ is the plan; if there is none, the plan is the uniform configuration, and the compile says so. The plan's predicted
 loss is its mean over these seeds, an unbiased estimate of what a user's run gets. A run that failed (its
 worker died twice) has an infinite loss; its seed is left out of that finalist's pairing.
+
+Re-runs are spent only where the decision is still open: every seed but the last runs first, and the last
+seed runs only for the finalists that one more paired difference could still make a winner
+(`can_still_win`, exact), and for uniform if any finalist is left. A finalist that has lost the first
+seeds (with the default three seeds: any whose two differences sum to zero or more) costs two runs, not three.
 """
 
 import logging
@@ -70,28 +75,55 @@ class FinalPick:
         return self.mean_of(self.config)
 
 
+def can_still_win(differences: Sequence[float]) -> bool:
+    """Whether one more paired difference d can make `differences` + [d] beat the baseline beyond MARGIN_SE.
+
+    With n = len(differences) + 1 values of sum S + d and sum of squares Q + d², "mean < −m·SE" is
+    mean < 0 and g(d) = (n − 1 + m²)(S + d)² − m²·n·(Q + d²) > 0 (m = MARGIN_SE; g is n(n − 1)(n·mean² − m²·s²)).
+    g is a concave parabola in d, largest at d* = (n − 1 + m²)·S / ((m² − 1)(n − 1)), where the mean has the
+    sign of S; so a win is possible exactly when d* gives one, and that is what is checked."""
+    finite = [d for d in differences if math.isfinite(d)]
+    if not finite:
+        return True
+    n, total, m2 = len(finite) + 1, sum(finite), MARGIN_SE**2
+    best_last = (n - 1 + m2) * total / ((m2 - 1) * (n - 1))
+    return paired_difference([*finite, best_last], [0.0] * n).beats_baseline
+
+
 RunAll = Callable[[Sequence[tuple[Config, int]]], Sequence[float]]
 
 
 def final_pick(run_all: RunAll, finalists: Sequence[Config], uniform: Config, seeds: Sequence[int]) -> FinalPick:
-    """Run every finalist and `uniform` on each of `seeds` (`run_all` takes every (config, seed) at once, so
-    they can run in parallel, and returns their losses in that order), pair by seed, and pick, among the
-    finalists that beat uniform beyond `MARGIN_SE` standard errors, the one with the lowest mean difference;
-    else uniform. (With a few finalists, testing each inflates the chance of a false win a little; the
+    """Run every finalist and `uniform` on `seeds` (`run_all` takes many (config, seed) at once, so they can
+    run in parallel, and returns their losses in that order), pair by seed, and pick, among the finalists
+    that beat uniform beyond `MARGIN_SE` standard errors, the one with the lowest mean difference; else
+    uniform. The last seed runs only for the finalists that can still win (`can_still_win`), which changes
+    no decision. (With a few finalists, testing each inflates the chance of a false win a little; the
     finalists are few by design.)"""
     candidates = [config for config in dict.fromkeys(finalists) if config != uniform]
-    runs = [(config, seed) for config in (uniform, *candidates) for seed in seeds]
-    losses = dict(zip(runs, run_all(runs)))
-    scores = {config_key(config): {seed: losses[(config, seed)] for seed in seeds} for config in (uniform, *candidates)}
-    baseline = [scores[config_key(uniform)][seed] for seed in seeds]
-    differences = {
-        config_key(config): paired_difference([scores[config_key(config)][seed] for seed in seeds], baseline)
-        for config in candidates
-    }
+    first, last = list(seeds[:-1]), list(seeds[-1:])
+    losses = _run(run_all, [uniform, *candidates], first)
+    open_ = [config for config in candidates
+             if can_still_win([losses[(config, seed)] - losses[(uniform, seed)] for seed in first])]
+    if open_:
+        losses |= _run(run_all, [uniform, *open_], last)
+    scores = {config_key(config): {seed: losses[(config, seed)] for seed in seeds if (config, seed) in losses}
+              for config in (uniform, *candidates)}
+    differences = {config_key(config): _difference(scores, config, uniform) for config in candidates}
     winners = [config for config in candidates if differences[config_key(config)].beats_baseline]
     chosen = min(winners, key=lambda config: differences[config_key(config)].mean, default=uniform)
     for config in candidates:
         difference = differences[config_key(config)]
-        log.info("finalist vs uniform over seeds %s: %+.4f ± %.4f%s", list(seeds), difference.mean, difference.se,
-                 " (beats it)" if difference.beats_baseline else "")
+        log.info("finalist vs uniform over %d seeds: %+.4f ± %.4f%s", difference.seeds, difference.mean, difference.se,
+                 " (beats it)" if difference.beats_baseline else "" if config in open_ else " (cannot win: last seed not run)")
     return FinalPick(chosen, uniform, tuple(seeds), scores, differences)
+
+
+def _run(run_all: RunAll, configs: Sequence[Config], seeds: Sequence[int]) -> dict[tuple[Config, int], float]:
+    runs = [(config, seed) for config in configs for seed in seeds]
+    return dict(zip(runs, run_all(runs))) if runs else {}
+
+
+def _difference(scores: dict[str, dict[int, float]], config: Config, uniform: Config) -> PairedDifference:
+    ran = scores[config_key(config)]
+    return paired_difference(list(ran.values()), [scores[config_key(uniform)][seed] for seed in ran])

@@ -3,8 +3,10 @@
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from qra.compiler.finalists import final_pick, paired_difference
+from qra.compiler.finalists import can_still_win, final_pick, paired_difference
 from qra.compiler.space import Gene
 
 
@@ -42,7 +44,8 @@ def test_a_consistent_small_gain_wins_and_a_large_noisy_one_does_not():
     assert pick.scores["4:8,4:8"] == base
 
     only_noisy = final_pick(each(evaluate), [OTHER], UNIFORM, seeds)
-    assert only_noisy.is_uniform and only_noisy.predicted == pytest.approx(2.0)
+    # after -0.4 and +0.3 no third seed can make it a win, so seed 3 is not run: uniform's mean is over seeds 1, 2
+    assert only_noisy.is_uniform and only_noisy.predicted == pytest.approx(2.05)
 
 
 def test_a_uniform_finalist_is_not_compared_with_itself():
@@ -61,3 +64,40 @@ def test_a_failed_run_leaves_its_seed_out_of_the_pairing():
     assert difference.seeds == 3 and difference.mean == pytest.approx(-0.05 - 0.008 / 3)
     assert pick.config == MIXED and pick.predicted == pytest.approx(1.95 - 0.008 / 3)
     assert not paired_difference([math.inf], [2.0]).beats_baseline
+
+
+difference = st.floats(min_value=-1.0, max_value=1.0, allow_nan=False)
+
+
+@given(first=st.lists(difference, min_size=1, max_size=4), last=st.floats(min_value=-5.0, max_value=5.0, allow_nan=False))
+def test_a_finalist_that_one_more_seed_could_make_a_winner_is_never_called_lost(first, last):
+    if paired_difference([*first, last], [0.0] * (len(first) + 1)).beats_baseline:
+        assert can_still_win(first)
+
+
+def test_after_two_seeds_a_finalist_behind_uniform_cannot_win_and_one_ahead_can():
+    assert not can_still_win([0.01, 0.02])
+    assert not can_still_win([-0.05, 0.06])  # ahead on one seed, behind by more on the other
+    assert can_still_win([-0.05, -0.04])
+    assert not can_still_win([-0.3, 0.1])  # ahead on the mean, but too noisy for any third seed to settle it
+    assert can_still_win([-0.3, -0.1])  # a third seed near -0.4 would make it a win
+
+
+def test_the_last_seed_runs_only_for_finalists_that_can_still_win():
+    losses = {MIXED: {1: 1.95, 2: 2.05, 3: 1.94}, OTHER: {1: 2.1, 2: 2.2, 3: 1.0}, UNIFORM: {1: 2.0, 2: 2.1, 3: 2.0}}
+    ran = []
+
+    def run_all(runs):
+        ran.extend(runs)
+        return [losses[config][seed] for config, seed in runs]
+
+    pick = final_pick(run_all, [MIXED, OTHER], UNIFORM, (1, 2, 3))
+    # OTHER lost seeds 1 and 2 (+0.1 each): no third seed can make it a win, so it does not run there
+    assert (OTHER, 3) not in ran and len(ran) == 3 * 2 + 2
+    assert pick.scores["8:4,4:4"] == {1: 2.1, 2: 2.2} and pick.differences["8:4,4:4"].seeds == 2
+    # MIXED (-0.05 on both) could still win, so it and uniform ran seed 3 (-0.06: a win beyond 2 SE)
+    assert pick.config == MIXED and pick.differences["8:8,3:8"].seeds == 3
+
+    ran.clear()
+    only_losing = final_pick(run_all, [OTHER], UNIFORM, (1, 2, 3))
+    assert only_losing.is_uniform and len(ran) == 4  # uniform's third seed is not run either
