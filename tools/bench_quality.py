@@ -163,7 +163,9 @@ def compile_request(settings: Settings, budget: Budget, granularity: str, out: P
     return CompileRequest(
         model=settings.model, budget=budget, data=settings.data, effort=settings.effort, training=settings.training(),
         bits=settings.bits, ranks=settings.ranks, granularity=granularity,
-        journal=out / "plans" / f"{_plan_name(settings, budget, granularity)}.yaml.journal.jsonl", work=out / "work", resume=True,
+        # the learning rate in the name: a compile stopped at another rate leaves a journal this one may not resume
+        journal=out / "plans" / f"{_plan_name(settings, budget, granularity)}.lr{settings.learning_rate:g}.journal.jsonl",
+        work=out / "work", resume=True,
     )
 
 
