@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from qra.errors import QraError
 from qra.files import atomic_folder, digest, write_text
@@ -82,17 +83,18 @@ def _check_output(request: MaterializeRequest) -> None:
         raise QraError(f"output folder {out} exists and is not a previous run of this plan: choose another -o")
 
 
-def _model_for(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec]:
+def _model_for(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, PretrainedConfig]:
     source = resolve_model(request.model or request.plan.model.id)
     if not source.has_weights:
         raise QraError(f"model {source.name!r} is a config without weights: materialize needs the weights (--model)")
-    spec = spec_from_config(load_config(source))
+    config = load_config(source)
+    spec = spec_from_config(config)
     problems = model_problems(request.plan, spec, content_hash(source))
     if problems:
         raise QraError(f"the plan is for another model: {problems[0]}")
     if spec.max_positions and request.plan.training.seq_len > spec.max_positions:
         raise QraError(f"the plan's seq_len {request.plan.training.seq_len} is above the model's limit of {spec.max_positions}")
-    return source, spec
+    return source, spec, config
 
 
 def _train_features(dataset: Dataset, tokenizer, seq_len: int) -> list:
@@ -157,8 +159,8 @@ def check_request(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, 
 
     check_formats(request.formats)
     _check_output(request)
-    source, spec = _model_for(request)
-    check_buildable(request.formats, spec)
+    source, spec, config = _model_for(request)
+    check_buildable(request.formats, spec, config)
     dataset = load_dataset(request.data, seed=request.seed_of_data)
     problem = data_problem(request.plan, spec, pads(dataset, request.plan.training.batch_size))
     if problem is not None:

@@ -16,30 +16,39 @@ Q = gguf.GGMLQuantizationType
 TEXT = "Return the value of the attribute, or raise an exception when the name is not defined."
 
 
+# Llama 3.1's rotary scaling, with an original context short enough that the test's positions feel it
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
 def _model_folder(folder: Path, family: str) -> Path:
     """A tiny bf16 model whose weights are large enough (init std 0.1) for attention to be sharp, so that
-    rotary positions decide the logits: a q/k layout llama.cpp does not expect changes them beyond the bound."""
+    rotary positions decide the logits: a q/k layout or frequency llama.cpp does not expect changes them
+    beyond the bound. `llama3` is Llama with Llama 3.1's rotary scaling."""
     torch.manual_seed(0)
-    config = tiny_config(family, layers=2)
+    config = tiny_config("llama" if family == "llama3" else family, layers=2)
     config.initializer_range = 0.1
+    if family == "llama3":
+        config.rope_parameters = dict(LLAMA3_ROPE)
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "llama3"])
 def test_the_bf16_gguf_computes_the_model_in_llama_cpp(tmp_path, family):
     folder = _model_folder(tmp_path / "model", family)
     tokenizer = tiny_tokenizer()
     written = bf16_gguf(folder, tokenizer, tmp_path / "model.gguf", "tiny", None)
-    assert written.architecture == family
+    assert written.architecture == ("llama" if family == "llama3" else family)
+    assert ("rope_freqs.weight" in tensor_types(written.path)) == (family == "llama3")
     types = tensor_types(written.path)
     assert types["blk.0.attn_q.weight"] == Q.BF16 and types["blk.0.attn_norm.weight"] == Q.F32
     ids = tokenizer(TEXT).input_ids
     ours, reference = llama_cpp_logits(written.path, ids), torch_logits(folder, ids)
     # The weights are the same bf16 numbers; llama.cpp and torch differ only in how they round activations.
     # Measured: the largest difference 3-4% of the logits' spread. Without llama's rotary permutation of
-    # q/k it is about 400% (correlation 0.65).
+    # q/k it is about 400% (correlation 0.65); without Llama 3.1's frequency factors, about 470% (correlation 0.66).
     assert np.abs(ours - reference).max() < 0.1 * reference.std()
     assert np.corrcoef(ours.ravel(), reference.ravel())[0, 1] > 0.999
 
@@ -81,3 +90,14 @@ def test_smollm2_as_gguf_tokenizes_computes_and_answers_as_the_source_model(tmp_
     ids = tokenizer(TEXT).input_ids
     ours, reference = llama_cpp_logits(written.path, ids), torch_logits(tmp_path / "model", ids)
     assert np.abs(ours - reference).max() < 0.1 * reference.std()
+
+
+def test_a_rotary_scaling_llama_cpp_is_not_given_is_refused_before_any_training():
+    from qra.errors import QraError
+    from qra.plans.spec import spec_from_config
+    from qra.runtime.package import check_buildable
+
+    config = tiny_config("llama", layers=2)
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    with pytest.raises(QraError, match="'yarn' scaling: package another format"):
+        check_buildable(["adapter", "gguf"], spec_from_config(tiny_config("llama", layers=2)), config)

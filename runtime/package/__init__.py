@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from transformers import PretrainedConfig
+
 from qra.errors import QraError
 from qra.plans.spec import ModelSpec
 from qra.runtime.package import adapter, gguf, gptq, merged, onnx
@@ -42,12 +44,13 @@ def check_formats(formats: list[str]) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
-def check_buildable(formats: list[str], spec: ModelSpec) -> None:
-    """A QraError when a format cannot be built for this model here (its builder's `check`, where it has one)."""
+def check_buildable(formats: list[str], spec: ModelSpec, config: PretrainedConfig | None = None) -> None:
+    """A QraError when a format cannot be built for this model here (its builder's `check`, where it has one;
+    given the model's config, the check is complete before any training)."""
     for name in formats:
         builder_check = getattr(_BUILDERS[name], "check", None)
         if builder_check is not None:
-            builder_check(spec)
+            builder_check(spec, config)
 
 
 def _checked(formats: list[str], ctx: PackageContext) -> list[str]:

@@ -22,13 +22,13 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from qra.errors import QraError
 from qra.plans.memory import SettingsFor
 from qra.plans.spec import ModelSpec
 from qra.runtime.package.context import Workspace
-from qra.runtime.package.gguf_write import ARCHITECTURES, Written, write_bf16_gguf
+from qra.runtime.package.gguf_write import ARCHITECTURES, Written, architecture_of, write_bf16_gguf
 from qra.runtime.package.merged import merged_folder
 
 logger = logging.getLogger(__name__)
@@ -79,13 +79,16 @@ def _llama_cpp():
     return llama_cpp
 
 
-def check(spec: ModelSpec) -> None:
-    """What is checked before anything is written: llama-cpp-python is there and llama.cpp knows the model."""
+def check(spec: ModelSpec, config: PretrainedConfig | None = None) -> None:
+    """What is checked before anything is written: llama-cpp-python is there and llama.cpp knows the model
+    (its family; with its config, its rotary embeddings too)."""
     _llama_cpp()
     if spec.model_type not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise QraError(f"the gguf format does not support model type {spec.model_type!r} (it supports {known}); "
                        "package another format (adapter, merged, gptq, onnx)")
+    if config is not None:
+        architecture_of(config)
 
 
 def planned_type(bits: int, row_length: int) -> Q:

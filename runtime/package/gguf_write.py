@@ -7,10 +7,12 @@ permutation of q/k rows, the hyperparameters llama.cpp reads, and the tokenizer.
 
 The tokenizer is copied key for key from the source model's GGUF when the model came as one (the
 default SmolLM2 does), so llama.cpp tokenizes exactly as the source did. From a Hugging Face tokenizer
-only byte-level BPE ("gpt2" in llama.cpp) is written; its pre-tokenizer is recorded as "default".
+only byte-level BPE ("gpt2" in llama.cpp) is written; its pre-tokenizer is recorded as "default". Rotary
+embeddings: plain, or Llama 3.1's scaling (written as llama.cpp's `rope_freqs` factors); other scalings are refused.
 """
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,18 +51,37 @@ def architecture_of(config: PretrainedConfig) -> gguf.MODEL_ARCH:
             f"the gguf format does not support model type {config.model_type!r} (it supports {known}); "
             "package another format (adapter, merged, gptq, onnx)"
         )
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", "default") != "default":
+    rope_type = _rope(config).get("rope_type", "default")
+    if rope_type not in ("default", "llama3") or (rope_type == "llama3" and arch != gguf.MODEL_ARCH.LLAMA):
         raise QraError(
-            f"the gguf format supports plain rotary embeddings only; this model uses {rope['rope_type']!r} scaling: "
+            f"the gguf format supports plain and Llama 3 rotary embeddings; this model uses {rope_type!r} scaling: "
             "package another format (adapter, merged, gptq, onnx)"
         )
     return arch
 
 
+def _rope(config: PretrainedConfig) -> dict:
+    return getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+
+
+def llama3_rope_factors(config: PretrainedConfig) -> torch.Tensor:
+    """Llama 3.1's wavelength-dependent rotary scaling as llama.cpp takes it: one factor per frequency, which
+    it divides the frequency by (the `rope_freqs` tensor). High frequencies keep theirs, low ones are divided
+    by `factor`, and those between are interpolated smoothly."""
+    rope = _rope(config)
+    dim = _head_dim(config)
+    frequencies = 1.0 / (_rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    context = rope.get("original_max_position_embeddings", 8192)
+    wavelength = 2 * math.pi / frequencies
+    smooth = (context / wavelength - low) / (high - low)
+    factors = 1 / ((1 - smooth) / factor + smooth)
+    factors = torch.where(wavelength < context / high, 1.0, torch.where(wavelength > context / low, factor, factors))
+    return factors.float()
+
+
 def _rope_theta(config: PretrainedConfig) -> float:
-    rope = getattr(config, "rope_parameters", None) or {}
-    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return float(_rope(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 def _head_dim(config: PretrainedConfig) -> int:
@@ -117,6 +138,8 @@ def _add_tensors(writer: gguf.GGUFWriter, model: PreTrainedModel, arch: gguf.MOD
             writer.add_tensor(gguf_name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
                               raw_dtype=gguf.GGMLQuantizationType.BF16)
         written[name] = gguf_name
+    if _rope(config).get("rope_type") == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config).numpy())
     return written
 
 
