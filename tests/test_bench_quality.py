@@ -129,3 +129,29 @@ def test_a_tiny_benchmark_runs_every_stage_and_reruns_from_its_results(tmp_path)
     args.methods, args.learning_rate = "", 2e-2
     with pytest.raises(SystemExit, match="another schedule: learning_rate"):
         run_benchmark(args, settings)  # the plans on disk were compiled at the rate chosen above
+
+
+def test_a_finalist_the_compile_refused_is_benched_beside_the_uniform_plan_it_lost_to():
+    from types import SimpleNamespace
+
+    from bench_quality import refused_finalist
+
+    from qra.compiler.space import Gene, build_space, config_key
+    from qra.plans.build import model_ref
+    from qra.plans.schema import Budget, Plan, Provenance, SeedScores
+
+    spec = tiny_spec("llama", layers=2)
+    training = Training(steps=4, batch_size=2, seq_len=32)
+    space = build_space(spec, (4, 8), (4, 8), training, Device(kind="cpu", context_bytes=0))
+    prepared = SimpleNamespace(space=space, spec=spec)
+    uniform, mixed = (Gene(4, 8), Gene(4, 8)), (Gene(8, 4), Gene(4, 8))
+    records = [SeedScores(name="uniform 4-bit rank 8", config=config_key(uniform), scores={1: 2.0, 2: 2.1}),
+               SeedScores(name="finalist 1", config=config_key(mixed), scores={1: 1.9, 2: 2.1},
+                          paired_difference=-0.05, paired_se=0.05)]
+    plan = Plan(model=model_ref(spec, "tiny", None), budget=Budget(bytes=10**9, text="1GB"), training=training,
+                layers=space.layer_plans(uniform), provenance=Provenance(finalists=records))
+    finalist = refused_finalist(plan, prepared)
+    assert finalist.layers == space.layer_plans(mixed) and finalist.training == plan.training
+    assert finalist.memory is not None and finalist.predicted.score is None
+    # a plan that is the finalist itself has none refused
+    assert refused_finalist(plan.model_copy(update={"layers": space.layer_plans(mixed)}), prepared) is None

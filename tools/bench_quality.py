@@ -42,13 +42,14 @@ from pathlib import Path
 from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, compile_plan, prepare
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.compiler.finalists import paired_difference
+from qra.compiler.space import parse_config_key
 from qra.files import atomic_path, digest, write_text
 from qra.models import load_config, load_model, resolve_model
-from qra.plans.build import budget_covering, uniform_plan
+from qra.plans.build import budget_covering, uniform_plan, with_memory
 from qra.plans.io import load_plan, save_plan
 from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.plot import bits_rank_pattern, plot_plan
-from qra.plans.schema import Budget, Device, Plan, Training
+from qra.plans.schema import Budget, Device, Plan, Prediction, Training
 from qra.plans.spec import spec_from_config
 from qra.runtime.footprint import measure_plan_footprint
 from qra.runtime.data import load_dataset, pads
@@ -206,6 +207,9 @@ def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict, prepa
             save_plan(compile_plan(request, prepared=prepared).plan, path)
             timings[f"search and final comparison {budget.text} {granularity}"] = round(time.perf_counter() - began, 1)
         plans[f"autoqra-{granularity}"] = _same_schedule(load_plan(path), settings, path)
+        finalist = refused_finalist(plans[f"autoqra-{granularity}"], preparations.get(settings, budget, granularity))
+        if finalist is not None:
+            plans[f"finalist-{granularity}"] = finalist
     for method in BASELINES:
         # llama.cpp's mix needs no priors: its preparation (module granularity) measures none
         granularity, strategy = ("module", method) if method == "llamacpp" else ("layer", "autoqra")
@@ -215,6 +219,19 @@ def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict, prepa
             save_plan(baseline_plan(request, preparations.get(settings, budget, granularity, strategy), method), path)
         plans[method] = _same_schedule(load_plan(path), settings, path)
     return plans
+
+
+def refused_finalist(plan: Plan, prepared: Prepared) -> Plan | None:
+    """Where the compile's final pick refused its finalists (the plan is the uniform it compared them with),
+    the best of them as a plan: run on the bench seeds too, it shows whether the search found a gain that the
+    compile's fresh seeds could not confirm. None when the plan is a finalist."""
+    scored = plan.provenance.finalists
+    finalists = [record for record in scored if record.paired_difference is not None]
+    if not finalists or prepared.space.layer_plans(parse_config_key(scored[0].config)) != plan.layers:
+        return None
+    best = min(finalists, key=lambda record: record.paired_difference)
+    layers = prepared.space.layer_plans(parse_config_key(best.config))
+    return with_memory(plan.model_copy(update={"layers": layers, "predicted": Prediction()}), prepared.spec)
 
 
 def _same_schedule(plan: Plan, settings: Settings, path: Path) -> Plan:
