@@ -351,8 +351,8 @@ def _note(request: CompileRequest, config: Config, pick: FinalPick | None = None
     verdict = ""
     if pick is not None and pick.differences:
         best = min(pick.differences.values(), key=lambda d: d.mean)
-        verdict = (f"; the best finalist's paired difference from {_baseline_name(pick.uniform)} over seeds "
-                   f"{list(pick.seeds)}: {best.mean:+.4f} ± {best.se:.4f} (SE)")
+        verdict = (f"; the best finalist's paired difference from {_baseline_name(pick.uniform)} over {best.seeds} "
+                   f"fresh seeds: {best.mean:+.4f} ± {best.se:.4f} (SE)")
         if pick.is_uniform:
             verdict += ", not beyond 2 SE: the plan is the uniform configuration"
     return (
@@ -414,7 +414,7 @@ def compile_plan(
         finalists=_seed_scores(pick),
         truncated_at_step=ladder.steps[-1] if ladder.truncated else None,
     )
-    fidelity = f"f{prepared.problem.top} (step {ladder.steps[-1]} of {ladder.plan_steps}), mean of seeds {list(pick.seeds)}"
+    fidelity = f"f{prepared.problem.top} (step {ladder.steps[-1]} of {ladder.plan_steps}), mean of seeds {pick.seeds_of(pick.config)}"
     predicted = Prediction(score=pick.predicted, metric="held-out loss", fidelity=fidelity)
     return CompileOutcome(_plan(request, prepared, pick.config, predicted, provenance), result, prepared.above_maximum)
 

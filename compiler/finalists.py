@@ -69,6 +69,10 @@ class FinalPick:
         finished = [score for score in self.scores[config_key(config)].values() if math.isfinite(score)]
         return statistics.fmean(finished) if finished else math.inf
 
+    def seeds_of(self, config: Config) -> list[int]:
+        """The fresh seeds `config` ran on (a finalist that could no longer win, and then uniform, skip the last)."""
+        return list(self.scores[config_key(config)])
+
     @property
     def predicted(self) -> float:
         """The plan's mean held-out loss over the fresh seeds: an unbiased estimate of a user's run."""

@@ -89,7 +89,7 @@ def test_report_has_one_table_row_per_method_and_budget_and_a_plot(tmp_path):
         entry["peak_mb"], entry["peak"] = 1000.0, "estimated"
     report = {
         "model": "tiny", "data": "python-reference+arithmetic", "steps": 40, "batch_size": 4, "seq_len": 128, "seeds": [10, 11, 12],
-        "learning_rate": 1e-3, "learning_rates": {"0.001": {"0": 2.0, "mean": 2.0}}, "fine_tune": "evaluator",
+        "learning_rate": 1e-3, "learning_rates": {"0.001": {"0": 2.0, "mean": 2.0, "std": 0.0}}, "fine_tune": "evaluator",
         "budgets": {"B1": {"budget": "1000.0MB", "budget_bytes": 10**9, "rows": rows, "predicted": {"autoqra-module": 2.46},
                            "targets": targets(rows, "B1", {"autoqra-module": 2.46}), "patterns": {"autoqra-module": "..."}}},
     }
@@ -97,7 +97,7 @@ def test_report_has_one_table_row_per_method_and_budget_and_a_plot(tmp_path):
     assert sum(line.startswith("| B1 (1000.0MB) |") for line in text.splitlines()) == 6
     assert "| B1 (1000.0MB) | autoqra-module | 1000.0 (estimated) | 2.4500 ± 0.0500 | 2.4500 ± 0.0500 [±0.010] |" in text
     assert "-0.6000 ± 0.0000 (win)" in text
-    assert "learning rate 0.001 (the lowest mean of uniform 4-bit r8 over seeds 0: 0.001: 2.0000)" in text
+    assert "learning rate 0.001 (the lowest mean + std of uniform 4-bit r8 over seeds 0: 0.001: 2.0000 ± 0.0000)" in text
     plot_quality(report, tmp_path / "quality.png")
     assert (tmp_path / "quality.png").read_bytes().startswith(b"\x89PNG")
 
