@@ -111,7 +111,9 @@ def test_a_tiny_benchmark_runs_every_stage_and_reruns_from_its_results(tmp_path)
                         ranks=(4, 8))
     report = run_benchmark(args, settings)
     rows = report["budgets"]["B1"]["rows"]
-    assert set(rows) == {"autoqra-module", "uniform", "sequential", "heuristic", "llamacpp", CEILING}
+    assert set(rows) - {"finalist-module"} == {"autoqra-module", "uniform", "sequential", "heuristic", "llamacpp", CEILING}
+    if "finalist-module" in rows:  # the final pick refused its finalist: the plan is uniform, the finalist is benched too
+        assert rows["autoqra-module"]["loss"] == rows["uniform"]["loss"] and rows["finalist-module"]["paired_vs_uniform"]
     assert all(row["seeds"] == [10, 11] for row in rows.values())
     assert report["learning_rate"] in (1e-3, 5e-3) and set(report["learning_rates"]) == {"0.001", "0.005"}
     chosen = report["learning_rates"][f"{report['learning_rate']:g}"]
@@ -119,7 +121,8 @@ def test_a_tiny_benchmark_runs_every_stage_and_reruns_from_its_results(tmp_path)
     # the most stable best: the lowest mean + std over the seeds, a single run's bad case
     assert chosen["mean"] + chosen["std"] == min(scores["mean"] + scores["std"] for scores in report["learning_rates"].values())
     finalists = report["budgets"]["B1"]["compile"]["autoqra-module"]["finalists"]
-    assert finalists and set(finalists[0]["scores"]) == {1, 2, 3}  # the compile's seeds, none of the bench's
+    # the compile's fresh seeds, none of the bench's (the third runs only where a finalist can still win)
+    assert finalists and {1, 2} <= set(finalists[0]["scores"]) <= {1, 2, 3}
     saved = json.loads((args.out / "quality.json").read_text())
     rerun = run_benchmark(args, settings)
     assert json.loads(json.dumps(rerun))["budgets"] == saved["budgets"]  # every run reused
