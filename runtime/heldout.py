@@ -65,8 +65,14 @@ def sequence_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch
     """Per sequence of `batch`: the summed next-token loss (float64) and the number of scored tokens, on the
     CPU (the batch goes to the model's device)."""
     batch = to_device(batch, next(model.parameters()).device)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    return logit_losses(logits, batch["labels"])
+
+
+def logit_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_losses` from logits [batch, positions, vocab] computed anywhere (torch, or another runtime):
+    the summed loss of each position's next token where its label is scored, and the count scored."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
     per_token = functional.cross_entropy(
         logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none"
     ) * (labels != IGNORE_INDEX)
@@ -89,15 +95,21 @@ def task_score(sums: torch.Tensor, counts: torch.Tensor) -> TaskScore:
     return TaskScore(loss, se, int(tokens), sequences)
 
 
-def score_held_out(model: nn.Module, held_out: HeldOut) -> Scores:
-    """Every task's held-out loss and its standard error; the model is left in the mode it was in."""
+def held_out_sums(model: nn.Module, held_out: HeldOut) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each task's per-sequence summed losses and scored-token counts (`sequence_losses` over its batches);
+    the model is left in the mode it was in."""
     was_training = model.training
     model.eval()
-    by_task = {}
+    sums = {}
     with torch.no_grad():
         for task, batches in held_out.items():
             parts = [sequence_losses(model, batch) for batch in batches]
             if parts:
-                by_task[task] = task_score(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+                sums[task] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     model.train(was_training)
-    return Scores(by_task)
+    return sums
+
+
+def score_held_out(model: nn.Module, held_out: HeldOut) -> Scores:
+    """Every task's held-out loss and its standard error."""
+    return Scores({task: task_score(*parts) for task, parts in held_out_sums(model, held_out).items()})

@@ -196,7 +196,8 @@ def test_the_gguf_package_gives_each_tensor_its_planned_type_and_runs_in_llama_c
     import gguf
     from llama_cpp import Llama
 
-    from qra.runtime.package.gguf import MODEL_FILE, llama_cpp_logits, planned_type, tensor_types, torch_logits
+    from qra.runtime.package.gguf import MODEL_FILE, llama_cpp_logits, planned_type, tensor_types
+    from test_gguf import fp32_logits
 
     folder = run.folders["gguf"]
     path = folder / MODEL_FILE
@@ -225,7 +226,7 @@ def test_the_gguf_package_gives_each_tensor_its_planned_type_and_runs_in_llama_c
     # leave room for another CPU's kernels but fail a file whose tensors went to the wrong place (correlation
     # of unrelated logits is about 0) or lost a layer.
     ids = run.ctx.tokenizer(TEXT).input_ids
-    ours, reference = llama_cpp_logits(path, ids), torch_logits(run.folders["merged"], ids)
+    ours, reference = llama_cpp_logits(path, ids), fp32_logits(run.folders["merged"], ids)
     assert np.corrcoef(ours.ravel(), reference.ravel())[0, 1] > GGUF_LOGIT_CORRELATION
     assert np.abs(ours - reference).mean() < GGUF_MEAN_DIFFERENCE * reference.std()
 

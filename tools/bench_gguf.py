@@ -28,8 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qra.files import write_text
 from qra.models import resolve_model
 from qra.plans.io import load_plan
-from qra.runtime.data import IGNORE_INDEX, Batch, load_dataset
-from qra.runtime.heldout import HeldOut, TaskScore, sequence_losses, task_score
+from qra.runtime.data import Batch, load_dataset
+from qra.runtime.heldout import HeldOut, Scores, held_out_sums, logit_losses, task_score
 from qra.runtime.materialize import MaterializeRequest, held_out_by_task, materialize
 from qra.runtime.package.gguf import MODEL_FILE, bf16_gguf, bits_per_weight, quantize
 from qra.runtime.quantize import load_quantized
@@ -61,36 +61,22 @@ def _unpadded(batch: Batch, row: int) -> tuple[list[int], torch.Tensor]:
 
 
 def llama_cpp_sums(path: Path, held_out: HeldOut, context: int) -> Sums:
-    """Per sequence, the summed next-token loss and token count that `sequence_losses` gives, from llama.cpp's logits."""
+    """Per sequence, the summed next-token loss and token count that `held_out_sums` gives, from llama.cpp's logits."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=context, logits_all=True, n_gpu_layers=0, verbose=False)
     sums = {}
     for task, batches in held_out.items():
-        totals, counts = [], []
+        parts = []
         for batch in batches:
             for row in range(batch["input_ids"].shape[0]):
                 ids, labels = _unpadded(batch, row)
                 llm.reset()
                 llm.eval(ids)
-                logits = torch.from_numpy(np.array(llm.scores[: len(ids) - 1], dtype=np.float32))
-                targets = labels[1:]
-                scored = targets != IGNORE_INDEX
-                nll = torch.nn.functional.cross_entropy(logits.double(), targets.clamp(min=0), reduction="none")
-                totals.append((nll * scored).sum())
-                counts.append(scored.sum())
-        sums[task] = (torch.stack(totals), torch.stack(counts))
+                logits = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+                parts.append(logit_losses(logits[None], labels[None]))
+        sums[task] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     llm.close()
-    return sums
-
-
-def torch_sums(model: torch.nn.Module, held_out: HeldOut) -> Sums:
-    model.eval()
-    sums = {}
-    with torch.no_grad():
-        for task, batches in held_out.items():
-            parts = [sequence_losses(model, batch) for batch in batches]
-            sums[task] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     return sums
 
 
@@ -130,18 +116,13 @@ def gguf_variants(folder: Path, out: Path, model: str) -> dict[str, Path]:
     return paths
 
 
-def _score(sums: Sums) -> dict[str, TaskScore]:
-    return {task: task_score(*parts) for task, parts in sums.items()}
+def _scores(sums: Sums) -> Scores:
+    return Scores({task: task_score(*parts) for task, parts in sums.items()})
 
 
-def _paired(sums: Sums, reference: Sums) -> dict[str, TaskScore]:
+def _paired(sums: Sums, reference: Sums) -> Scores:
     """Per task, this variant's loss minus the reference's on the same tokens, with the SE of the difference."""
-    return {task: task_score(sums[task][0] - reference[task][0], sums[task][1]) for task in sums}
-
-
-def _mean(by_task: dict[str, TaskScore]) -> tuple[float, float]:
-    losses = [score.loss for score in by_task.values()]
-    return sum(losses) / len(losses), float(np.sqrt(sum(score.se**2 for score in by_task.values()))) / len(losses)
+    return _scores({task: (sums[task][0] - reference[task][0], sums[task][1]) for task in sums})
 
 
 def report(variants: list[Variant], reference: Variant, settings: dict) -> tuple[dict, str]:
@@ -149,9 +130,10 @@ def report(variants: list[Variant], reference: Variant, settings: dict) -> tuple
     tasks = list(reference.sums)
     header = ["artifact", "runs in", "file MB", "bits/weight", *tasks, "mean", "vs qra plan (paired)"]
     for variant in variants:
-        by_task = _score(variant.sums)
-        mean, se = _mean(by_task)
-        paired = _mean(_paired(variant.sums, reference.sums)) if variant is not reference else None
+        scores = _scores(variant.sums)
+        by_task, mean, se = scores.by_task, scores.mean, scores.se
+        difference = _paired(variant.sums, reference.sums) if variant is not reference else None
+        paired = None if difference is None else (difference.mean, difference.se)
         gguf_file = variant.path.suffix == ".gguf"
         records[variant.name] = {
             "runtime": variant.runtime, "path": str(variant.path),
@@ -200,10 +182,10 @@ def main(argv: list[str] | None = None) -> None:
                 for name, path in gguf_variants(folder, args.out, plan.model.id).items()]
     log.info("scoring the merged and gptq artifacts in torch")
     merged = AutoModelForCausalLM.from_pretrained(folder / "merged", dtype=torch.float32)
-    variants.append(Variant("merged (bf16 weights, fp32 compute)", "torch", folder / "merged", torch_sums(merged, held_out)))
+    variants.append(Variant("merged (bf16 weights, fp32 compute)", "torch", folder / "merged", held_out_sums(merged, held_out)))
     del merged
     gptq = load_quantized(folder / "gptq").model
-    variants.append(Variant("gptq", "gptqmodel", folder / "gptq", torch_sums(gptq, held_out)))
+    variants.append(Variant("gptq", "gptqmodel", folder / "gptq", held_out_sums(gptq, held_out)))
     settings = {"plan": str(args.plan), "data": args.data, "steps": plan.training.steps,
                 "learning_rate": plan.training.learning_rate, "seed": plan.training.seed}
     record, table = report(variants, variants[0], settings)

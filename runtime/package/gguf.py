@@ -22,13 +22,13 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from qra.errors import QraError
 from qra.plans.memory import SettingsFor
 from qra.plans.spec import ModelSpec
 from qra.runtime.package.context import Workspace
-from qra.runtime.package.gguf_write import ARCHITECTURES, Written, architecture_of, write_bf16_gguf
+from qra.runtime.package.gguf_write import Written, architecture_of, check_model_type, write_bf16_gguf
 from qra.runtime.package.merged import merged_folder
 
 logger = logging.getLogger(__name__)
@@ -83,10 +83,7 @@ def check(spec: ModelSpec, config: PretrainedConfig | None = None) -> None:
     """What is checked before anything is written: llama-cpp-python is there and llama.cpp knows the model
     (its family; with its config, its rotary embeddings too)."""
     _llama_cpp()
-    if spec.model_type not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise QraError(f"the gguf format does not support model type {spec.model_type!r} (it supports {known}); "
-                       "package another format (adapter, merged, gptq, onnx)")
+    check_model_type(spec.model_type)
     if config is not None:
         architecture_of(config)
 
@@ -165,11 +162,10 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
         llm.close()
 
 
-def torch_logits(folder: Path, ids: list[int]) -> np.ndarray:
-    """The merged model's logits in fp32 for every position of `ids`."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def model_logits(model: PreTrainedModel, ids: list[int]) -> np.ndarray:
+    """A torch model's logits, as fp32, for every position of `ids`."""
     with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        return model.eval()(input_ids=torch.tensor([ids])).logits[0].float().numpy()
 
 
 def agreement(gguf_logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -190,25 +186,29 @@ def bf16_gguf(merged: Path, tokenizer: PreTrainedTokenizerBase, path: Path, name
 
 
 def build(work: Workspace, folder: Path) -> dict[str, Any]:
-    """Write the plan-typed GGUF into `folder`, check every tensor's type, and compare its logits with the merged model's."""
+    """Write the plan-typed GGUF into `folder`, check every tensor's type, and compare its logits with the
+    merged model's (computed in bf16 by the model loaded once for writing: no fp32 copy of a 7B model)."""
     ctx = work.ctx
     source = merged_folder(work)
-    bf16 = work.scratch / "model-bf16.gguf"
-    written = bf16_gguf(source, ctx.tokenizer, bf16, f"{ctx.plan.model.id} (qra)", ctx.source_gguf)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    written = write_bf16_gguf(model, ctx.tokenizer, source, work.scratch / "model-bf16.gguf", f"{ctx.plan.model.id} (qra)",
+                              ctx.source_gguf)
+    ids = ctx.tokenizer(CHECK_TEXT).input_ids
+    reference = model_logits(model, ids)
+    del model
     planned = planned_types(ctx.spec, ctx.settings_for, written)
     base = base_bits(ctx.spec, ctx.settings_for)
     target = folder / MODEL_FILE
     if base is None:
-        bf16.replace(target)
+        written.path.replace(target)
     else:
-        quantize(bf16, target, BASE_FILE_TYPE[base], {name: qtype for name, (_, qtype) in planned.items()})
+        quantize(written.path, target, BASE_FILE_TYPE[base], {name: qtype for name, (_, qtype) in planned.items()})
     types = tensor_types(target)
     wrong = {name: (types.get(name), qtype) for name, (_, qtype) in planned.items() if types.get(name) != qtype}
     if wrong:
         raise QraError(f"llama.cpp gave {len(wrong)} tensors another type than planned, e.g. {next(iter(wrong.items()))}")
     (folder / MODELFILE).write_text(f"FROM ./{MODEL_FILE}\n", encoding="utf-8")
-    ids = ctx.tokenizer(CHECK_TEXT).input_ids
-    check_result = agreement(llama_cpp_logits(target, ids), torch_logits(source, ids))
+    check_result = agreement(llama_cpp_logits(target, ids), reference)
     logger.info("gguf logits differ from the merged model's by at most %.3g (top-1 agreement %.0f%%)",
                 check_result["max_abs_logit_difference"], 100 * check_result["top1_agreement"])
     fallbacks = sum(TYPE_OF_BITS[bits] != qtype for bits, qtype in planned.values())

@@ -42,15 +42,20 @@ class Written:
     pre_tokenizer: str
 
 
-def architecture_of(config: PretrainedConfig) -> gguf.MODEL_ARCH:
-    """llama.cpp's architecture for `config`, or a QraError naming the ones that can be exported."""
-    arch = ARCHITECTURES.get(config.model_type)
-    if arch is None:
+def check_model_type(model_type: str) -> gguf.MODEL_ARCH:
+    """llama.cpp's architecture for a Hugging Face model type, or a QraError naming the ones that can be exported."""
+    if model_type not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise QraError(
-            f"the gguf format does not support model type {config.model_type!r} (it supports {known}); "
+            f"the gguf format does not support model type {model_type!r} (it supports {known}); "
             "package another format (adapter, merged, gptq, onnx)"
         )
+    return ARCHITECTURES[model_type]
+
+
+def architecture_of(config: PretrainedConfig) -> gguf.MODEL_ARCH:
+    """llama.cpp's architecture for `config` (its model type and rotary embeddings), or a QraError."""
+    arch = check_model_type(config.model_type)
     rope_type = _rope(config).get("rope_type", "default")
     if rope_type not in ("default", "llama3") or (rope_type == "llama3" and arch != gguf.MODEL_ARCH.LLAMA):
         raise QraError(
