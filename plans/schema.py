@@ -61,6 +61,11 @@ class Training(_Strict):
     )
     steps: PositiveInt = 100
     learning_rate: PositiveFloat = 2e-4
+    max_grad_norm: PositiveFloat | None = Field(
+        default=1.0,
+        description="each optimizer step's gradient is clipped to this global L2 norm (None: not clipped), as "
+        "transformers' Trainer does by default; without it a batch of a few short answers takes a full step",
+    )
     seed: NonNegativeInt = 0
 
 

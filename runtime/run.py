@@ -9,7 +9,8 @@ model (`qra.compiler.qcache.CachedWeights`), materialize loads gptqmodel's own q
 (`qra.runtime.quantize.GPTQModelWeights`).
 
 Multi-fidelity is one run observed (optuna's report-and-prune, successive halving): `train_to(k)` runs the
-plan's own schedule (AdamW, linear warm-up over the first tenth, cosine decay to `training.steps`) up to
+plan's own schedule (AdamW, linear warm-up over the first tenth, cosine decay to `training.steps`, gradients
+clipped to `training.max_grad_norm`) up to
 step k, `score()` reports, and `state()` / `restore()` let a promoted candidate continue from its
 checkpoint instead of restarting. A run resumed from a state ends exactly where an uninterrupted one does.
 
@@ -145,6 +146,8 @@ class Run:
             (loss / accumulation).backward()
             step_loss += float(loss.detach()) / accumulation
             self.tokens_seen += int(batch["input_ids"].numel())
+        if self.training.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.training.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         return step_loss

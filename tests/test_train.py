@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from qra.plans.memory import uniform_settings
 from qra.plans.schema import Training
 from qra.runtime.lora import attach_lora
+from qra.runtime.run import Run
 from qra.runtime.train import train_lora
 from tiny import tiny_config, tiny_spec
 
@@ -93,3 +94,32 @@ def test_measuring_the_datas_worst_batch_takes_the_largest_footprint_and_leaves_
     for (name, a), (_, b) in zip(plain.named_parameters(), measured.named_parameters()):
         assert torch.equal(a, b), name
     assert measured_result.losses == plain_result.losses
+
+
+def _gradient_norms_at_the_optimizer(training: Training) -> list[float]:
+    """The global gradient norm each optimizer step of a `Run` under `training` is taken with."""
+    run = Run(lora_model(dropout=0.0), training, repeating_batches)
+    norms: list[float] = []
+    step = run.optimizer.step
+
+    def observed_step(*args, **kwargs):
+        grads = [p.grad for p in run.trainable.values() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(*args, **kwargs)
+
+    run.optimizer.step = observed_step
+    run.train_to(training.steps)
+    return norms
+
+
+def test_each_step_is_taken_with_its_gradient_clipped_to_max_grad_norm():
+    training = TRAINING.model_copy(update={"lora_dropout": 0.0, "learning_rate": 5e-2})
+    unclipped = _gradient_norms_at_the_optimizer(training.model_copy(update={"max_grad_norm": None}))
+    limit = min(unclipped) / 2
+    clipped = _gradient_norms_at_the_optimizer(training.model_copy(update={"max_grad_norm": limit}))
+    assert max(unclipped) > limit
+    assert clipped == pytest.approx([limit] * len(clipped), rel=1e-4)
+
+
+def test_plans_clip_gradients_at_norm_one_unless_told_otherwise():
+    assert Training().max_grad_norm == 1.0

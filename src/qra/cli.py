@@ -182,6 +182,7 @@ def plan_new(
     compute_dtype: Annotated[str, typer.Option()] = "bfloat16",
     steps: Annotated[int, typer.Option(help="optimizer steps of the fine-tune")] = 100,
     learning_rate: Annotated[float, typer.Option(help="peak learning rate (warmup, then cosine decay)")] = 2e-4,
+    max_grad_norm: Annotated[float, typer.Option(help="clip each step's gradient to this global L2 norm (0: no clipping)")] = 1.0,
     data: Annotated[str | None, typer.Option(help="the data the plan will train on: its worst batch sets the estimate (prompt/response data pads batches)")] = None,
 ) -> None:
     """Write a uniform plan (every layer the same bits and rank), the QLoRA-style baseline."""
@@ -193,9 +194,9 @@ def plan_new(
     budget_bytes = parse_bytes(budget)
     _check_bits_rank(bits, rank, group_size)
     training = _training(seq_len, batch_size, grad_checkpointing, compute_dtype)
-    if steps < 1 or learning_rate <= 0:
-        raise QraError("--steps and --learning-rate must be positive")
-    training = training.model_copy(update={"steps": steps, "learning_rate": learning_rate})
+    if steps < 1 or learning_rate <= 0 or max_grad_norm < 0:
+        raise QraError("--steps and --learning-rate must be positive, --max-grad-norm at least 0")
+    training = training.model_copy(update={"steps": steps, "learning_rate": learning_rate, "max_grad_norm": max_grad_norm or None})
     if data is not None:
         training = training.model_copy(update={"padded_batches": _data_pads(data, batch_size)})
     source, spec = _spec_for(model)
@@ -438,6 +439,7 @@ def compile_command(
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = False,
     steps: Annotated[int, typer.Option(help="optimizer steps of the plan's fine-tune: every candidate is scored on this schedule")] = 100,
     learning_rate: Annotated[float, typer.Option(help="peak learning rate of the plan's fine-tune (warmup, then cosine decay)")] = 2e-4,
+    max_grad_norm: Annotated[float, typer.Option(help="clip each step's gradient to this global L2 norm (0: no clipping)")] = 1.0,
     device: Annotated[str, typer.Option(help="cuda or cpu: the device the budget is for")] = "cuda",
     context: Annotated[str, typer.Option(help="fixed overhead of the device context")] = "500MB",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display (errors and the final line only)")] = False,
@@ -458,14 +460,14 @@ def compile_command(
         _check_bits_rank(b, 1, 128)
     for r in rank_choices:
         _check_bits_rank(16, r, 128)
-    if steps < 1 or learning_rate <= 0 or seed < 0:
-        raise QraError("--steps and --learning-rate must be positive, --seed at least 0")
+    if steps < 1 or learning_rate <= 0 or seed < 0 or max_grad_norm < 0:
+        raise QraError("--steps and --learning-rate must be positive, --seed and --max-grad-norm at least 0")
     if workers < 0:
         raise QraError(f"--workers must be 0 (everything in this process) or more, got {workers}")
     if (workers or ray_address) and importlib.util.find_spec("ray") is None:
         raise QraError("--workers and --ray-address need Ray: pip install -c constraints.txt ray")
     training = _training(seq_len, batch_size, grad_checkpointing, "bfloat16").model_copy(
-        update={"steps": steps, "learning_rate": learning_rate, "seed": seed})
+        update={"steps": steps, "learning_rate": learning_rate, "seed": seed, "max_grad_norm": max_grad_norm or None})
     journal = journal or output.with_name(output.name + ".journal.jsonl")
     request = CompileRequest(
         model=model, budget=Budget(bytes=parse_bytes(budget), text=budget), data=data, bits=bit_choices, ranks=rank_choices,
