@@ -67,8 +67,8 @@ class StepLog:
 
 @dataclass
 class RunState:
-    """Everything a run resumes from: the trainable tensors, optimizer and scheduler state, the RNG and the
-    training losses so far."""
+    """Everything a run resumes from: the trainable tensors, optimizer and scheduler state, the RNG, and the
+    training losses and gradient norms so far."""
 
     step: int
     trainable: dict[str, torch.Tensor]
@@ -76,6 +76,7 @@ class RunState:
     scheduler: dict
     rng: torch.Tensor
     losses: list[float] = field(default_factory=list)
+    gradient_norms: list[float] = field(default_factory=list)
 
 
 def warmup_steps(training: Training) -> int:
@@ -96,6 +97,7 @@ class Run:
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup_steps(training), training.steps)
         self.step = 0
         self.losses: list[float] = []
+        self.gradient_norms: list[float] = []  # each step's global gradient norm, before clipping
         self.tokens_seen = 0
         self.train_seconds = 0.0
 
@@ -146,8 +148,11 @@ class Run:
             (loss / accumulation).backward()
             step_loss += float(loss.detach()) / accumulation
             self.tokens_seen += int(batch["input_ids"].numel())
+        gradients = [p.grad for p in self.trainable.values() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(gradients)
+        self.gradient_norms.append(float(norm))
         if self.training.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.training.max_grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(list(self.trainable.values()), self.training.max_grad_norm, norm)
         self.optimizer.step()
         self.scheduler.step()
         return step_loss
@@ -180,6 +185,7 @@ class Run:
             scheduler=copy.deepcopy(self.scheduler.state_dict()),
             rng=torch.get_rng_state(),
             losses=list(self.losses),
+            gradient_norms=list(self.gradient_norms),
         )
 
     def restore(self, state: RunState) -> None:
@@ -189,7 +195,7 @@ class Run:
         self.optimizer.load_state_dict(copy.deepcopy(state.optimizer))
         self.scheduler.load_state_dict(copy.deepcopy(state.scheduler))
         torch.set_rng_state(state.rng)
-        self.step, self.losses = state.step, list(state.losses)
+        self.step, self.losses, self.gradient_norms = state.step, list(state.losses), list(state.gradient_norms)
 
     def save(self, folder: Path) -> None:
         """The run's state on disk, written to a staging folder and renamed (never half-written)."""
@@ -197,7 +203,8 @@ class Run:
         with atomic_folder(folder) as staging:
             save_file({n: t.contiguous() for n, t in state.trainable.items()}, staging / _STATE)
             torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler, "rng": state.rng}, staging / _OPTIMIZER)
-            (staging / _PROGRESS).write_text(json.dumps({"step": state.step, "losses": state.losses}))
+            (staging / _PROGRESS).write_text(json.dumps({"step": state.step, "losses": state.losses,
+                                                    "gradient_norms": state.gradient_norms}))
 
     def load(self, folder: Path) -> bool:
         """Restore the state saved in `folder`, if there is one."""
@@ -206,7 +213,7 @@ class Run:
         rest = torch.load(folder / _OPTIMIZER, weights_only=False)
         progress = json.loads((folder / _PROGRESS).read_text())
         self.restore(RunState(progress["step"], load_file(folder / _STATE), rest["optimizer"], rest["scheduler"],
-                              rest["rng"], progress["losses"]))
+                              rest["rng"], progress["losses"], progress.get("gradient_norms", [])))
         return True
 
 

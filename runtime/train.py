@@ -9,7 +9,7 @@ temporary folder and renamed, so an interruption never leaves a half-written che
 """
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -36,6 +36,7 @@ class TrainResult:
     resumed_from: int
     measured: MeasuredFootprint | None = None
     scores_after: dict | None = None  # `Scores.to_dict()`: each task's loss with its standard error
+    gradient_norms: list[float] = field(default_factory=list)  # each step's, before clipping
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -88,6 +89,7 @@ def train_run(
         resumed_from=start,
         measured=measured,
         scores_after=after.to_dict() if after is not None and after.by_task else None,
+        gradient_norms=run.gradient_norms,
     )
 
 

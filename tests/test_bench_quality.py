@@ -124,6 +124,7 @@ def test_a_tiny_benchmark_runs_every_stage_and_reruns_from_its_results(tmp_path)
     # the compile's fresh seeds, none of the bench's (the third runs only where a finalist can still win)
     assert finalists and {1, 2} <= set(finalists[0]["scores"]) <= {1, 2, 3}
     saved = json.loads((args.out / "quality.json").read_text())
+    _observed_runs_end_at_the_benchmarks_scores(args.out, rows["uniform"])
     rerun = run_benchmark(args, settings)
     assert json.loads(json.dumps(rerun))["budgets"] == saved["budgets"]  # every run reused
     args.methods = "llamacpp"
@@ -135,8 +136,6 @@ def test_a_tiny_benchmark_runs_every_stage_and_reruns_from_its_results(tmp_path)
 
 
 def test_a_finalist_the_compile_refused_is_benched_beside_the_uniform_plan_it_lost_to():
-    from types import SimpleNamespace
-
     from bench_quality import refused_finalist
 
     from qra.compiler.space import Gene, build_space, config_key
@@ -146,15 +145,32 @@ def test_a_finalist_the_compile_refused_is_benched_beside_the_uniform_plan_it_lo
     spec = tiny_spec("llama", layers=2)
     training = Training(steps=4, batch_size=2, seq_len=32)
     space = build_space(spec, (4, 8), (4, 8), training, Device(kind="cpu", context_bytes=0))
-    prepared = SimpleNamespace(space=space, spec=spec)
     uniform, mixed = (Gene(4, 8), Gene(4, 8)), (Gene(8, 4), Gene(4, 8))
     records = [SeedScores(name="uniform 4-bit rank 8", config=config_key(uniform), scores={1: 2.0, 2: 2.1}),
                SeedScores(name="finalist 1", config=config_key(mixed), scores={1: 1.9, 2: 2.1},
                           paired_difference=-0.05, paired_se=0.05)]
     plan = Plan(model=model_ref(spec, "tiny", None), budget=Budget(bytes=10**9, text="1GB"), training=training,
                 layers=space.layer_plans(uniform), provenance=Provenance(finalists=records))
-    finalist = refused_finalist(plan, prepared)
+    finalist = refused_finalist(plan, space, spec)
     assert finalist.layers == space.layer_plans(mixed) and finalist.training == plan.training
     assert finalist.memory is not None and finalist.predicted.score is None
     # a plan that is the finalist itself has none refused
-    assert refused_finalist(plan.model_copy(update={"layers": space.layer_plans(mixed)}), prepared) is None
+    assert refused_finalist(plan.model_copy(update={"layers": space.layer_plans(mixed)}), space, spec) is None
+
+
+def _observed_runs_end_at_the_benchmarks_scores(bench: Path, uniform: dict) -> None:
+    """tools/train_dynamics.py trains a benchmark's plan as the benchmark did, scoring it on the way."""
+    from bench_quality import _spec, compile_request
+    from train_dynamics import bench_settings, method_plan, observe
+
+    from qra.compiler.compile import build_evaluator
+
+    settings = bench_settings(bench)
+    budget = budgets_for(_spec(settings), settings.training(), Device())["B1"]
+    evaluator = build_evaluator(compile_request(settings, budget, "layer", bench))
+    plan = method_plan(bench, settings, "B1", "uniform", evaluator)
+    observed = observe(evaluator, plan, 10, plan.training.max_grad_norm, every=1)
+    assert [checkpoint["step"] for checkpoint in observed["checkpoints"]] == list(range(1, plan.training.steps + 1))
+    assert len(observed["gradient_norms"]) == plan.training.steps
+    for task, loss in observed["final"].items():
+        assert loss == pytest.approx(uniform["loss " + task]["values"][0], abs=1e-4)

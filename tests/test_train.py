@@ -96,8 +96,9 @@ def test_measuring_the_datas_worst_batch_takes_the_largest_footprint_and_leaves_
     assert measured_result.losses == plain_result.losses
 
 
-def _gradient_norms_at_the_optimizer(training: Training) -> list[float]:
-    """The global gradient norm each optimizer step of a `Run` under `training` is taken with."""
+def _gradient_norms_at_the_optimizer(training: Training) -> tuple[list[float], list[float]]:
+    """The global gradient norm each optimizer step of a `Run` under `training` is taken with, and the norms
+    the run recorded."""
     run = Run(lora_model(dropout=0.0), training, repeating_batches)
     norms: list[float] = []
     step = run.optimizer.step
@@ -109,16 +110,18 @@ def _gradient_norms_at_the_optimizer(training: Training) -> list[float]:
 
     run.optimizer.step = observed_step
     run.train_to(training.steps)
-    return norms
+    return norms, run.gradient_norms
 
 
 def test_each_step_is_taken_with_its_gradient_clipped_to_max_grad_norm():
     training = TRAINING.model_copy(update={"lora_dropout": 0.0, "learning_rate": 5e-2})
-    unclipped = _gradient_norms_at_the_optimizer(training.model_copy(update={"max_grad_norm": None}))
+    unclipped, recorded = _gradient_norms_at_the_optimizer(training.model_copy(update={"max_grad_norm": None}))
+    assert recorded == pytest.approx(unclipped, rel=1e-5)
     limit = min(unclipped) / 2
-    clipped = _gradient_norms_at_the_optimizer(training.model_copy(update={"max_grad_norm": limit}))
-    assert max(unclipped) > limit
+    clipped, recorded = _gradient_norms_at_the_optimizer(training.model_copy(update={"max_grad_norm": limit}))
     assert clipped == pytest.approx([limit] * len(clipped), rel=1e-4)
+    # the run records the norm before clipping: the one a diverging step shows
+    assert min(recorded) > limit
 
 
 def test_plans_clip_gradients_at_norm_one_unless_told_otherwise():

@@ -42,7 +42,7 @@ from pathlib import Path
 from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, compile_plan, prepare
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.compiler.finalists import paired_difference
-from qra.compiler.space import parse_config_key
+from qra.compiler.space import SearchSpace, parse_config_key
 from qra.files import atomic_path, digest, write_text
 from qra.models import load_config, load_model, resolve_model
 from qra.plans.build import budget_covering, uniform_plan, with_memory
@@ -50,7 +50,7 @@ from qra.plans.io import load_plan, save_plan
 from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.plot import bits_rank_pattern, plot_plan
 from qra.plans.schema import Budget, Device, Plan, Prediction, Training
-from qra.plans.spec import spec_from_config
+from qra.plans.spec import ModelSpec, spec_from_config
 from qra.runtime.footprint import measure_plan_footprint
 from qra.runtime.data import load_dataset, pads
 from qra.runtime.materialize import MaterializeRequest, materialize
@@ -207,7 +207,8 @@ def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict, prepa
             save_plan(compile_plan(request, prepared=prepared).plan, path)
             timings[f"search and final comparison {budget.text} {granularity}"] = round(time.perf_counter() - began, 1)
         plans[f"autoqra-{granularity}"] = _same_schedule(load_plan(path), settings, path)
-        finalist = refused_finalist(plans[f"autoqra-{granularity}"], preparations.get(settings, budget, granularity))
+        prepared = preparations.get(settings, budget, granularity)
+        finalist = refused_finalist(plans[f"autoqra-{granularity}"], prepared.space, prepared.spec)
         if finalist is not None:
             plans[f"finalist-{granularity}"] = finalist
     for method in BASELINES:
@@ -221,17 +222,17 @@ def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict, prepa
     return plans
 
 
-def refused_finalist(plan: Plan, prepared: Prepared) -> Plan | None:
+def refused_finalist(plan: Plan, space: SearchSpace, spec: ModelSpec) -> Plan | None:
     """Where the compile's final pick refused its finalists (the plan is the uniform it compared them with),
     the best of them as a plan: run on the bench seeds too, it shows whether the search found a gain that the
     compile's fresh seeds could not confirm. None when the plan is a finalist."""
     scored = plan.provenance.finalists
     finalists = [record for record in scored if record.paired_difference is not None]
-    if not finalists or prepared.space.layer_plans(parse_config_key(scored[0].config)) != plan.layers:
+    if not finalists or space.layer_plans(parse_config_key(scored[0].config)) != plan.layers:
         return None
     best = min(finalists, key=lambda record: record.paired_difference)
-    layers = prepared.space.layer_plans(parse_config_key(best.config))
-    return with_memory(plan.model_copy(update={"layers": layers, "predicted": Prediction()}), prepared.spec)
+    layers = space.layer_plans(parse_config_key(best.config))
+    return with_memory(plan.model_copy(update={"layers": layers, "predicted": Prediction()}), spec)
 
 
 def _same_schedule(plan: Plan, settings: Settings, path: Path) -> Plan:
@@ -505,7 +506,8 @@ def _report(args, settings: Settings, budgets: dict[str, Budget], plans: dict, c
         "model": settings.model, "data": settings.data, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
         "steps": settings.steps, "learning_rate": settings.learning_rate, "learning_rates": rates,
         "seeds": sorted({run["seed"] for group in runs.values() for run in group}), "effort": settings.effort,
-        "fine_tune": args.fine_tune, "budgets": {}, "timings_s": timings,
+        "fine_tune": args.fine_tune, "bits": list(settings.bits), "ranks": list(settings.ranks), "budgets": {},
+        "timings_s": timings,
     }
     for name, budget in budgets.items():
         rows = {method: summarize(runs[(name, method)]) for method in [*plans[name], CEILING] if (name, method) in runs}
