@@ -233,6 +233,17 @@ def test_plan_verify_refuses_a_model_with_another_layer_count(runner, tiny):
     assert "6" in line
 
 
+def test_a_new_plan_clips_gradients_at_the_norm_given_and_zero_turns_clipping_off(runner, tiny, tmp_path):
+    from qra.plans.io import load_plan
+
+    assert load_plan(new_plan(runner, tmp_path / "a.yaml", tiny["llama4"], "8GB", "--max-grad-norm", "0.5")).training.max_grad_norm == 0.5
+    assert load_plan(new_plan(runner, tmp_path / "b.yaml", tiny["llama4"], "8GB", "--max-grad-norm", "0")).training.max_grad_norm is None
+    result = invoke(runner, "plan", "new", "--output", tmp_path / "c.yaml", "--budget", "8GB", "--model", tiny["llama4"],
+                    "--max-grad-norm", "-1")
+    assert "--max-grad-norm" in assert_one_error_line(result)
+    assert not (tmp_path / "c.yaml").exists()
+
+
 # --- plan new + plan verify ----------------------------------------------------------------------------------
 
 
