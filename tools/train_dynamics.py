@@ -35,10 +35,10 @@ log = logging.getLogger("train_dynamics")
 def bench_settings(bench: Path) -> Settings:
     """The schedule and data a benchmark ran with, from its report."""
     report = json.loads((bench / "quality.json").read_text())
-    defaults = Settings("", "", 0, 0, 0, "", ())
+    # reports written before they named their bits and ranks used the defaults
+    choices = {key: tuple(report[key]) for key in ("bits", "ranks") if key in report}
     return Settings(report["model"], report["data"], report["seq_len"], report["batch_size"], report["steps"],
-                    report["effort"], tuple(report["seeds"]), learning_rate=report["learning_rate"],
-                    bits=tuple(report.get("bits", defaults.bits)), ranks=tuple(report.get("ranks", defaults.ranks)))
+                    report["effort"], tuple(report["seeds"]), learning_rate=report["learning_rate"], **choices)
 
 
 def method_plan(bench: Path, settings: Settings, budget_name: str, method: str, evaluator: FidelityEvaluator) -> Plan:
