@@ -35,7 +35,7 @@ from qra.plans.build import model_ref, with_memory
 from qra.plans.schema import Budget, Device, Plan, Prediction, Provenance, SeedScores, Training
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import verify_plan
-from qra.runtime.data import Dataset, load_dataset, training_for
+from qra.runtime.data import Dataset, calibration_batches, load_dataset, training_for
 from qra.runtime.precision import fastest_dtype
 from qra.units import format_bytes
 
@@ -48,14 +48,13 @@ PRIORS_STRATEGIES = ("autoqra", "sequential", "heuristic")
 class Effort:
     """How much a compile spends: evaluations of the search; the rungs of the fidelity ladder (fractions
     of the plan's own schedule, whose last step is the top rung unless `max_steps` caps it); the priors'
-    probe steps and held-out sequences per task; GPTQ's calibration batches; and the final paired
+    probe steps and held-out sequences per task; and the final paired
     comparison: how many finalists, on how many fresh seeds."""
 
     evaluations: int
     rungs: tuple[float, ...]
     max_steps: int | None
     prior_probe_steps: int
-    calibration_batches: int
     prior_sequences: int
     finalists: int = 1
     seeds: int = 3
@@ -66,9 +65,9 @@ class Effort:
 
 
 EFFORTS = {
-    "quick": Effort(16, (0, 0.25, 1), 100, prior_probe_steps=6, calibration_batches=4, prior_sequences=8, finalists=1),
-    "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, calibration_batches=8, prior_sequences=16, finalists=2),
-    "thorough": Effort(120, (0, 0.125, 0.5, 1), None, prior_probe_steps=32, calibration_batches=16, prior_sequences=32,
+    "quick": Effort(16, (0, 0.25, 1), 100, prior_probe_steps=6, prior_sequences=8, finalists=1),
+    "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, prior_sequences=16, finalists=2),
+    "thorough": Effort(120, (0, 0.125, 0.5, 1), None, prior_probe_steps=32, prior_sequences=32,
                        finalists=3, seeds=4),
 }
 
@@ -160,7 +159,8 @@ def _evaluator(
     model, tokenizer = load_model(source, "bfloat16")
     training = space.training
     data = prepare_data(dataset, tokenizer, training.seq_len, training.batch_size, training.seed)
-    cache = QuantCache(model, space.spec, data.train[: effort.calibration_batches], request.group_size, folder=work / "qcache")
+    calibration = calibration_batches(data.features, training.batch_size, data.pad)  # materialize's, so the search scores its weights
+    cache = QuantCache(model, space.spec, calibration, request.group_size, folder=work / "qcache")
     return FidelityEvaluator(model, space, data, cache, effort.ladder(training.steps), tokenizer, dtype=dtype)
 
 

@@ -254,6 +254,23 @@ def training_features(examples: Sequence[Example], tokenizer: PreTrainedTokenize
     return (pack_text(texts, tokenizer, seq_len) if texts else []) + (tokenize_examples(pairs, tokenizer, seq_len) if pairs else [])
 
 
+CALIBRATION_SEQUENCES = 32
+"""GPTQ's calibration set: the first training sequences, the same for the search's quantization cache and
+`qra materialize`'s gptqmodel pass (a smaller or other set left the cache's 4-bit weights measurably worse
+than materialize's: docs/objective.md, "One calibration set")."""
+
+
+def calibration_features(features: Sequence[Feature]) -> list[Feature]:
+    """The training sequences GPTQ calibrates on, in training-feature order (not the shuffled batch order)."""
+    return list(features[:CALIBRATION_SEQUENCES])
+
+
+def calibration_batches(features: Sequence[Feature], batch_size: int, pad: int) -> list[Batch]:
+    """`calibration_features`, batched in order and right-padded (GPTQ's statistics skip the padding)."""
+    chosen = calibration_features(features)
+    return [_collate(chosen[start : start + batch_size], pad) for start in range(0, len(chosen), batch_size)]
+
+
 def batches(features: Sequence[Feature], batch_size: int, seed: int, epoch: int, pad: int) -> list[Batch]:
     """The epoch's batches in an order fixed by (seed, epoch) alone, so a resumed run can skip to step k.
 

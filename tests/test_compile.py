@@ -16,7 +16,7 @@ from qra.plans.schema import Budget, Device, Training
 from qra.plans.verify import verify_plan
 from tiny import save_tiny_model, tiny_corpus, tiny_spec
 
-CHEAP = Effort(10, (0, 0.5, 1), None, prior_probe_steps=2, calibration_batches=2, prior_sequences=8, finalists=1, seeds=2)
+CHEAP = Effort(10, (0, 0.5, 1), None, prior_probe_steps=2, prior_sequences=8, finalists=1, seeds=2)
 TRAINING = Training(seq_len=24, batch_size=2, steps=4, learning_rate=5e-3)
 DEVICE = Device(kind="cpu", context_bytes=0)
 BITS, RANKS = (2, 4, 8), (4, 16)
