@@ -1,7 +1,7 @@
 """AutoQRA stage "quantization cache": each (module, bits) is GPTQ-quantized once, and every candidate reuses it.
 
 Calibration is independent per module: forward hooks on the *float* model record the input of every linear
-over the calibration batches, and gptqmodel's GPTQ algorithm quantizes each module against the Hessian of
+over the calibration batches (the sequences `qra materialize` gives gptqmodel: `qra.runtime.data.calibration_sequences`), and gptqmodel's GPTQ algorithm quantizes each module against the Hessian of
 its float input. Quantizing sequentially (each layer calibrated on the already-quantized layers before it)
 would make a module's result depend on every earlier choice of the candidate, so it could not be cached,
 and it exaggerates a layer's damage several-fold (see docs/measurements.md).

@@ -29,7 +29,7 @@ from qra.plans.memory import plan_settings
 from qra.plans.schema import Plan, Training
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import data_problem, for_data, model_problems
-from qra.runtime.data import Dataset, Example, batch_source, batches, calibration_features, exact_match, held_out_batches_by_task, load_dataset, pad_id, pads, training_features, worst_batch
+from qra.runtime.data import Dataset, Example, batch_source, batches, calibration_sequences, exact_match, held_out_batches_by_task, load_dataset, pad_id, pads, training_features, worst_batch
 from qra.runtime.footprint import memory_report
 from qra.runtime.heldout import HELD_OUT_BATCH_SIZE, HeldOut
 from qra.runtime.quantize import GPTQModelWeights, gptqmodel_log_dir
@@ -183,7 +183,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     train_features = _train_features(dataset, tokenizer, training.seq_len)
-    calibration = [feature["input_ids"] for feature in calibration_features(train_features)]
+    calibration = calibration_sequences(train_features)
     log.info("quantizing to the plan's bits with gptqmodel (%d calibration sequences; its log: %s)",
              len(calibration), gptqmodel_log_dir())
     folder = shared / "quantized" / quantization_key(source, spec, plan, calibration) if request.cache else work / "quantized"

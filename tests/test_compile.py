@@ -6,14 +6,16 @@ import random
 import re
 
 import pytest
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from qra.cli import app
-from qra.compiler.compile import CompileRequest, Effort, baseline_plan, budget_bounds, compile_plan, prepare
+from qra.compiler.compile import CompileRequest, Effort, baseline_plan, budget_bounds, build_evaluator, compile_plan, prepare
 from qra.compiler.space import build_space
 from qra.errors import QraError
 from qra.plans.schema import Budget, Device, Training
 from qra.plans.verify import verify_plan
+from qra.runtime.data import CALIBRATION_SEQUENCES, calibration_sequences, load_dataset, training_features
 from tiny import save_tiny_model, tiny_corpus, tiny_spec
 
 CHEAP = Effort(10, (0, 0.5, 1), None, prior_probe_steps=2, prior_sequences=8, finalists=1, seeds=2)
@@ -194,3 +196,13 @@ def test_compile_from_the_command_line_says_what_the_paired_comparison_decided_a
     result = runner.invoke(app, ["materialize", str(plan_path), "-o", str(tmp_path / "run"), "--data", corpus_of(tiny_folder)])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "results.json").read_text())["memory"]["within_budget"]
+
+
+def test_the_search_quantizes_with_the_calibration_sequences_materialize_gives_gptqmodel(tiny_folder, tmp_path):
+    cache = build_evaluator(request(tiny_folder, tmp_path)).cache
+    calibrated = [row[mask.bool()].tolist() for batch in cache.calibration
+                  for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
+    features = training_features(load_dataset(corpus_of(tiny_folder)).train, tokenizer, TRAINING.seq_len)
+    assert calibrated == calibration_sequences(features)  # what materialize passes to gptqmodel's pass
+    assert len(calibrated) == min(CALIBRATION_SEQUENCES, len(features))
