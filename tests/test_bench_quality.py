@@ -10,11 +10,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 from bench_quality import (  # noqa: E402
-    CEILING, Settings, budgets_for, gap_closed, markdown, paired, plot_quality, run_benchmark, summarize, targets,
+    CEILING, Settings, _publish, budgets_for, gap_closed, markdown, paired, plot_quality, run_benchmark, summarize, targets,
 )
 
 from qra.plans.memory import estimate_memory, uniform_settings  # noqa: E402
-from qra.plans.schema import Device, Training  # noqa: E402
+from qra.plans.schema import Budget, Device, Training  # noqa: E402
 from tiny import save_tiny_model, tiny_corpus, tiny_spec  # noqa: E402
 
 
@@ -100,6 +100,13 @@ def test_report_has_one_table_row_per_method_and_budget_and_a_plot(tmp_path):
     assert "learning rate 0.001 (the lowest mean + std of uniform 4-bit r8 over seeds 0: 0.001: 2.0000 ± 0.0000)" in text
     plot_quality(report, tmp_path / "quality.png")
     assert (tmp_path / "quality.png").read_bytes().startswith(b"\x89PNG")
+    # a materialize check written into the same folder keeps the evaluator benchmark's report
+    budgets, settings = {"B1": Budget(bytes=10**9, text="1000.0MB")}, Settings("tiny", "d", 128, 4, 40, "quick", (10,))
+    _publish(report, tmp_path / "out", None, budgets, settings)
+    _publish({**report, "fine_tune": "materialize"}, tmp_path / "out", tmp_path / "docs", budgets, settings)
+    assert json.loads((tmp_path / "out" / "quality.json").read_text())["fine_tune"] == "evaluator"
+    assert json.loads((tmp_path / "out" / "quality-materialize.json").read_text())["fine_tune"] == "materialize"
+    assert json.loads((tmp_path / "docs" / "quality.json").read_text())["fine_tune"] == "materialize"
 
 
 def test_a_tiny_benchmark_runs_every_stage_and_reruns_from_its_results(tmp_path):

@@ -24,8 +24,8 @@ Stages, each resumable (a rerun skips what is done; results are written as they 
    (`qra.runtime.footprint.measure_plan_footprint`); `--weight-source-gap` fine-tunes the B1 uniform plan
    through `qra materialize` as well, to measure the gap between the two weight sources.
 
-Writes OUT/quality.json, OUT/quality.md, OUT/quality.png and OUT/plan-<budget>-<granularity>.png; `--report
-DIR` copies them there, `--ship DIR` copies the autoqra plans there as `<model>-<budget>[-module].yaml`.
+Writes OUT/quality.json, OUT/quality.md, OUT/quality.png (`quality-materialize.*` with `--fine-tune materialize`)
+and OUT/plan-<budget>-<granularity>.png; `--report DIR` copies them there (the report as `quality.*`), `--ship DIR` copies the autoqra plans there as `<model>-<budget>[-module].yaml`.
 """
 
 import argparse
@@ -532,17 +532,24 @@ def _report(args, settings: Settings, budgets: dict[str, Budget], plans: dict, c
     return report
 
 
+def report_stem(fine_tune: str) -> str:
+    """The report's file name in OUT, by the fine-tunes it holds: `quality` (evaluator), `quality-materialize`,
+    so a materialize check beside a benchmark keeps the benchmark's own report."""
+    return "quality" if fine_tune == "evaluator" else f"quality-{fine_tune}"
+
+
 def _publish(report: dict, out: Path, report_dir: Path | None, budgets: dict[str, Budget], settings: Settings) -> None:
-    write_text(out / "quality.json", json.dumps(report, indent=2))
-    write_text(out / "quality.md", markdown(report))
-    plot_quality(report, out / "quality.png")
+    stem = report_stem(report["fine_tune"])
+    write_text(out / f"{stem}.json", json.dumps(report, indent=2))
+    write_text(out / f"{stem}.md", markdown(report))
+    plot_quality(report, out / f"{stem}.png")
     if report_dir is not None:
         report_dir.mkdir(parents=True, exist_ok=True)
-        names = ["quality.json", "quality.md", "quality.png"]
-        names += [f"plan-{b.text}-{g}.png" for b in budgets.values() for g in settings.granularities]
-        for name in names:
+        copies = {f"{stem}.{suffix}": f"quality.{suffix}" for suffix in ("json", "md", "png")}
+        copies |= {name: name for name in (f"plan-{b.text}-{g}.png" for b in budgets.values() for g in settings.granularities)}
+        for name, copy in copies.items():
             if (out / name).is_file():
-                shutil.copyfile(out / name, report_dir / name)
+                shutil.copyfile(out / name, report_dir / copy)
 
 
 def main() -> None:
