@@ -136,6 +136,48 @@ def test_trust_region_grows_on_success_and_shrinks_on_failure(problem: Problem) 
     assert bo.incumbent_score == 0.8
 
 
+def test_trust_region_candidates_run_to_the_top_only_if_they_beat_the_incumbent_one_rung_below(problem: Problem) -> None:
+    start = problem.repair(problem.space.uniform(4, 8))
+    bo = TrustRegionBO(problem, seed=0, start=start, radius=2, failure_tolerance=1, screen=1, screened=[(start, 1.2)])
+    bo.start(10)
+    (incumbent,) = bo.ask()
+    assert (incumbent.config, incumbent.fidelity) == (start, problem.top)
+    bo.tell(incumbent, 1.0)
+    (loser,) = bo.ask()
+    assert loser.fidelity == 1 and loser.config != start
+    bo.tell(loser, 1.3)  # worse than the incumbent's 1.2 at the screen: never runs to the top, a failure
+    assert bo.region.radius == 1
+    (winner,) = bo.ask()
+    assert winner.fidelity == 1 and winner.config not in (start, loser.config)
+    bo.tell(winner, 1.1)
+    (promoted,) = bo.ask()
+    assert (promoted.config, promoted.fidelity) == (winner.config, problem.top)
+    bo.tell(promoted, 0.9)
+    assert (bo.incumbent, bo.incumbent_score) == (winner.config, 0.9)
+    (after,) = bo.ask()
+    assert after.fidelity == 1  # the new incumbent's screen score is known: screening goes on
+
+
+def test_without_the_incumbents_screen_score_trust_region_candidates_go_straight_to_the_top(problem: Problem) -> None:
+    bo = TrustRegionBO(problem, seed=0, start=problem.repair(problem.space.uniform(4, 8)), screen=1)
+    bo.start(10)
+    for score in (1.0, 1.1):
+        (candidate,) = bo.ask()
+        assert candidate.fidelity == problem.top
+        bo.tell(candidate, score)
+
+
+def test_autoqra_screens_its_refinement_at_the_rung_below_the_top(problem: Problem) -> None:
+    synthetic = Synthetic()
+    result = run_search(AutoQRA(problem, 0), synthetic, 24)
+    refinement = [e for e in result.history if e.stage == "trbo"]
+    assert 1 in {e.fidelity for e in refinement}
+    # a refinement candidate at the top (the incumbent, or one that passed the screen) was scored one rung below first
+    for evaluation in (e for e in refinement if e.fidelity == problem.top):
+        below = [e for e in result.history if e.config == evaluation.config and e.fidelity == 1]
+        assert below and below[0].index < evaluation.index
+
+
 def test_trust_region_stays_within_its_bounds() -> None:
     region = TrustRegion(radius=1, min_radius=1, max_radius=2)
     assert region.update(False).update(False).update(False).radius == 1

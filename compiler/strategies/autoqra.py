@@ -2,7 +2,8 @@
 the problem) warm-start the first stage, the global multi-fidelity evolutionary search screened by a
 performance model, which spends about `evolution_share` of the evaluations; the second stage,
 trust-region Bayesian optimisation, then refines around the best config, with every top-fidelity
-score of the first stage told to its model up front. The feasibility repair operator keeps every
+score of the first stage told to its model up front; each of its candidates runs to the top only if it
+beats the incumbent one rung below (`TrustRegionBO`'s screen). The feasibility repair operator keeps every
 candidate of both stages within the memory budget."""
 
 import logging
@@ -48,8 +49,11 @@ class AutoQRA:
         top = self.problem.top
         ranked = self.evolution.ranked()
         observed = [(i.config, i.scores[top]) for i in ranked if top in i.scores]
+        screen = self.problem.fidelities[-2] if len(self.problem.fidelities) > 1 else None
+        screened = [(i.config, i.scores[screen]) for i in ranked if screen in i.scores]
         best = ranked[0].config if ranked else None
         log.info("AutoQRA: evolution spent %d evaluations; refining around %s", self._told, config_key(best))
-        refinement = TrustRegionBO(self.problem, self.seed + 1, start=best, observed=observed, radius=1)
+        refinement = TrustRegionBO(self.problem, self.seed + 1, start=best, observed=observed, radius=1,
+                                   screen=screen, screened=screened)
         refinement.start(self._budget - self._told)
         return refinement
