@@ -158,6 +158,15 @@ def test_trust_region_candidates_run_to_the_top_only_if_they_beat_the_incumbent_
     assert after.fidelity == 1  # the new incumbent's screen score is known: screening goes on
 
 
+def test_trust_region_does_not_screen_when_no_evaluation_would_be_left_to_promote(problem: Problem) -> None:
+    start = problem.repair(problem.space.uniform(4, 8))
+    bo = TrustRegionBO(problem, seed=0, start=start, screen=1, screened=[(start, 1.2)])
+    bo.start(2)
+    (incumbent,) = bo.ask()
+    bo.tell(incumbent, 1.0)
+    assert bo.ask() == []
+
+
 def test_without_the_incumbents_screen_score_trust_region_candidates_go_straight_to_the_top(problem: Problem) -> None:
     bo = TrustRegionBO(problem, seed=0, start=problem.repair(problem.space.uniform(4, 8)), screen=1)
     bo.start(10)

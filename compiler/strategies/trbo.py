@@ -91,6 +91,7 @@ class TrustRegionBO:
         self.initial_points, self.candidates, self.stage = initial_points, candidates, stage
 
     def start(self, budget_evaluations: int) -> None:
+        self._left = budget_evaluations  # counted down on every tell (a score from memory too: conservative)
         self._rng = np.random.default_rng(self.seed)
         levels = self.problem.levels()
         self.region = TrustRegion(
@@ -114,6 +115,8 @@ class TrustRegionBO:
             return [Candidate(self.incumbent, self.problem.top, self.stage)]
         if self._promoted is not None:
             return [Candidate(self._promoted, self.problem.top, self.stage)]
+        if self._first_fidelity() != self.problem.top and self._left < 2:
+            return []  # a screen whose winner could not run on to the top changes nothing
         with threadpool_limits(1, user_api="blas"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # skopt warns when it proposes a point it was told before
             point = self._propose()
@@ -126,6 +129,7 @@ class TrustRegionBO:
         return [Candidate(config, self._first_fidelity(), self.stage)]
 
     def tell(self, candidate: Candidate, score: float) -> None:
+        self._left -= 1
         if candidate.fidelity != self.problem.top:
             self._tell_screen(candidate.config, score)
             return
