@@ -4,6 +4,8 @@ whether the plans agreed."""
 import sys
 from pathlib import Path
 
+from qra.compiler.compile import EFFORTS
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 from bench_workers import makespan, markdown, project  # noqa: E402
 
@@ -16,7 +18,9 @@ def test_a_batch_takes_the_makespan_of_its_candidates_dealt_longest_first():
 
 def test_the_projection_prices_every_evaluation_and_more_gpus_never_take_longer():
     projection = project(2000.0, 1000, 512, 4, (1, 2, 8))
-    assert sum(projection["batch_sizes"]) == projection["evaluations"] == 16
+    assert sum(projection["batch_sizes"]) == projection["evaluations"]
+    # the trust region may stop one short of the effort's 16 when no evaluation is left to promote a screen
+    assert EFFORTS["quick"].evaluations - 1 <= projection["evaluations"] <= EFFORTS["quick"].evaluations
     hours = projection["hours"]
     assert hours[1] >= hours[2] >= hours[8] > 0
     assert projection["ladder_steps"] == [0, 25, 100]  # quick effort caps the top rung of a 1000-step schedule
