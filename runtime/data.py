@@ -260,15 +260,19 @@ CALIBRATION_SEQUENCES = 32
 than materialize's: docs/objective.md, "One calibration set")."""
 
 
+def _calibration_features(features: Sequence[Feature]) -> list[Feature]:
+    return list(features[:CALIBRATION_SEQUENCES])
+
+
 def calibration_sequences(features: Sequence[Feature]) -> list[list[int]]:
     """The token ids GPTQ calibrates on: the first training sequences, in training-feature order (not the
     shuffled batch order)."""
-    return [feature["input_ids"] for feature in features[:CALIBRATION_SEQUENCES]]
+    return [feature["input_ids"] for feature in _calibration_features(features)]
 
 
 def calibration_batches(features: Sequence[Feature], batch_size: int, pad: int) -> list[Batch]:
     """`calibration_sequences`, batched in order and right-padded (GPTQ's statistics skip the padding)."""
-    chosen = list(features[:CALIBRATION_SEQUENCES])
+    chosen = _calibration_features(features)
     return [_collate(chosen[start : start + batch_size], pad) for start in range(0, len(chosen), batch_size)]
 
 

@@ -165,6 +165,29 @@ def test_a_finalist_the_compile_refused_is_benched_beside_the_uniform_plan_it_lo
     assert refused_finalist(plan.model_copy(update={"layers": space.layer_plans(mixed)}), space, spec) is None
 
 
+def test_the_prediction_is_checked_against_the_bench_with_both_means_standard_errors():
+    from bench_quality import prediction_error, prediction_scores
+
+    from qra.compiler.space import Gene, build_space
+    from qra.plans.build import model_ref
+    from qra.plans.schema import Plan, Prediction, Provenance, SeedScores
+
+    spec = tiny_spec("llama", layers=2)
+    space = build_space(spec, (4, 8), (4, 8), Training(), Device(kind="cpu", context_bytes=0))
+    records = [SeedScores(name="uniform 4-bit rank 8", config="u", scores={1: 2.0, 2: 2.2, 3: 2.1}),
+               SeedScores(name="finalist 1", config="f", scores={1: 1.9, 2: 2.0, 3: 2.4}, paired_difference=0.0, paired_se=0.1)]
+    plan = Plan(model=model_ref(spec, "tiny", None), budget=Budget(bytes=10**9, text="1GB"), training=Training(),
+                layers=space.layer_plans((Gene(4, 8), Gene(4, 8))), predicted=Prediction(score=2.1), provenance=Provenance(finalists=records))
+    # both records have mean 2.1; the first one is the emitted configuration's (uniform, listed first)
+    assert prediction_scores(plan) == [2.0, 2.2, 2.1]
+    error = prediction_error([2.0, 2.2, 2.1], row([2.0, 2.1, 2.3]))
+    assert error["difference"] == pytest.approx(2.1 - (2.0 + 2.1 + 2.3) / 3)
+    assert error["combined_se"] == pytest.approx((error["se_compile"] ** 2 + error["se_bench"] ** 2) ** 0.5)
+    assert error["se_compile"] == pytest.approx(0.1 / 3**0.5) and error["se_bench"] > error["se_compile"]
+    assert prediction_error([2.0], row([2.0, 2.1])) is None  # one seed has no standard error
+    assert prediction_scores(plan.model_copy(update={"predicted": Prediction()})) == []
+
+
 def _observed_runs_end_at_the_benchmarks_scores(bench: Path, uniform: dict) -> None:
     """tools/train_dynamics.py trains a benchmark's plan as the benchmark did, scoring it on the way."""
     from bench_quality import _spec, compile_request
