@@ -172,7 +172,9 @@ def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: E
     log.info("measuring importance priors: %d units x %d bit-widths, %d rank probes", len(space.units), len(space.bits), len(space.ranks))
     settings = PriorSettings(effort.prior_sequences, effort.prior_probe_steps)
     journal = journal_path(work / "priors", evaluator, settings)
-    return measure_priors(evaluator, settings, journal=journal, on_progress=on_stage)
+    importance = measure_priors(evaluator, settings, journal=journal, on_progress=on_stage)
+    evaluator.cache.release_calibration()  # the priors quantized every (module, bits) the search can ask for
+    return importance
 
 
 def _strategy(problem: Problem, name: str, seed: int):

@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -44,6 +45,9 @@ from qra.plans.schema import Plan, Training
 from qra.runtime.data import Batch, Dataset, Example, Feature, batch_source, batches, held_out_batches_by_task, pad_id, training_features
 from qra.runtime.heldout import HELD_OUT_BATCH_SIZE, HeldOut, Scores, score_held_out
 from qra.runtime.run import BatchFor, Run, RunState, open_run
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 KEPT_STATES = 16  # run checkpoints kept in memory for promotion (a few MB each at small ranks)
@@ -132,7 +136,7 @@ class EvalData:
                 for task, task_batches in self.held_out.items()}
 
 
-def prepare_data(dataset: Dataset, tokenizer, seq_len: int, batch_size: int, seed: int = 0) -> EvalData:
+def prepare_data(dataset: Dataset, tokenizer: "PreTrainedTokenizerBase", seq_len: int, batch_size: int, seed: int = 0) -> EvalData:
     """Tokenize a data set as `qra materialize` does (plain text packed, prompt/response one per sequence);
     every held-out sequence of each task, batched by the data's `seed`."""
     pad = pad_id(tokenizer)

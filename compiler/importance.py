@@ -29,13 +29,6 @@ class Importance:
             "plasticity": [{str(k): v for k, v in p.items()} for p in self.plasticity],
         }
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "Importance":
-        return cls(
-            sensitivity=tuple({int(k): float(v) for k, v in s.items()} for s in data["sensitivity"]),
-            plasticity=tuple({int(k): float(v) for k, v in p.items()} for p in data["plasticity"]),
-        )
-
 
 def flat_importance(units: int, bits: tuple[int, ...], ranks: tuple[int, ...]) -> Importance:
     """No measured priors: fewer bits and less rank cost the same everywhere (used by ablations)."""

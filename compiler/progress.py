@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 
 from qra.units import format_seconds
 
-STAGES = ("priors", "search", "final comparison")
-
 
 @dataclass(frozen=True)
 class StageProgress:

@@ -31,8 +31,6 @@ SHIFT_TABLE_INT32S = {2: 16, 3: 36, 4: 8, 8: 4}
 SettingsFor = Callable[[int, LinearSpec], ModuleSettings]
 
 PERSISTENT = ("quantized_weights", "frozen_weights", "lora_parameters", "lora_gradients", "optimizer_state", "saved_activations")
-TRANSIENT = ("logits_workspace", "recompute_workspace", "dequantize_workspace")
-OVERHEAD = ("context", "allocator_slack")
 
 
 @dataclass(frozen=True)

@@ -88,11 +88,6 @@ class ModelSpec:
         return f"{self.layer_prefix}.{layer}.{module.name}"
 
     @property
-    def module_names(self) -> tuple[str, ...]:
-        """Relative names of the linears of layer 0 (all supported architectures repeat them)."""
-        return tuple(module.name for module in self.layers[0])
-
-    @property
     def parameter_count(self) -> int:
         linear = sum(
             m.in_features * m.out_features + (m.out_features if m.bias else 0)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from qra.errors import QraError
 from qra.files import atomic_folder, digest, write_text
@@ -124,7 +124,7 @@ def quantization_key(source: ModelSource, spec: ModelSpec, plan: Plan, calibrati
     return digest(record, 16)
 
 
-def held_out_exact_match(model, tokenizer, examples: list[Example], limit: int = 32, max_new_tokens: int = 12) -> float | None:
+def held_out_exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example], limit: int = 32, max_new_tokens: int = 12) -> float | None:
     """Share of the first `limit` held-out prompt/response examples answered exactly (greedy decoding);
     None for plain text."""
     answerable = [example for example in examples if not example.is_text][:limit]
@@ -141,7 +141,7 @@ def held_out_exact_match(model, tokenizer, examples: list[Example], limit: int =
     return exact_match(generate, answerable)
 
 
-def held_out_by_task(dataset: Dataset, tokenizer, training: Training, seed: int) -> HeldOut:
+def held_out_by_task(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, training: Training, seed: int) -> HeldOut:
     """Every held-out sequence of each task, batched by the data's `seed` (not the training seed, so that
     runs of one plan with different seeds score the same set); a task whose held-out examples make no
     sequence is left out, with a warning."""

@@ -13,7 +13,7 @@ backward (gptqmodel's TORCH layers do: see docs/measurements.md).
 """
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -146,7 +146,7 @@ class StepMeasurement:
         if self._cuda:
             torch.cuda.reset_peak_memory_stats()
 
-    def forward(self):
+    def forward(self) -> AbstractContextManager[SavedTensorLedger]:
         """Context for the forward pass: everything autograd saves inside it is counted."""
         return self._ledger.active()
 

@@ -18,6 +18,7 @@ from qra.plans.memory import SettingsFor
 from qra.plans.spec import ModelSpec
 
 if TYPE_CHECKING:
+    from gptqmodel.models.base import BaseQModel
     from torch import nn
 
 # gptqmodel compiles a small C++ extension on first use and sizes its CPU pool from the core count.
@@ -83,7 +84,7 @@ def quantize_to_plan(
     return output
 
 
-def load_quantized(folder: Path, dtype: str = "bfloat16"):
+def load_quantized(folder: Path, dtype: str = "bfloat16") -> "BaseQModel":
     """A gptqmodel checkpoint loaded with the TORCH backend (the one that trains on CPU and GPU)."""
     import torch
     from gptqmodel import BACKEND, GPTQModel

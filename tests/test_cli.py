@@ -55,7 +55,6 @@ def write_tiny_config(folder: Path, family: str = "llama", layers: int = 4) -> P
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.json"
     tiny_config(family, layers).to_json_file(path)
-    assert json.loads(path.read_text())["model_type"] == family
     return path
 
 

@@ -308,7 +308,8 @@ def test_a_damaged_cache_entry_is_removed_and_rebuilt_not_a_traceback_nor_a_wron
     assert torch.equal(cache.weight(0, module, 4), original)
     assert (cache.stats.disk_hits, cache.stats.misses) == (0, 1)
     assert "removed and rebuilt" in caplog.text
-    assert QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path).weight(0, module, 4) is not None
+    rebuilt = QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path)
+    assert torch.equal(rebuilt.weight(0, module, 4), original) and rebuilt.stats.disk_hits == 1  # the rebuilt entry is whole
 
 
 def test_a_priors_journal_that_does_not_parse_is_started_afresh(setup, tmp_path):

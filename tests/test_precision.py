@@ -16,7 +16,3 @@ def test_the_flags_are_read_from_cpuinfo(tmp_path):
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
     assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_bf16"}
     assert cpu_flags(tmp_path / "missing") == frozenset()
-
-
-def test_the_choice_is_the_same_every_time_on_this_machine():
-    assert len({fastest_dtype() for _ in range(5)}) == 1

@@ -326,7 +326,7 @@ def gap_closed(method: float, uniform: float, ceiling: float) -> float | None:
 
 
 def targets(rows: dict[str, dict], budget_name: str, predicted: dict[str, float | None]) -> dict[str, dict]:
-    """The issue's targets for each autoqra granularity: a paired win over uniform beyond 2 SE; at B1 also
+    """The benchmark's targets (README, "Results") for each autoqra granularity: a paired win over uniform beyond 2 SE; at B1 also
     ≥ 40% of the uniform-to-16-bit gap closed and paired wins over llamacpp, sequential and heuristic; and
     the compile's predicted loss within 1 SE (over seeds) of the bench's mean."""
     verdicts = {}
@@ -358,7 +358,7 @@ def prediction_scores(plan: Plan) -> list[float]:
 def prediction_error(scores: list[float], row: dict) -> dict | None:
     """The compile's prediction minus the bench's mean, with the standard error of that difference: the two
     are means over independent seeds (the compile's fresh seeds, the bench's), so their SEs add in quadrature.
-    The issue's target ('within 1 SE of the bench') uses the bench's SE alone, which an unbiased prediction
+    The prediction target ('within 1 SE of the bench') uses the bench's SE alone, which an unbiased prediction
     meets only about half the time; this is reported beside it, not instead of it."""
     if len(scores) < 2 or len(row["seeds"]) < 2:
         return None
