@@ -175,11 +175,11 @@ def test_the_prediction_is_checked_against_the_bench_with_both_means_standard_er
     spec = tiny_spec("llama", layers=2)
     space = build_space(spec, (4, 8), (4, 8), Training(), Device(kind="cpu", context_bytes=0))
     records = [SeedScores(name="uniform 4-bit rank 8", config="u", scores={1: 2.0, 2: 2.2, 3: 2.1}),
-               SeedScores(name="finalist 1", config="f", scores={1: 1.9, 2: 2.0, 3: 2.4}, paired_difference=0.0, paired_se=0.1)]
+               SeedScores(name="finalist 1", config="f", scores={1: 1.9, 2: 2.0, 3: 2.2}, paired_difference=-0.067, paired_se=0.1)]
     plan = Plan(model=model_ref(spec, "tiny", None), budget=Budget(bytes=10**9, text="1GB"), training=Training(),
                 layers=space.layer_plans((Gene(4, 8), Gene(4, 8))), predicted=Prediction(score=2.1), provenance=Provenance(finalists=records))
-    # both records have mean 2.1; the first one is the emitted configuration's (uniform, listed first)
-    assert prediction_scores(plan) == [2.0, 2.2, 2.1]
+    assert prediction_scores(plan) == [2.0, 2.2, 2.1]  # uniform's record: its mean is the prediction
+    assert prediction_scores(plan.model_copy(update={"predicted": Prediction(score=6.1 / 3)})) == [1.9, 2.0, 2.2]
     error = prediction_error([2.0, 2.2, 2.1], row([2.0, 2.1, 2.3]))
     assert error["difference"] == pytest.approx(2.1 - (2.0 + 2.1 + 2.3) / 3)
     assert error["combined_se"] == pytest.approx((error["se_compile"] ** 2 + error["se_bench"] ** 2) ** 0.5)

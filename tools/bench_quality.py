@@ -326,8 +326,8 @@ def gap_closed(method: float, uniform: float, ceiling: float) -> float | None:
 
 
 def targets(rows: dict[str, dict], budget_name: str, predicted: dict[str, float | None]) -> dict[str, dict]:
-    """The benchmark's targets (README, "Results") for each autoqra granularity: a paired win over uniform beyond 2 SE; at B1 also
-    ≥ 40% of the uniform-to-16-bit gap closed and paired wins over llamacpp, sequential and heuristic; and
+    """The benchmark's targets (README, "Results") for each autoqra granularity: a paired win over uniform
+    beyond 2 SE; at B1 also ≥ 40% of the uniform-to-16-bit gap closed and paired wins over llamacpp, sequential and heuristic; and
     the compile's predicted loss within 1 SE (over seeds) of the bench's mean."""
     verdicts = {}
     for method in (name for name in rows if name.startswith("autoqra")):
@@ -347,7 +347,9 @@ def targets(rows: dict[str, dict], budget_name: str, predicted: dict[str, float 
 
 def prediction_scores(plan: Plan) -> list[float]:
     """The per-seed losses of the compile's final comparison that the plan's predicted loss is the mean of
-    (the record of the configuration the compile emitted), or none for a plan without that comparison."""
+    (the record of the configuration the compile emitted, found by that mean: a record does not name the
+    configuration in the plan's own terms; on a tie the first record, uniform's, is taken), or none for a
+    plan without that comparison."""
     for record in plan.provenance.finalists:
         scores = [score for score in record.scores.values() if math.isfinite(score)]
         if scores and plan.predicted.score is not None and math.isclose(statistics.fmean(scores), plan.predicted.score, rel_tol=1e-12):
