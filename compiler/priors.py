@@ -8,6 +8,11 @@
   damage, not weight error: a layer's relative weight error barely varies across layers and does not predict
   its damage (docs/measurements.md). The layers before the unit are float in its measurement, so their
   outputs are replayed from the reference pass (`FloatPrefix`) and only the rest of the model runs.
+- Sensitivity at 8 bits and more, where a unit's GPTQ damage sits at the floor the bf16 runtime's own
+  rounding sets, is measured on an evenly spaced sample of units only (`PriorSettings.floor_sample`); every
+  other unit's is derived from its measurement at the largest bit-width below by the quantization-noise law
+  (`noise_law`). On SmolLM2 at module granularity this skips a third of the measurements
+  (docs/measurements.md, "Sensitivity at 8 bits").
 - Plasticity at rank r: one short LoRA probe per rank with every unit at rank r on the float model (the
   first steps of the plan's own schedule), then each unit's share of the gain: the held-out loss increase if
   that unit's adapters alone were switched off, in the presence of the others (they are present in every
@@ -47,13 +52,16 @@ from qra.runtime.run import Run
 
 log = logging.getLogger(__name__)
 FLOAT_BITS = 16
+LAW_BITS = 8  # sensitivities at this many bits and more are derived by `noise_law`, except on the floor sample
 PROGRESS_EVERY = 10
 
 
 @dataclass(frozen=True)
 class PriorSettings:
-    held_out_sequences: int = 16
+    held_out_sequences: int = 8
     probe_steps: int = 16
+    floor_sample: int = 8
+    """How many units, evenly spaced, are measured at `LAW_BITS` and more to place the floor of `noise_law`."""
 
 
 class _Journal:
@@ -125,9 +133,33 @@ def _plasticity_name(unit: int, rank: int) -> str:
     return f"plasticity-taylor/{unit}/{rank}"
 
 
-def _entry_names(evaluator: FidelityEvaluator) -> set[str]:
+def floor_sample(units: int, size: int) -> set[int]:
+    """`size` unit indices spread evenly from the first unit to the last (every unit when there are fewer)."""
+    if size >= units:
+        return set(range(units))
+    return {round(index * (units - 1) / max(size - 1, 1)) for index in range(size)}
+
+
+def measured_bits(bits: Sequence[int], unit: int, sample: set[int]) -> list[int]:
+    """The bit-widths a unit's sensitivity is measured at: every one below 16, except those at `LAW_BITS` and
+    more for a unit off the floor sample, when a bit-width below `LAW_BITS` is there to derive them from."""
+    derivable = any(b < LAW_BITS for b in bits)
+    return [b for b in bits if b < FLOAT_BITS and (b < LAW_BITS or unit in sample or not derivable)]
+
+
+def noise_law(reference: float, reference_bits: int, bits: int, floor: float) -> float:
+    """Sensitivity at `bits` from the measurement `reference` at `reference_bits`: floor + (reference − floor)·4^−Δb.
+
+    GPTQ's step halves with each bit, so the weight error's variance falls by 4 per bit, and the divergence,
+    second order in a small perturbation, falls with it; what stays is the floor every swap of a unit's
+    weights costs in the bf16 runtime (its own rounding), measured on the floor sample."""
+    return floor + max(reference - floor, 0.0) * 4.0 ** (reference_bits - bits)
+
+
+def _entry_names(evaluator: FidelityEvaluator, settings: PriorSettings) -> set[str]:
     space, units = evaluator.space, range(len(evaluator.space.units))
-    sensitivities = {_sensitivity_name(unit, bits) for unit in units for bits in space.bits if bits < FLOAT_BITS}
+    sample = floor_sample(len(units), settings.floor_sample)
+    sensitivities = {_sensitivity_name(unit, bits) for unit in units for bits in measured_bits(space.bits, unit, sample)}
     return {"base", *sensitivities, *(_plasticity_name(unit, rank) for unit in units for rank in space.ranks)}
 
 
@@ -219,8 +251,21 @@ def _loss(model: nn.Module, held_out: HeldOut) -> float:
     return score_held_out(model, held_out).mean
 
 
+def _derive_from_floor(raw: list[dict[int, float]], bits: Sequence[int], sample: set[int]) -> None:
+    """Fill in, by `noise_law`, each unit's sensitivity at the bit-widths it was not measured at; the floor at
+    each such bit-width is the median over the floor sample."""
+    for target in bits:
+        if target >= FLOAT_BITS or all(target in by_bits for by_bits in raw):
+            continue
+        floor = statistics.median(raw[unit][target] for unit in sorted(sample))
+        for by_bits in raw:
+            if target not in by_bits:
+                reference_bits = max(b for b in by_bits if b < target)
+                by_bits[target] = noise_law(by_bits[reference_bits], reference_bits, target, floor)
+
+
 def _measure_sensitivity(
-    evaluator: FidelityEvaluator, journal: _Journal, held_out: HeldOut
+    evaluator: FidelityEvaluator, journal: _Journal, held_out: HeldOut, sample: set[int]
 ) -> list[dict[int, float]]:
     rank = evaluator.space.ranks[0]
     spec = evaluator.space.spec
@@ -228,11 +273,8 @@ def _measure_sensitivity(
     reference: list[list[torch.Tensor]] = []
     raw = []
     for unit in range(len(evaluator.space.units)):
-        by_bits = {}
-        for bits in evaluator.space.bits:
-            if bits >= FLOAT_BITS:
-                by_bits[bits] = 0.0
-                continue
+        by_bits = {bits: 0.0 for bits in evaluator.space.bits if bits >= FLOAT_BITS}
+        for bits in measured_bits(evaluator.space.bits, unit, sample):
 
             def measure(unit: int = unit, bits: int = bits) -> float:
                 tasks = list(held_out.values())
@@ -245,6 +287,7 @@ def _measure_sensitivity(
 
             by_bits[bits] = journal.get(_sensitivity_name(unit, bits), measure)
         raw.append(by_bits)
+    _derive_from_floor(raw, evaluator.space.bits, sample)
     return raw
 
 
@@ -306,12 +349,13 @@ def measure_priors(
     on_progress: Callable[[StageProgress], None] | None = None,
 ) -> Importance:
     """AutoQRA's importance priors for every unit of the evaluator's space (resumable through `journal`)."""
-    record = _Journal(journal, _journal_key(evaluator, settings), _entry_names(evaluator), on_progress)
+    sample = floor_sample(len(evaluator.space.units), settings.floor_sample)
+    record = _Journal(journal, _journal_key(evaluator, settings), _entry_names(evaluator, settings), on_progress)
     if on_progress is not None:
         on_progress(StageProgress("priors", len(record.entries), record.expected))
     held_out = evaluator.data.held_out_prefix(settings.held_out_sequences)
     base = record.get("base", lambda: _loss(evaluator.model, held_out))
-    sensitivity = _measure_sensitivity(evaluator, record, held_out)
+    sensitivity = _measure_sensitivity(evaluator, record, held_out, sample)
     plasticity = _measure_plasticity(evaluator, record, held_out, settings.probe_steps)
     log.info("priors measured (%d entries, base loss %.4f)", len(record.entries), base)
     return Importance(

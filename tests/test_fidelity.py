@@ -1,6 +1,7 @@
 """The quantization cache, the fidelity evaluator and the importance priors on a tiny Llama (AutoQRA stages)."""
 
 import json
+import statistics
 
 import numpy as np
 
@@ -173,6 +174,33 @@ def test_sensitivity_is_the_divergence_from_the_float_model_never_negative_and_l
     tasks = list(setup.data.held_out.values())
     float_reference = priors.float_log_probs(setup.model, tasks)
     assert priors.divergence(setup.model, tasks, float_reference) == pytest.approx(0, abs=1e-6)
+
+
+def test_off_the_floor_sample_high_bit_sensitivity_is_derived_by_the_noise_law_not_measured(setup, tmp_path):
+    journal = tmp_path / "priors.json"
+    importance = measure_priors(setup, PriorSettings(held_out_sequences=8, probe_steps=2, floor_sample=2), journal)
+    entries = json.loads(journal.read_text())["entries"]
+    sample, units = {0, 3}, range(len(setup.space.units))
+    assert {unit for unit in units if f"sensitivity-kl/{unit}/8" in entries} == sample
+    assert all(f"sensitivity-kl/{unit}/{bits}" in entries for unit in units for bits in (2, 4))
+    floor = statistics.median(entries[f"sensitivity-kl/{unit}/8"] for unit in sample)
+    for unit in set(units) - sample:
+        derived = priors.noise_law(entries[f"sensitivity-kl/{unit}/4"], 4, 8, floor)
+        assert importance.sensitivity[unit][8] == pytest.approx(derived / entries["base"])
+
+
+def test_the_noise_law_divides_the_damage_above_the_floor_by_four_per_bit():
+    assert priors.noise_law(0.001 + 0.256, 4, 8, floor=0.001) == pytest.approx(0.001 + 0.001)
+    assert priors.noise_law(0.004, 3, 4, floor=0.0) == pytest.approx(0.001)
+    assert priors.noise_law(0.0005, 4, 8, floor=0.001) == 0.001  # below the floor: the floor
+
+
+def test_the_floor_sample_spans_the_units_and_only_high_bits_are_left_to_the_law():
+    assert priors.floor_sample(210, 8) >= {0, 209} and len(priors.floor_sample(210, 8)) == 8
+    assert priors.floor_sample(4, 8) == {0, 1, 2, 3}
+    assert priors.measured_bits((3, 4, 8, 16), unit=5, sample={0, 209}) == [3, 4]
+    assert priors.measured_bits((3, 4, 8, 16), unit=0, sample={0, 209}) == [3, 4, 8]
+    assert priors.measured_bits((8, 16), unit=5, sample={0}) == [8]  # nothing below 8 bits to derive it from
 
 
 def test_a_unit_is_measured_from_its_own_layer_on_with_the_float_layers_before_it_replayed(setup):
