@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, compile_plan, prepare
+from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, build_evaluator, compile_plan, prepare
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.compiler.finalists import paired_difference
 from qra.compiler.space import SearchSpace, parse_config_key
@@ -151,7 +151,7 @@ def choose_learning_rate(
         for seed in seeds:
             name = f"{rate:g}.json" if seed == 0 else f"{rate:g}-seed{seed}.json"
             result = _cached(out / "lr" / name, plan_key(plan),
-                             lambda seed=seed: _fine_tune(preparations.get(at_rate, budget, "layer", "uniform").evaluator, plan, seed))
+                             lambda seed=seed: _fine_tune(preparations.evaluator(at_rate, budget), plan, seed))
             by_seed[str(seed)] = result["loss"]
         spread = statistics.stdev(by_seed.values()) if len(by_seed) > 1 else 0.0
         scores[f"{rate:g}"] = {**by_seed, "mean": statistics.fmean(by_seed.values()), "std": spread}
@@ -176,20 +176,32 @@ def _plan_name(settings: Settings, budget: Budget, granularity: str) -> str:
 
 
 class Preparations:
-    """The compiles' preparations (model, quantization cache, priors), one kept in memory at a time."""
+    """The compiles' preparations (model, quantization cache, priors), one model kept in memory at a time."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
         self._key: tuple | None = None
         self._prepared: Prepared | None = None
+        self._bare: tuple[Settings, FidelityEvaluator] | None = None
 
     def get(self, settings: Settings, budget: Budget, granularity: str, strategy: str = "autoqra") -> Prepared:
         key = (settings, budget, granularity, strategy)
         if key != self._key:
-            self._prepared = None  # free the previous model before loading the next
+            self._prepared = self._bare = None  # free the previous model before loading the next
             request = replace(compile_request(settings, budget, granularity, self.out), strategy=strategy)
             self._key, self._prepared = key, prepare(request)
         return self._prepared
+
+    def evaluator(self, settings: Settings, budget: Budget) -> FidelityEvaluator:
+        """An evaluator to fine-tune plans with. A plan's run depends on the model, the data and the schedule,
+        not on the granularity, strategy or priors of a compile's preparation: the preparation in memory
+        serves when it has these settings, else an evaluator is built without measuring priors."""
+        if self._prepared is not None and self._key is not None and self._key[0] == settings:
+            return self._prepared.evaluator
+        if self._bare is None or self._bare[0] != settings:
+            self._key = self._prepared = self._bare = None
+            self._bare = (settings, build_evaluator(compile_request(settings, budget, "layer", self.out)))
+        return self._bare[1]
 
 
 def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict, preparations: Preparations) -> dict[str, Plan]:
@@ -508,9 +520,9 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
                     result = run_materialize(settings, plan, seed, folder / f"seed{seed}", out / "cache")
                 else:
                     log.info("fine-tuning %s at %s, seed %d", method, budget.text, seed)
-                    # the evaluator (model, cache, priors) is prepared only when a run is not cached
+                    # the evaluator (model, cache) is loaded only when a run is not cached
                     result = _cached(folder / f"seed{seed}.json", plan_key(plan),
-                                     lambda: _fine_tune(preparations.get(settings, first, "layer").evaluator, plan, seed))
+                                     lambda: _fine_tune(preparations.evaluator(settings, first), plan, seed))
                 runs.setdefault((name, method), []).append(result)
         report = _report(args, settings, budgets, plans, ceiling, runs, spec, timings, rates)
         _publish(report, out, args.report, budgets, settings)
