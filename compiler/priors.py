@@ -8,11 +8,12 @@
   damage, not weight error: a layer's relative weight error barely varies across layers and does not predict
   its damage (docs/measurements.md). The layers before the unit are float in its measurement, so their
   outputs are replayed from the reference pass (`FloatPrefix`) and only the rest of the model runs.
-- Sensitivity at 8 bits and more, where a unit's GPTQ damage sits at the floor the bf16 runtime's own
-  rounding sets, is measured on an evenly spaced sample of units only (`PriorSettings.floor_sample`); every
-  other unit's is derived from its measurement at the largest bit-width below by the quantization-noise law
-  (`noise_law`). On SmolLM2 at module granularity this skips a third of the measurements
-  (docs/measurements.md, "Sensitivity at 8 bits").
+- Sensitivity at 8 bits and more, where every unit, a module or a whole layer, sits at about the same floor
+  (so it is not GPTQ damage, which grows with what is quantized), is measured on an evenly spaced sample of
+  units only (`PriorSettings.floor_sample`); every other unit's is derived from its measurement at the largest
+  bit-width below 8 by the quantization-noise law (`noise_law`). On SmolLM2 at module granularity this skips
+  a third of the sensitivity measurements (docs/measurements.md, "Sensitivity at 8 bits, and on how many
+  sequences").
 - Plasticity at rank r: one short LoRA probe per rank with every unit at rank r on the float model (the
   first steps of the plan's own schedule), then each unit's share of the gain: the held-out loss increase if
   that unit's adapters alone were switched off, in the presence of the others (they are present in every
@@ -52,7 +53,7 @@ from qra.runtime.run import Run
 
 log = logging.getLogger(__name__)
 FLOAT_BITS = 16
-LAW_BITS = 8  # sensitivities at this many bits and more are derived by `noise_law`, except on the floor sample
+LAW_BITS = 8  # sensitivities at this many bits and more: by `noise_law` off the floor sample (if a lower width is measured)
 PROGRESS_EVERY = 10
 
 
@@ -62,6 +63,10 @@ class PriorSettings:
     probe_steps: int = 16
     floor_sample: int = 8
     """How many units, evenly spaced, are measured at `LAW_BITS` and more to place the floor of `noise_law`."""
+
+    def __post_init__(self) -> None:
+        if self.held_out_sequences < 1 or self.probe_steps < 1 or self.floor_sample < 1:
+            raise ValueError(f"prior settings must be at least 1: {self}")
 
 
 class _Journal:
@@ -148,17 +153,17 @@ def measured_bits(bits: Sequence[int], unit: int, sample: set[int]) -> list[int]
 
 
 def noise_law(reference: float, reference_bits: int, bits: int, floor: float) -> float:
-    """Sensitivity at `bits` from the measurement `reference` at `reference_bits`: floor + (reference − floor)·4^−Δb.
+    """Sensitivity at `bits` from the measurement `reference` at `reference_bits`:
+    floor + max(reference − floor, 0)·4^−(bits − reference_bits), never below the floor.
 
     GPTQ's step halves with each bit, so the weight error's variance falls by 4 per bit, and the divergence,
-    second order in a small perturbation, falls with it; what stays is the floor every swap of a unit's
-    weights costs in the bf16 runtime (its own rounding), measured on the floor sample."""
+    second order in a small perturbation, falls with it; what stays is the floor, the divergence any swap of
+    a unit's weights shows in this measurement whatever its size, placed by the floor sample."""
     return floor + max(reference - floor, 0.0) * 4.0 ** (reference_bits - bits)
 
 
-def _entry_names(evaluator: FidelityEvaluator, settings: PriorSettings) -> set[str]:
+def _entry_names(evaluator: FidelityEvaluator, sample: set[int]) -> set[str]:
     space, units = evaluator.space, range(len(evaluator.space.units))
-    sample = floor_sample(len(units), settings.floor_sample)
     sensitivities = {_sensitivity_name(unit, bits) for unit in units for bits in measured_bits(space.bits, unit, sample)}
     return {"base", *sensitivities, *(_plasticity_name(unit, rank) for unit in units for rank in space.ranks)}
 
@@ -166,8 +171,9 @@ def _entry_names(evaluator: FidelityEvaluator, settings: PriorSettings) -> set[s
 def _journal_key(evaluator: FidelityEvaluator, settings: PriorSettings) -> str:
     """What the priors depend on: the evaluator without its ladder (the probes train the first steps of the
     plan's own schedule, which the identity holds) and with the held-out batches they score, and the
-    settings; so a new ladder keeps them."""
-    identity = {"evaluator": evaluator.identity(settings.held_out_sequences), "settings": asdict(settings)}
+    settings but the floor sample's size (it only chooses which entries are measured); so a new ladder keeps them."""
+    measured_as = {name: value for name, value in asdict(settings).items() if name != "floor_sample"}
+    identity = {"evaluator": evaluator.identity(settings.held_out_sequences), "settings": measured_as}
     return digest(identity)
 
 
@@ -350,7 +356,7 @@ def measure_priors(
 ) -> Importance:
     """AutoQRA's importance priors for every unit of the evaluator's space (resumable through `journal`)."""
     sample = floor_sample(len(evaluator.space.units), settings.floor_sample)
-    record = _Journal(journal, _journal_key(evaluator, settings), _entry_names(evaluator, settings), on_progress)
+    record = _Journal(journal, _journal_key(evaluator, settings), _entry_names(evaluator, sample), on_progress)
     if on_progress is not None:
         on_progress(StageProgress("priors", len(record.entries), record.expected))
     held_out = evaluator.data.held_out_prefix(settings.held_out_sequences)

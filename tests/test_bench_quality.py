@@ -204,3 +204,34 @@ def _observed_runs_end_at_the_benchmarks_scores(bench: Path, uniform: dict) -> N
     assert len(observed["gradient_norms"]) == plan.training.steps
     for task, loss in observed["final"].items():
         assert loss == pytest.approx(uniform["loss " + task]["values"][0], abs=1e-4)
+
+
+def test_fine_tunes_use_the_preparation_in_memory_or_an_evaluator_without_priors(monkeypatch, tmp_path):
+    import bench_quality
+
+    held: list[str] = []  # the models alive, by what loaded them
+
+    class Loaded:
+        def __init__(self, name: str) -> None:
+            assert not held, f"{name} loaded while {held} is held"
+            held.append(name)
+            self.name = name
+
+        @property
+        def evaluator(self) -> "Loaded":
+            return self
+
+        def __del__(self) -> None:
+            held.remove(self.name)
+
+    monkeypatch.setattr(bench_quality, "prepare", lambda request: Loaded(f"prepared {request.granularity}"))
+    monkeypatch.setattr(bench_quality, "build_evaluator", lambda request: Loaded("bare"))
+    preparations, budget = bench_quality.Preparations(tmp_path), Budget(bytes=10**9, text="1000.0MB")
+    settings = Settings("tiny", "arithmetic", 128, 4, 40, "quick", (10,))
+    other = Settings("tiny", "arithmetic", 128, 4, 40, "quick", (10,), learning_rate=5e-3)
+    assert preparations.get(settings, budget, "module").name == "prepared module"
+    assert preparations.evaluator(settings, budget).name == "prepared module"  # any granularity fine-tunes a plan
+    assert preparations.evaluator(other, budget).name == "bare"  # another schedule: loaded without priors
+    assert held == ["bare"]
+    assert preparations.evaluator(other, budget).name == "bare"
+    assert preparations.get(settings, budget, "layer").name == "prepared layer" and held == ["prepared layer"]

@@ -176,17 +176,29 @@ def test_sensitivity_is_the_divergence_from_the_float_model_never_negative_and_l
     assert priors.divergence(setup.model, tasks, float_reference) == pytest.approx(0, abs=1e-6)
 
 
-def test_off_the_floor_sample_high_bit_sensitivity_is_derived_by_the_noise_law_not_measured(setup, tmp_path):
-    journal = tmp_path / "priors.json"
-    importance = measure_priors(setup, PriorSettings(held_out_sequences=8, probe_steps=2, floor_sample=2), journal)
+def test_off_the_floor_sample_high_bit_sensitivity_is_derived_by_the_noise_law_not_measured(setup, tmp_path, monkeypatch):
+    journal, progress = tmp_path / "priors.json", []
+    settings = PriorSettings(held_out_sequences=8, probe_steps=2, floor_sample=3)
+    importance = measure_priors(setup, settings, journal, on_progress=progress.append)
     entries = json.loads(journal.read_text())["entries"]
-    sample, units = {0, 3}, range(len(setup.space.units))
+    sample, units = {0, 2, 3}, range(len(setup.space.units))
     assert {unit for unit in units if f"sensitivity-kl/{unit}/8" in entries} == sample
     assert all(f"sensitivity-kl/{unit}/{bits}" in entries for unit in units for bits in (2, 4))
+    expected = 1 + 2 * len(units) + len(sample) + 3 * len(units)  # base, 2 and 4 bits, the sample at 8, 3 ranks
+    assert len(entries) == progress[-1].done == progress[-1].total == expected
     floor = statistics.median(entries[f"sensitivity-kl/{unit}/8"] for unit in sample)
     for unit in set(units) - sample:
         derived = priors.noise_law(entries[f"sensitivity-kl/{unit}/4"], 4, 8, floor)
         assert importance.sensitivity[unit][8] == pytest.approx(derived / entries["base"])
+    monkeypatch.setattr(priors, "divergence", lambda *args: pytest.fail("a journaled prior was measured again"))
+    monkeypatch.setattr(setup, "probe", lambda *args: pytest.fail("a journaled prior was measured again"))
+    assert measure_priors(setup, settings, journal) == importance
+    monkeypatch.undo()
+    measured = []
+    divergence = priors.divergence
+    monkeypatch.setattr(priors, "divergence", lambda *args: measured.append(args) or divergence(*args))
+    measure_priors(setup, PriorSettings(held_out_sequences=8, probe_steps=2, floor_sample=4), journal)
+    assert len(measured) == 1  # a larger sample keeps the journal and measures only unit 1 at 8 bits
 
 
 def test_the_noise_law_divides_the_damage_above_the_floor_by_four_per_bit():
@@ -196,7 +208,7 @@ def test_the_noise_law_divides_the_damage_above_the_floor_by_four_per_bit():
 
 
 def test_the_floor_sample_spans_the_units_and_only_high_bits_are_left_to_the_law():
-    assert priors.floor_sample(210, 8) >= {0, 209} and len(priors.floor_sample(210, 8)) == 8
+    assert priors.floor_sample(210, 8) == {0, 30, 60, 90, 119, 149, 179, 209}
     assert priors.floor_sample(4, 8) == {0, 1, 2, 3}
     assert priors.measured_bits((3, 4, 8, 16), unit=5, sample={0, 209}) == [3, 4]
     assert priors.measured_bits((3, 4, 8, 16), unit=0, sample={0, 209}) == [3, 4, 8]

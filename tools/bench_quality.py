@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, build_evaluator, compile_plan, prepare
+from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, build_evaluator, compile_plan, prepare, resolve
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.compiler.finalists import paired_difference
 from qra.compiler.space import SearchSpace, parse_config_key
@@ -196,7 +196,7 @@ class Preparations:
         """An evaluator to fine-tune plans with. A plan's run depends on the model, the data and the schedule,
         not on the granularity, strategy or priors of a compile's preparation: the preparation in memory
         serves when it has these settings, else an evaluator is built without measuring priors."""
-        if self._prepared is not None and self._key is not None and self._key[0] == settings:
+        if self._prepared is not None and self._key[0] == settings:
             return self._prepared.evaluator
         if self._bare is None or self._bare[0] != settings:
             self._key = self._prepared = self._bare = None
@@ -219,9 +219,10 @@ def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict, prepa
             began = time.perf_counter()
             save_plan(compile_plan(request, prepared=prepared).plan, path)
             timings[f"search and final comparison {budget.text} {granularity}"] = round(time.perf_counter() - began, 1)
+            del prepared  # `preparations` alone holds a model: the next one loads after this one is freed
         plans[f"autoqra-{granularity}"] = _same_schedule(load_plan(path), settings, path)
-        prepared = preparations.get(settings, budget, granularity)
-        finalist = refused_finalist(plans[f"autoqra-{granularity}"], prepared.space, prepared.spec)
+        setting = resolve(compile_request(settings, budget, granularity, out))  # the space, without a model
+        finalist = refused_finalist(plans[f"autoqra-{granularity}"], setting.space, setting.spec)
         if finalist is not None:
             plans[f"finalist-{granularity}"] = finalist
     for method in BASELINES:
