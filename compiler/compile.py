@@ -173,7 +173,10 @@ def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: E
     settings = PriorSettings(effort.prior_sequences, effort.prior_probe_steps)
     journal = journal_path(work / "priors", evaluator, settings)
     importance = measure_priors(evaluator, settings, journal=journal, on_progress=on_stage)
-    evaluator.cache.release_calibration()  # the priors quantized every (module, bits) the search can ask for
+    # the priors quantized all but the 8-bit weights off their floor sample: those too, so the search never
+    # calibrates again
+    evaluator.cache.quantize_all(bits for bits in space.bits if bits < 16)
+    evaluator.cache.release_calibration()
     return importance
 
 
@@ -242,7 +245,7 @@ def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResul
         runner = JournaledPool(pool, lambda task: journals[task.seed])
     log.info("final comparison: %d finalist(s) and %s on seeds %s", len(finalists), _baseline_name(best_uniform), seeds)
     done: list[int] = []
-    planned = (len(finalists) + 1) * len(seeds)  # at most: a finalist that cannot win skips the last seed
+    planned = (len(finalists) + 1) * len(seeds)  # at most: a finalist that cannot win skips the seeds left
 
     def run_all(runs: Sequence[tuple[Config, int]]) -> list[float]:
         def finished(position: int, outcome: Outcome) -> None:

@@ -10,10 +10,12 @@ lowest d̄ is the plan; if there is none, the plan is the uniform configuration,
 loss is its mean over these seeds, an unbiased estimate of what a user's run gets. A run that failed (its
 worker died twice) has an infinite loss; its seed is left out of that finalist's pairing.
 
-Re-runs are spent only where the decision is still open: every seed but the last runs first, and the last
-seed runs only for the finalists that one more paired difference could still make a winner
-(`can_still_win`, exact), and for uniform if any finalist is left. A finalist that has lost the first
-seeds (with the default three seeds: any whose two differences sum to zero or more) costs two runs, not three.
+Re-runs are spent only where the decision is still open: the seeds run one at a time, and a finalist runs
+on the next seed only if the paired differences still to come could make it a winner (`can_still_win`,
+exact). With the default three seeds and the 2-SE margin, a finalist behind uniform on the first seed is
+already lost when behind or level (the best case, two equal gains after a tie, sits exactly at 2 SE), so it costs one run, not
+three. Uniform runs on every seed where a finalist is still open, and on all but the last in any case: its
+mean is the prediction when it is the plan.
 """
 
 import logging
@@ -70,7 +72,7 @@ class FinalPick:
         return statistics.fmean(finished) if finished else math.inf
 
     def seeds_of(self, config: Config) -> list[int]:
-        """The fresh seeds `config` ran on (a finalist that could no longer win, and then uniform, skip the last)."""
+        """The fresh seeds `config` ran on (a finalist stops at the first seed after which it cannot win)."""
         return list(self.scores[config_key(config)])
 
     @property
@@ -79,19 +81,28 @@ class FinalPick:
         return self.mean_of(self.config)
 
 
-def can_still_win(differences: Sequence[float]) -> bool:
-    """Whether one more paired difference d can make `differences` + [d] beat the baseline beyond MARGIN_SE.
+def can_still_win(differences: Sequence[float], remaining: int = 1) -> bool:
+    """Whether `remaining` more paired differences can make `differences` and them beat the baseline beyond
+    MARGIN_SE.
 
-    With n = len(differences) + 1 values of sum S + d and sum of squares Q + d², "mean < −m·SE" is
-    mean < 0 and g(d) = (n − 1 + m²)(S + d)² − m²·n·(Q + d²) > 0 (m = MARGIN_SE; g is n(n − 1)(n·mean² − m²·s²)).
-    g is a concave parabola in d, largest at d* = (n − 1 + m²)·S / ((m² − 1)(n − 1)), where the mean has the
-    sign of S; so a win is possible exactly when d* gives one, and that is what is checked."""
+    For a given sum, equal values spread least, so the best case is `remaining` copies of one value x. With j
+    known values of sum S and sum of squares Q, k = `remaining` and n = j + k, "mean < −m·SE" is S + k·x < 0
+    and g(x) = (n − 1 + m²)(S + k·x)² − m²·n·(Q + k·x²) > 0 (m = MARGIN_SE; g is n(n − 1)(n·mean² − m²·s²)).
+    g's x² coefficient is a = k((n − 1)·k − m²·j). If a > 0, or a = 0 and S < 0, a large enough gain wins.
+    If a < 0, g is a concave parabola, largest at x* = (n − 1 + m²)·S / (m²·j − (n − 1)·k), where the mean
+    has the sign of S; so a win is possible exactly when x* gives one, and that is what is checked."""
     finite = [d for d in differences if math.isfinite(d)]
     if not finite:
+        return remaining >= 2
+    j, k, total, m2 = len(finite), remaining, sum(finite), MARGIN_SE**2
+    n = j + k
+    curvature = k * ((n - 1) * k - m2 * j)
+    if curvature > 0 or (curvature == 0 and total < 0):
         return True
-    n, total, m2 = len(finite) + 1, sum(finite), MARGIN_SE**2
-    best_last = (n - 1 + m2) * total / ((m2 - 1) * (n - 1))
-    return paired_difference([*finite, best_last], [0.0] * n).beats_baseline
+    if curvature == 0:
+        return False
+    best = (n - 1 + m2) * total / (m2 * j - (n - 1) * k)
+    return paired_difference([*finite, *[best] * k], [0.0] * n).beats_baseline
 
 
 RunAll = Callable[[Sequence[tuple[Config, int]]], Sequence[float]]
@@ -101,16 +112,19 @@ def final_pick(run_all: RunAll, finalists: Sequence[Config], uniform: Config, se
     """Run every finalist and `uniform` on `seeds` (`run_all` takes many (config, seed) at once, so they can
     run in parallel, and returns their losses in that order), pair by seed, and pick, among the finalists
     that beat uniform beyond `MARGIN_SE` standard errors, the one with the lowest mean difference; else
-    uniform. The last seed runs only for the finalists that can still win (`can_still_win`), which changes
-    no decision. (With a few finalists, testing each inflates the chance of a false win a little; the
+    uniform. Seed by seed, only the finalists that can still win run (`can_still_win`), which changes no
+    decision. (With a few finalists, testing each inflates the chance of a false win a little; the
     finalists are few by design.)"""
     candidates = [config for config in dict.fromkeys(finalists) if config != uniform]
-    first, last = list(seeds[:-1]), list(seeds[-1:])
-    losses = _run(run_all, [uniform, *candidates], first)
-    open_ = [config for config in candidates
-             if can_still_win([losses[(config, seed)] - losses[(uniform, seed)] for seed in first])]
-    if open_:
-        losses |= _run(run_all, [uniform, *open_], last)
+    losses: dict[tuple[Config, int], float] = {}
+    open_ = candidates
+    for position, seed in enumerate(seeds):
+        done = seeds[:position]
+        open_ = [config for config in open_
+                 if can_still_win([losses[(config, s)] - losses[(uniform, s)] for s in done], len(seeds) - position)]
+        if not open_ and position == len(seeds) - 1:
+            break
+        losses |= _run(run_all, [uniform, *open_], [seed])
     scores = {config_key(config): {seed: losses[(config, seed)] for seed in seeds if (config, seed) in losses}
               for config in (uniform, *candidates)}
     differences = {config_key(config): _difference(scores, config, uniform) for config in candidates}
@@ -119,7 +133,7 @@ def final_pick(run_all: RunAll, finalists: Sequence[Config], uniform: Config, se
     for config in candidates:
         difference = differences[config_key(config)]
         log.info("finalist vs uniform over %d seeds: %+.4f ± %.4f%s", difference.seeds, difference.mean, difference.se,
-                 " (beats it)" if difference.beats_baseline else "" if config in open_ else " (cannot win: last seed not run)")
+                 " (beats it)" if difference.beats_baseline else "" if config in open_ else " (cannot win: stopped early)")
     return FinalPick(chosen, uniform, tuple(seeds), scores, differences)
 
 

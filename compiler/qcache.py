@@ -149,6 +149,13 @@ class QuantCache:
         self._weights[key] = weight
         return weight
 
+    def quantize_all(self, bits: Iterable[int]) -> None:
+        """Every module at each of `bits` in the cache, so that nothing asks for the calibration afterwards."""
+        for width in bits:
+            for index, layer in enumerate(self.spec.layers):
+                for module in layer:
+                    self.weight(index, module, width)
+
     def release_calibration(self) -> None:
         """Drop the Hessians (a few hundred MB for a 135M model) once every needed weight is cached."""
         self._groups = None

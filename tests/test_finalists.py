@@ -69,10 +69,18 @@ def test_a_failed_run_leaves_its_seed_out_of_the_pairing():
 difference = st.floats(min_value=-1.0, max_value=1.0, allow_nan=False)
 
 
-@given(first=st.lists(difference, min_size=1, max_size=4), last=st.floats(min_value=-5.0, max_value=5.0, allow_nan=False))
-def test_a_finalist_that_one_more_seed_could_make_a_winner_is_never_called_lost(first, last):
-    if paired_difference([*first, last], [0.0] * (len(first) + 1)).beats_baseline:
-        assert can_still_win(first)
+@given(first=st.lists(difference, min_size=1, max_size=4),
+       rest=st.lists(st.floats(min_value=-5.0, max_value=5.0, allow_nan=False), min_size=1, max_size=3))
+def test_a_finalist_that_the_seeds_left_could_make_a_winner_is_never_called_lost(first, rest):
+    if paired_difference([*first, *rest], [0.0] * (len(first) + len(rest))).beats_baseline:
+        assert can_still_win(first, len(rest))
+
+
+def test_of_three_seeds_a_finalist_behind_or_level_on_the_first_cannot_win_and_one_ahead_can():
+    assert not can_still_win([0.01], 2)
+    assert not can_still_win([0.0], 2)  # two equal gains after a tie sit exactly at 2 SE
+    assert can_still_win([-0.01], 2)
+    assert can_still_win([0.5], 3)  # with four seeds, three large equal gains outweigh any first loss
 
 
 def test_after_two_seeds_a_finalist_behind_uniform_cannot_win_and_one_ahead_can():
@@ -83,7 +91,7 @@ def test_after_two_seeds_a_finalist_behind_uniform_cannot_win_and_one_ahead_can(
     assert can_still_win([-0.3, -0.1])  # a third seed near -0.4 would make it a win
 
 
-def test_the_last_seed_runs_only_for_finalists_that_can_still_win():
+def test_a_finalist_runs_on_the_next_seed_only_while_it_can_still_win():
     losses = {MIXED: {1: 1.95, 2: 2.05, 3: 1.94}, OTHER: {1: 2.1, 2: 2.2, 3: 1.0}, UNIFORM: {1: 2.0, 2: 2.1, 3: 2.0}}
     ran = []
 
@@ -92,12 +100,14 @@ def test_the_last_seed_runs_only_for_finalists_that_can_still_win():
         return [losses[config][seed] for config, seed in runs]
 
     pick = final_pick(run_all, [MIXED, OTHER], UNIFORM, (1, 2, 3))
-    # OTHER lost seeds 1 and 2 (+0.1 each): no third seed can make it a win, so it does not run there
-    assert (OTHER, 3) not in ran and len(ran) == 3 * 2 + 2
-    assert pick.scores["8:4,4:4"] == {1: 2.1, 2: 2.2} and pick.differences["8:4,4:4"].seeds == 2
-    # MIXED (-0.05 on both) could still win, so it and uniform ran seed 3 (-0.06: a win beyond 2 SE)
+    # OTHER lost seed 1 (+0.1): no two seeds can make it a win, so it runs no more
+    assert [run for run in ran if run[0] == OTHER] == [(OTHER, 1)] and len(ran) == 3 + 2 + 2
+    assert pick.scores["8:4,4:4"] == {1: 2.1} and pick.differences["8:4,4:4"].seeds == 1
+    # MIXED (-0.05 on seeds 1 and 2) could still win, so it and uniform ran seed 3 (-0.06: a win beyond 2 SE)
     assert pick.config == MIXED and pick.differences["8:8,3:8"].seeds == 3
 
     ran.clear()
     only_losing = final_pick(run_all, [OTHER], UNIFORM, (1, 2, 3))
-    assert only_losing.is_uniform and len(ran) == 4  # uniform's third seed is not run either
+    # uniform still runs seed 2, for its predicted loss; no one runs seed 3
+    assert only_losing.is_uniform and ran == [(UNIFORM, 1), (OTHER, 1), (UNIFORM, 2)]
+    assert only_losing.predicted == pytest.approx(2.05)
