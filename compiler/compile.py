@@ -48,8 +48,11 @@ PRIORS_STRATEGIES = ("autoqra", "sequential", "heuristic")
 class Effort:
     """How much a compile spends: evaluations of the search; the rungs of the fidelity ladder (fractions
     of the plan's own schedule, whose last step is the top rung unless `max_steps` caps it); the priors'
-    probe steps and held-out sequences per task; and the final paired
-    comparison: how many finalists, on how many fresh seeds."""
+    probe steps and held-out sequences per task; the final paired comparison: how many finalists, on how
+    many fresh seeds; and the granularity a request that names none gets. Quick stays at layer
+    granularity: module granularity measures priors for seven times the units. Standard and thorough
+    search modules, which beat layers at B2 by 0.030 ± 0.006 and tied them at B1 (docs/objective.md,
+    "Granularity")."""
 
     evaluations: int
     rungs: tuple[float, ...]
@@ -59,6 +62,7 @@ class Effort:
     finalists: int = 1
     seeds: int = 3
     screen_share: float = 0.25
+    granularity: Granularity = "layer"
 
     def ladder(self, plan_steps: int) -> FidelityLadder:
         return ladder_for(plan_steps, self.rungs, self.max_steps, self.screen_share)
@@ -66,9 +70,10 @@ class Effort:
 
 EFFORTS = {
     "quick": Effort(16, (0, 0.25, 1), 100, prior_probe_steps=6, prior_sequences=8, finalists=1),
-    "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, prior_sequences=8, finalists=2),
+    "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, prior_sequences=8, finalists=2,
+                       granularity="module"),
     "thorough": Effort(120, (0, 0.125, 0.5, 1), None, prior_probe_steps=32, prior_sequences=32,
-                       finalists=3, seeds=4),
+                       finalists=3, seeds=4, granularity="module"),
 }
 
 
@@ -79,7 +84,7 @@ class CompileRequest:
     data: str = "python-reference"
     bits: tuple[int, ...] = (2, 3, 4, 8)
     ranks: tuple[int, ...] = (4, 8, 16, 32)
-    granularity: Granularity = "layer"
+    granularity: Granularity | None = None  # None: the effort's
     effort: "str | Effort" = "quick"
     strategy: str = "autoqra"
     training: Training = field(default_factory=Training)
@@ -90,6 +95,11 @@ class CompileRequest:
     resume: bool = False
     workers: int = 0
     ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.granularity is None:
+            effort = self.effort if isinstance(self.effort, Effort) else EFFORTS.get(self.effort)
+            self.granularity = effort.granularity if effort is not None else "layer"  # an unknown effort is refused later
 
 
 @dataclass

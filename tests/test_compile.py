@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from qra.cli import app
-from qra.compiler.compile import CompileRequest, Effort, baseline_plan, budget_bounds, build_evaluator, compile_plan, prepare
+from qra.compiler.compile import CompileRequest, Effort, baseline_plan, budget_bounds, build_evaluator, compile_plan, prepare, resolve
 from qra.compiler.space import build_space
 from qra.errors import QraError
 from qra.plans.io import load_plan
@@ -153,6 +153,14 @@ def test_baseline_plans_share_the_searchs_priors_and_verify_unscored(tiny_folder
     assert journal.read_text() == priors
     with pytest.raises(QraError, match="unknown baseline"):
         baseline_plan(compiled, prepared, "best")
+
+
+def test_a_request_that_names_no_granularity_takes_its_efforts(tiny_folder, tmp_path):
+    assert request(tiny_folder, tmp_path, effort="quick").granularity == "layer"
+    assert resolve(request(tiny_folder, tmp_path, effort="standard")).space.granularity == "module"
+    assert request(tiny_folder, tmp_path, effort="thorough").granularity == "module"
+    assert request(tiny_folder, tmp_path, effort="standard", granularity="layer").granularity == "layer"
+    assert request(tiny_folder, tmp_path, effort=CHEAP).granularity == "layer"
 
 
 def test_budget_below_the_minimum_fails_with_the_minimum(tiny_folder, tmp_path):

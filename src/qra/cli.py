@@ -427,7 +427,7 @@ def compile_command(
     data: Annotated[str, typer.Option(help="JSONL file, or python-reference / arithmetic, or several joined by +")] = "python-reference",
     bits: Annotated[str, typer.Option(help="bit-widths to choose from")] = "2,3,4,8",
     ranks: Annotated[str, typer.Option(help="LoRA ranks to choose from")] = "4,8,16,32",
-    granularity: Annotated[str, typer.Option(help="layer: one gene per layer; module: one per linear module")] = "layer",
+    granularity: Annotated[str | None, typer.Option(help="layer: one gene per layer; module: one per linear module (default: the effort's: layer for quick, module for standard and thorough)")] = None,
     effort: Annotated[str, typer.Option(help="quick, standard or thorough")] = "quick",
     strategy: Annotated[str, typer.Option(help="autoqra, or a baseline/ablation: uniform, sequential, heuristic, llamacpp (module granularity), random, bo, evolution")] = "autoqra",
     seed: Annotated[int, typer.Option()] = 0,
@@ -453,7 +453,7 @@ def compile_command(
     from qra.plans.io import save_plan
     from qra.plans.schema import Budget
 
-    if granularity not in ("layer", "module"):
+    if granularity not in (None, "layer", "module"):
         raise QraError(f"--granularity must be layer or module (got {granularity!r})")
     bit_choices, rank_choices = _int_list(bits, "--bits"), _int_list(ranks, "--ranks")
     for b in bit_choices:
