@@ -14,8 +14,8 @@ Re-runs are spent only where the decision is still open: the seeds run one at a 
 on the next seed only if the paired differences still to come could make it a winner (`can_still_win`,
 exact). With the default three seeds and the 2-SE margin, a finalist behind uniform on the first seed, or
 level with it, is already lost (the best case, two equal gains after a tie, sits exactly at 2 SE), so it
-costs one run, not three. Uniform runs on every seed where a finalist is still open, and on all but the last in any case: its
-mean is the prediction when it is the plan.
+costs one run, not three. Uniform runs on every seed where a finalist is still open, and on all but the
+last in any case: its mean is the prediction when it is the plan.
 """
 
 import logging
