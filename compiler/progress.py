@@ -83,10 +83,10 @@ class StageLines:
 
     def __call__(self, progress: StageProgress) -> None:
         self.clock.update(progress)
+        if self._last is not None and progress.stage != self._last.stage:
+            self._flush()  # before the new stage's scores: the priors' line has none of the search's
         self.scores.update({name: value for name, value in (("best", progress.best), ("uniform", progress.uniform))
                             if value is not None})
-        if self._last is not None and progress.stage != self._last.stage:
-            self._flush()
         self._last = progress
 
     def _flush(self) -> None:

@@ -33,6 +33,6 @@ def test_in_a_log_the_progress_is_one_line_per_stage_with_its_counts_and_the_eta
         display(report)
     display.close()
     assert [line.split(":")[0] for line in lines] == ["priors", "search", "final comparison"]
-    assert lines[0].startswith("priors: 3/3") and "compile ETA" in lines[0]
+    assert lines[0].startswith("priors: 3/3") and "compile ETA" in lines[0] and "best" not in lines[0]
     assert lines[1].startswith("search: 2/2, best 2.4000")
     assert lines[2].startswith("final comparison: 2/2, best 2.4000, uniform 2.6000")
