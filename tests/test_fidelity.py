@@ -82,14 +82,18 @@ def test_each_module_and_bits_is_quantized_once_and_reloads_from_disk(setup, tmp
     assert other_calibration.stats.misses == 1
 
 
-def test_after_quantize_all_the_calibration_is_released_and_never_needed_again(setup, tmp_path):
+def test_after_quantize_all_the_calibration_is_released_and_never_needed_again(setup, tmp_path, monkeypatch):
     model, spec, calibration = setup.model, setup.space.spec, setup.cache.calibration
     cache = QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path)
     cache.quantize_all((4, 8))
     modules = sum(len(layer) for layer in spec.layers)
     assert cache.stats.misses == 2 * modules
     cache.release_calibration()
-    cache._calibrate = None  # a call would raise: nothing may calibrate again
+
+    def calibrate_again():
+        raise AssertionError("a weight asked for after quantize_all needed the calibration")
+
+    monkeypatch.setattr(cache, "_calibrate", calibrate_again)
     for index, layer in enumerate(spec.layers):
         for module in layer:
             cache.weight(index, module, 8)
