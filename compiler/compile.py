@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
+from qra.compiler.bitscreen import BitScreen, screen_bits
 from qra.compiler.fidelity import FidelityEvaluator, FidelityLadder, ladder_for, prepare_data
 from qra.compiler.finalists import FinalPick, final_pick
 from qra.compiler.importance import Importance, flat_importance
@@ -227,12 +228,15 @@ def _is_uniform(config: Config) -> bool:
 
 
 def finalists_of(result: SearchResult, problem: Problem, count: int) -> tuple[list[Config], Config]:
-    """The `count` best distinct non-uniform configurations the search scored at the top rung, and the uniform
-    configuration to beat: the best the search scored there (its warm start holds the fitting uniforms), else
-    the QLoRA-style default (`uniform_config`). The uniform is not run on the search's seed for its own
-    sake: the final comparison runs it on every fresh seed."""
-    top = [e for e in result.history if e.fidelity == problem.top and math.isfinite(e.score)]
-    ranked = sorted(top, key=lambda e: e.score)
+    """The `count` best distinct non-uniform configurations the search scored at the highest rung it scored
+    one at (the top rung, unless no challenger ever passed the refinement's screen: its incumbent is then
+    known at the screen only), and the uniform configuration to beat: the best the search scored at that
+    rung (its warm start holds the fitting uniforms), else the QLoRA-style default (`uniform_config`). The
+    uniform is not run on the search's seed for its own sake: the final comparison runs it on every fresh
+    seed."""
+    scored = [e for e in result.history if math.isfinite(e.score)]
+    rung = max((e.fidelity for e in scored if not _is_uniform(e.config)), default=problem.top)
+    ranked = sorted((e for e in scored if e.fidelity == rung), key=lambda e: e.score)
     best_uniform = next((e.config for e in ranked if _is_uniform(e.config)), None) or uniform_config(problem)
     finalists = list(dict.fromkeys(e.config for e in ranked if not _is_uniform(e.config)))[:count]
     return finalists, best_uniform
@@ -256,12 +260,14 @@ def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResul
     log.info("final comparison: %d finalist(s) and %s on seeds %s", len(finalists), _baseline_name(best_uniform), seeds)
     done: list[int] = []
     planned = (len(finalists) + 1) * len(seeds)  # at most: a finalist that cannot win skips the seeds left
+    if on_stage is not None:
+        on_stage(StageProgress("final comparison", 0, planned))
 
     def run_all(runs: Sequence[tuple[Config, int]]) -> list[float]:
         def finished(position: int, outcome: Outcome) -> None:
             done.append(position)
             if on_stage is not None:
-                on_stage(StageProgress("final comparison", len(done), planned, top_rung=True))
+                on_stage(StageProgress("final comparison", len(done), planned, run_share=1.0))
 
         tasks = [Task(config, top, seed, stage="final comparison") for config, seed in runs]
         return [outcome.score for outcome in runner.run(tasks, finished)]
@@ -293,6 +299,7 @@ class Prepared:
     evaluator: FidelityEvaluator
     problem: Problem
     above_maximum: bool
+    screen: BitScreen | None = None
 
 
 @dataclass(frozen=True)
@@ -328,9 +335,11 @@ def prepare(request: CompileRequest, on_stage: Callable[[StageProgress], None] |
     setting = resolve(request)
     above_maximum = _check_budget(setting.space, request.budget)
     evaluator = _evaluator(request, setting.source, setting.space, setting.effort, setting.work, setting.dataset)
+    screen = screen_bits(evaluator, evaluator.data.held_out_prefix(setting.effort.prior_sequences), request.budget.bytes)
+    evaluator.space = screen.space
     importance = _importance(request, evaluator, setting.effort, setting.work, on_stage)
-    problem = Problem(setting.space, importance, request.budget.bytes, fidelities=tuple(range(evaluator.ladder.levels)))
-    return Prepared(setting.source, setting.spec, setting.space, setting.effort, evaluator, problem, above_maximum)
+    problem = Problem(screen.space, importance, request.budget.bytes, fidelities=tuple(range(evaluator.ladder.levels)))
+    return Prepared(setting.source, setting.spec, screen.space, setting.effort, evaluator, problem, above_maximum, screen)
 
 
 def open_compile_pool(request: CompileRequest, prepared: Prepared) -> Pool:
@@ -360,9 +369,14 @@ def _plan(request: CompileRequest, prepared: Prepared, config: Config, predicted
     return plan
 
 
-def _note(request: CompileRequest, config: Config, pick: FinalPick | None = None) -> str:
-    """The provenance note: what was searched and, for a compiled plan, what the paired comparison decided."""
+def _note(request: CompileRequest, config: Config, pick: FinalPick | None = None, screen: BitScreen | None = None) -> str:
+    """The provenance note: what was searched (and which bit-widths were dropped as catastrophic) and, for a
+    compiled plan, what the paired comparison decided."""
     effort = request.effort if isinstance(request.effort, str) else "custom"
+    dropped = ""
+    if screen is not None and screen.dropped:
+        losses = ", ".join(f"{bits}-bit {loss:.2f}" for bits, loss in screen.dropped.items())
+        dropped = f", dropped as worse than a uniform guess ({screen.guess:.2f}) by their uniform held-out loss: {losses}"
     verdict = ""
     if pick is not None and pick.differences:
         best = min(pick.differences.values(), key=lambda d: d.mean)
@@ -371,7 +385,7 @@ def _note(request: CompileRequest, config: Config, pick: FinalPick | None = None
         if pick.is_uniform:
             verdict += ", not beyond 2 SE: the plan is the uniform configuration"
     return (
-        f"effort {effort}, granularity {request.granularity}, data {request.data}, "
+        f"effort {effort}, granularity {request.granularity}, data {request.data}{dropped}, "
         f"score: held-out loss averaged over the data's tasks, plan {config_key(config)}{verdict}"
     )
 
@@ -382,6 +396,7 @@ def _search_reporter(
     """The search's per-evaluation callback: the caller's, and a `StageProgress` with the best score at the
     highest fidelity reached so far."""
     best: dict[int, float] = {}
+    steps = prepared.evaluator.ladder.steps
     reported = [0]  # evaluations reported so far (workers finish out of order, so not the last index + 1)
 
     def report(evaluation: Evaluation) -> None:
@@ -391,7 +406,7 @@ def _search_reporter(
         best[evaluation.fidelity] = min(best.get(evaluation.fidelity, math.inf), evaluation.score)
         if on_stage is not None:
             on_stage(StageProgress("search", reported[0], prepared.effort.evaluations, best=best[max(best)],
-                                   top_rung=evaluation.fidelity == prepared.problem.top))
+                                   run_share=steps[evaluation.fidelity] / steps[-1]))
 
     return report
 
@@ -411,6 +426,8 @@ def compile_plan(
         log.info("searching: %s, %d evaluations", request.strategy, prepared.effort.evaluations)
         strategy = _strategy(prepared.problem, request.strategy, request.training.seed)
         reporter = _search_reporter(prepared, on_progress, on_stage)
+        if on_stage is not None:
+            on_stage(StageProgress("search", 0, prepared.effort.evaluations))
         result = run_search(strategy, None, prepared.effort.evaluations, reporter, journal, pool)
         pick = pick_plan(request, prepared, result, pool, on_stage)
     finally:
@@ -425,7 +442,7 @@ def compile_plan(
         versions=_versions(),
         baselines={_baseline_name(pick.uniform): pick.mean_of(pick.uniform)},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        note=_note(request, pick.config, pick),
+        note=_note(request, pick.config, pick, prepared.screen),
         finalists=_seed_scores(pick),
         truncated_at_step=ladder.steps[-1] if ladder.truncated else None,
     )
@@ -445,6 +462,6 @@ def baseline_plan(request: CompileRequest, prepared: Prepared, name: str) -> Pla
         seed=request.training.seed,
         versions=_versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        note=_note(request, config),
+        note=_note(request, config, screen=prepared.screen),
     )
     return _plan(request, prepared, config, Prediction(), provenance)

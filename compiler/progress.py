@@ -20,14 +20,18 @@ class StageProgress:
     total: int
     best: float | None = None
     uniform: float | None = None
-    top_rung: bool = False  # the unit just done was a fine-tune to the top rung (the final comparison's unit)
+    run_share: float = 0.0
+    """The share of a whole fine-tune the unit just done trained: its steps over the top rung's (1 for the
+    final comparison's runs, 0 for a measurement without training)."""
 
 
 @dataclass
 class CompileClock:
-    """Time left for the whole compile, from the rate of each stage so far. Stages not yet started are
-    priced by what is known: the search's and the final comparison's units by the mean seconds of a
-    top-rung fine-tune seen so far (or of any search evaluation before one is seen)."""
+    """Time left for the whole compile, from the rate of each stage so far (none before the search has
+    one). The search is priced by its rate; the final comparison's units, whole fine-tunes, by
+    the mean seconds of the top-rung fine-tunes seen so far, or else of the search's shorter runs scaled to
+    the top rung's steps (which overprices a little: scoring every held-out sequence does not scale with
+    the steps)."""
 
     search_total: int
     final_total: int
@@ -35,21 +39,23 @@ class CompileClock:
     _done: dict[str, int] = field(default_factory=dict)
     _totals: dict[str, int] = field(default_factory=dict)
     _last: float = field(default_factory=time.perf_counter)
-    _top_seconds: list[float] = field(default_factory=list)
+    _whole: list[float] = field(default_factory=list)  # seconds of top-rung fine-tunes
+    _scaled: list[float] = field(default_factory=list)  # seconds of shorter runs over their share of one
 
     def update(self, progress: StageProgress, now: float | None = None) -> None:
         now = time.perf_counter() if now is None else now
-        self._started.setdefault(progress.stage, self._last)
-        if progress.top_rung:
-            self._top_seconds.append(now - self._last)
+        self._started.setdefault(progress.stage, now if progress.done == 0 else self._last)  # its start, or the last stage's end
+        if progress.done and progress.run_share > 0:
+            seconds = now - self._last
+            (self._whole if progress.run_share >= 1 else self._scaled).append(seconds / progress.run_share)
         self._done[progress.stage], self._totals[progress.stage] = progress.done, progress.total
         self._last = now
 
     def seconds_left(self, now: float | None = None) -> float | None:
         now = time.perf_counter() if now is None else now
         rates = {stage: (now - self._started[stage]) / done for stage, done in self._done.items() if done}
-        per_run = (sum(self._top_seconds) / len(self._top_seconds) if self._top_seconds
-                   else rates.get("search"))
+        known = self._whole or self._scaled
+        per_run = sum(known) / len(known) if known else rates.get("search")
         left = 0.0
         for stage, total in (("priors", self._totals.get("priors", 0)), ("search", self.search_total),
                              ("final comparison", self.final_total)):
@@ -83,6 +89,8 @@ class StageLines:
 
     def __call__(self, progress: StageProgress) -> None:
         self.clock.update(progress)
+        if progress.done == 0 and self._last is not None and progress.stage != self._last.stage:
+            return  # the next stage's start: the last stage's line waits for a rate of it, for the ETA
         if self._last is not None and progress.stage != self._last.stage:
             self._flush()  # before the new stage's scores: the priors' line has none of the search's
         self.scores.update({name: value for name, value in (("best", progress.best), ("uniform", progress.uniform))

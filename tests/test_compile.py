@@ -10,8 +10,13 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from qra.cli import app
-from qra.compiler.compile import CompileRequest, Effort, baseline_plan, budget_bounds, build_evaluator, compile_plan, prepare, resolve
-from qra.compiler.space import build_space
+from qra.compiler.compile import (
+    CompileRequest, Effort, baseline_plan, budget_bounds, build_evaluator, compile_plan, finalists_of, prepare, resolve,
+)
+from qra.compiler.space import Gene, build_space
+from qra.compiler.strategies import Problem, SearchResult, uniform_config
+from qra.compiler.strategies.driver import Evaluation
+from qra.compiler.importance import flat_importance
 from qra.errors import QraError
 from qra.plans.io import load_plan
 from qra.plans.schema import Budget, Device, Training
@@ -63,7 +68,8 @@ def test_compile_runs_every_stage_and_writes_a_verified_plan_with_provenance(tin
     order = [stage.stage for stage in stages]
     assert order == sorted(order, key=["priors", "search", "final comparison"].index)  # stage by stage, in order
     final = [stage for stage in stages if stage.stage == "final comparison"]
-    assert final[-1].done == final[-1].total == 2 * CHEAP.seeds and all(stage.top_rung for stage in final[:-1])
+    assert final[0].done == 0 and [stage.done for stage in stages if stage.stage == "search"][0] == 0  # each stage reports its start
+    assert final[-1].done == final[-1].total == 2 * CHEAP.seeds and all(stage.run_share == 1 for stage in final[1:-1])
     assert final[-1].best == plan.predicted.score  # the closing report: the pick's scores, no further fine-tune
     assert [stage.uniform for stage in stages if stage.uniform is not None] == [plan.provenance.baselines[next(iter(plan.provenance.baselines))]]
     assert verify_plan(plan, tiny_spec("llama", layers=2)).verified
@@ -120,6 +126,24 @@ def test_resuming_with_another_budget_refuses_the_journal_instead_of_replaying_i
     with pytest.raises(QraError, match="written by another compile") as error:
         compile_plan(request(tiny_folder, tmp_path, budget=other, resume=True))
     assert error.value.exit_code == 2
+
+
+def _searched(*scored: tuple[tuple[Gene, ...], int, float]) -> SearchResult:
+    history = tuple(Evaluation(index, config, fidelity, score, "s", 1.0) for index, (config, fidelity, score) in enumerate(scored))
+    best = min(history, key=lambda e: (-e.fidelity, e.score))
+    return SearchResult(best.config, best.score, best.fidelity, history, {}, 0, 0)
+
+
+def test_finalists_come_from_the_highest_rung_that_scored_a_non_uniform_configuration():
+    space = build_space(tiny_spec("llama", layers=2), BITS, RANKS, TRAINING, DEVICE)
+    problem = Problem(space, flat_importance(2, BITS, RANKS), budget=10**12)
+    uniform4, uniform8 = (Gene(4, 4), Gene(4, 4)), (Gene(8, 4), Gene(8, 4))
+    mixed, better = (Gene(8, 4), Gene(4, 16)), (Gene(4, 16), Gene(8, 4))
+    at_the_screen = _searched((uniform8, 0, 2.0), (uniform4, 1, 1.6), (uniform8, 1, 1.5), (mixed, 1, 1.4), (better, 1, 1.3))
+    assert finalists_of(at_the_screen, problem, 2) == ([better, mixed], uniform8)  # no challenger reached the top
+    at_the_top = _searched((mixed, 1, 1.4), (better, 1, 1.3), (mixed, 2, 1.1), (better, 2, 1.2))
+    assert finalists_of(at_the_top, problem, 2) == ([mixed, better], uniform_config(problem))  # no uniform there: the default
+    assert finalists_of(at_the_top, problem, 1)[0] == [mixed]  # the top rung decides, not the screen
 
 
 def test_the_plan_is_a_finalist_only_if_it_beats_uniform_beyond_two_paired_standard_errors(tiny_folder, tmp_path):

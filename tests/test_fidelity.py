@@ -1,6 +1,8 @@
 """The quantization cache, the fidelity evaluator and the importance priors on a tiny Llama (AutoQRA stages)."""
 
+import itertools
 import json
+import math
 import statistics
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 from tiny import save_tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from qra.compiler import priors
+from qra.compiler import bitscreen, priors
 from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, cast_keeping_fp32_buffers, ladder_for, prepare_data
 from qra.compiler.priors import PriorSettings, measure_priors
 from qra.compiler.qcache import QuantCache
@@ -387,3 +389,26 @@ def test_the_evaluator_casts_weights_and_keeps_the_rotary_frequencies_in_fp32_as
     cast = cast_keeping_fp32_buffers(model.float(), torch.bfloat16)
     assert cast.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
     assert torch.equal(cast.model.rotary_emb.inv_freq, frequencies)
+
+
+def test_a_bit_width_is_dropped_when_its_uniform_model_is_worse_than_a_uniform_guess(setup):
+    held_out = setup.data.held_out_prefix(4)
+    losses = {bits: bitscreen.uniform_loss(setup, bits, held_out) for bits in setup.space.bits}
+    guess = math.log(setup.model.config.vocab_size)
+    assert losses[8] == pytest.approx(score_held_out(setup.model, held_out).mean, abs=0.05)  # 8-bit GPTQ barely moves it
+    screen = bitscreen.screen_bits(setup, held_out, budget=10**15)
+    catastrophic = list(itertools.takewhile(lambda bits: losses[bits] > guess, setup.space.bits))
+    assert screen.dropped == pytest.approx({bits: losses[bits] for bits in catastrophic})
+    assert screen.space.bits == setup.space.bits[len(catastrophic):] and screen.guess == guess
+
+
+def test_the_bit_screen_stops_at_the_first_usable_width_and_keeps_a_width_the_budget_needs(setup, monkeypatch):
+    measured = []
+    table = {2: 30.0, 4: 2.0, 8: 1.9}
+    monkeypatch.setattr(bitscreen, "uniform_loss", lambda evaluator, bits, held_out: measured.append(bits) or table[bits])
+    screen = bitscreen.screen_bits(setup, {}, budget=10**15)
+    assert screen.dropped == {2: 30.0} and screen.space.bits == (4, 8) and measured == [2, 4]  # 8 is not measured
+    measured.clear()
+    smallest = setup.space.cost(setup.space.smallest())  # every unit at 2 bits: only the 2-bit width fits
+    screen = bitscreen.screen_bits(setup, {}, budget=smallest)
+    assert screen.dropped == {} and screen.space.bits == setup.space.bits and measured == []

@@ -13,10 +13,24 @@ def test_the_eta_prices_what_is_left_of_every_stage_by_the_rates_seen():
     clock.update(StageProgress("priors", 50, 100), now=50.0)
     assert clock.seconds_left(now=50.0) is None  # the search's cost is not known yet
     clock.update(StageProgress("priors", 100, 100), now=100.0)
-    clock.update(StageProgress("search", 1, 10, top_rung=True), now=130.0)
+    clock.update(StageProgress("search", 1, 10, run_share=1.0), now=130.0)
     clock.update(StageProgress("search", 2, 10), now=140.0)
     # search: 2 done in 40 s, 8 left at 20 s; final comparison: 4 runs at the one top-rung run seen, 30 s
     assert clock.seconds_left(now=140.0) == pytest.approx(8 * 20 + 4 * 30)
+
+
+def test_before_a_whole_fine_tune_is_seen_the_final_comparison_is_priced_by_the_search_runs_scaled_to_one():
+    clock = CompileClock(search_total=3, final_total=4)
+    clock.update(StageProgress("priors", 1, 1), now=0.0)
+    clock.update(StageProgress("search", 0, 3), now=10.0)
+    clock.update(StageProgress("search", 1, 3, run_share=0.0), now=15.0)  # no training: says nothing of a fine-tune
+    clock.update(StageProgress("search", 2, 3, run_share=0.25), now=35.0)  # a quarter of the steps in 20 s
+    # search: 2 done in 25 s, 1 left at 12.5 s; final comparison: 4 fine-tunes at 20 s / 0.25 = 80 s
+    assert clock.seconds_left(now=35.0) == pytest.approx(12.5 + 4 * 80)
+    clock.update(StageProgress("search", 3, 3, run_share=0.0), now=40.0)
+    clock.update(StageProgress("final comparison", 0, 4), now=40.0)
+    clock.update(StageProgress("final comparison", 1, 4, run_share=1.0), now=130.0)
+    assert clock.seconds_left(now=130.0) == pytest.approx(3 * 90)  # a whole fine-tune seen: its time
 
 
 def test_durations_read_as_hours_minutes_seconds():
@@ -26,8 +40,8 @@ def test_durations_read_as_hours_minutes_seconds():
 def test_in_a_log_the_progress_is_one_line_per_stage_with_its_counts_and_the_eta():
     lines: list[str] = []
     reports = [StageProgress("priors", done, 3) for done in range(4)]
-    reports += [StageProgress("search", 1, 2, best=2.5, top_rung=True), StageProgress("search", 2, 2, best=2.4)]
-    reports += [StageProgress("final comparison", done, 2, best=2.4, uniform=2.6, top_rung=True) for done in (1, 2)]
+    reports += [StageProgress("search", 0, 2), StageProgress("search", 1, 2, best=2.5, run_share=1.0), StageProgress("search", 2, 2, best=2.4)]
+    reports += [StageProgress("final comparison", done, 2, best=2.4, uniform=2.6, run_share=1.0) for done in (1, 2)]
     display = StageLines(lines.append, CompileClock(search_total=2, final_total=2))
     for report in reports:
         display(report)

@@ -140,31 +140,50 @@ def test_trust_region_candidates_run_to_the_top_only_if_they_beat_the_incumbent_
     start = problem.repair(problem.space.uniform(4, 8))
     bo = TrustRegionBO(problem, seed=0, start=start, radius=2, failure_tolerance=1, screen=1, screened=[(start, 1.2)])
     bo.start(10)
-    (incumbent,) = bo.ask()
-    assert (incumbent.config, incumbent.fidelity) == (start, problem.top)
-    bo.tell(incumbent, 1.0)
-    (loser,) = bo.ask()
+    (loser,) = bo.ask()  # the incumbent is known at the screen: screening starts at once
     assert loser.fidelity == 1 and loser.config != start
     bo.tell(loser, 1.3)  # worse than the incumbent's 1.2 at the screen: never runs to the top, a failure
     assert bo.region.radius == 1
     (winner,) = bo.ask()
     assert winner.fidelity == 1 and winner.config not in (start, loser.config)
     bo.tell(winner, 1.1)
-    (promoted,) = bo.ask()
+    incumbent, promoted = bo.ask()  # the incumbent's top-rung run, deferred until now, and the challenger's
+    assert (incumbent.config, incumbent.fidelity) == (start, problem.top)
     assert (promoted.config, promoted.fidelity) == (winner.config, problem.top)
+    bo.tell(incumbent, 1.0)
     bo.tell(promoted, 0.9)
     assert (bo.incumbent, bo.incumbent_score) == (winner.config, 0.9)
     (after,) = bo.ask()
     assert after.fidelity == 1  # the new incumbent's screen score is known: screening goes on
+    bo.tell(after, 1.0)
+    (promoted_again,) = bo.ask()  # the incumbent's top-rung score is known now: the challenger runs alone
+    assert (promoted_again.config, promoted_again.fidelity) == (after.config, problem.top)
+
+
+def test_an_incumbent_no_challenger_beats_at_the_screen_never_runs_to_the_top(problem: Problem) -> None:
+    start = problem.repair(problem.space.uniform(4, 8))
+    bo = TrustRegionBO(problem, seed=0, start=start, screen=1, screened=[(start, 1.2)])
+    bo.start(4)
+    asked = []
+    while batch := bo.ask():
+        (candidate,) = batch
+        asked.append(candidate)
+        bo.tell(candidate, 1.3)
+    # two screens; a third could not run on to the top with the incumbent (3 evaluations), so none is asked
+    assert [c.fidelity for c in asked] == [1, 1] and start not in [c.config for c in asked]
+    assert bo.incumbent_score is None
 
 
 def test_trust_region_does_not_screen_when_no_evaluation_would_be_left_to_promote(problem: Problem) -> None:
     start = problem.repair(problem.space.uniform(4, 8))
-    bo = TrustRegionBO(problem, seed=0, start=start, screen=1, screened=[(start, 1.2)])
-    bo.start(2)
-    (incumbent,) = bo.ask()
-    bo.tell(incumbent, 1.0)
-    assert bo.ask() == []
+    bo = TrustRegionBO(problem, seed=0, start=start, screen=1, screened=[(start, 1.2)], observed=[(start, 1.0)])
+    bo.start(1)
+    assert bo.ask() == []  # a screen (1) and a promotion (1) need two evaluations
+    deferred = TrustRegionBO(problem, seed=0, start=start, screen=1, screened=[(start, 1.2)])
+    deferred.start(2)
+    assert deferred.ask() == []  # a screen, the incumbent's deferred top-rung run and the challenger's need three
+    deferred.start(3)
+    assert [c.fidelity for c in deferred.ask()] == [1]
 
 
 def test_without_the_incumbents_screen_score_trust_region_candidates_go_straight_to_the_top(problem: Problem) -> None:

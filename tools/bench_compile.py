@@ -38,7 +38,7 @@ TARGETS = {"quick": 10, "standard": 30}
 @dataclass
 class StageTimes:
     """Wall seconds of each stage, from the compile's own progress reports: a stage runs from its first
-    report (or the end of the stage before) to the first report of the next."""
+    report (each stage reports its start, done 0) to the first report of the next."""
 
     began: float = field(default_factory=time.perf_counter)
     order: list[str] = field(default_factory=list)
