@@ -15,9 +15,11 @@ the priors would have run anyway.
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from qra.compiler.fidelity import FidelityEvaluator
+from qra.compiler.progress import StageProgress
 from qra.compiler.space import SearchSpace
 from qra.runtime.heldout import HeldOut, score_held_out
 
@@ -46,15 +48,22 @@ def _fits_without(space: SearchSpace, dropped: set[int], budget: int) -> bool:
     return bool(kept) and space.cost(replace(space, bits=kept).smallest()) <= budget
 
 
-def screen_bits(evaluator: FidelityEvaluator, held_out: HeldOut, budget: int) -> BitScreen:
-    """Drop the evaluator's bit-widths at which the uniformly quantized model is worse than a uniform guess."""
+def screen_bits(evaluator: FidelityEvaluator, held_out: HeldOut, budget: int,
+                on_progress: Callable[[StageProgress], None] | None = None) -> BitScreen:
+    """Drop the evaluator's bit-widths at which the uniformly quantized model is worse than a uniform guess;
+    `on_progress` sees the stage "bit screen", one unit per width checked."""
     space = evaluator.space
     guess = math.log(evaluator.model.config.vocab_size)
     dropped: dict[int, float] = {}
-    for bits in (b for b in space.bits if b < FLOAT_BITS):
+    widths = [b for b in space.bits if b < FLOAT_BITS]
+    for checked, bits in enumerate(widths):
         if not _fits_without(space, {*dropped, bits}, budget):
             break  # the budget needs this width
+        if on_progress is not None:
+            on_progress(StageProgress("bit screen", checked, len(widths)))
         loss = uniform_loss(evaluator, bits, held_out)
+        if on_progress is not None:
+            on_progress(StageProgress("bit screen", checked + 1, len(widths)))
         if loss <= guess:
             break
         log.info("dropping %d-bit: uniform %d-bit scores %.2f nats per held-out token, worse than a uniform guess "

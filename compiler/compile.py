@@ -53,7 +53,9 @@ class Effort:
     many fresh seeds; and the granularity a request that names none gets. Quick stays at layer
     granularity: module granularity measures priors for seven times the units. Standard and thorough
     search modules, which beat layers at B2 by 0.030 ± 0.006 and tied them at B1 (docs/objective.md,
-    "Granularity")."""
+    "Granularity"). Quick takes two finalists: its search rarely runs a candidate to the top rung, so they
+    come from the screen rung, whose best can be a rank-heavy configuration that learns fastest early and
+    loses at the end (docs/objective.md, "Screening the refinement")."""
 
     evaluations: int
     rungs: tuple[float, ...]
@@ -70,7 +72,7 @@ class Effort:
 
 
 EFFORTS = {
-    "quick": Effort(16, (0, 0.25, 1), 100, prior_probe_steps=6, prior_sequences=8, finalists=1),
+    "quick": Effort(16, (0, 0.25, 1), 100, prior_probe_steps=6, prior_sequences=8, finalists=2),
     "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, prior_sequences=8, finalists=2,
                        granularity="module"),
     "thorough": Effort(120, (0, 0.125, 0.5, 1), None, prior_probe_steps=32, prior_sequences=32,
@@ -335,7 +337,8 @@ def prepare(request: CompileRequest, on_stage: Callable[[StageProgress], None] |
     setting = resolve(request)
     above_maximum = _check_budget(setting.space, request.budget)
     evaluator = _evaluator(request, setting.source, setting.space, setting.effort, setting.work, setting.dataset)
-    screen = screen_bits(evaluator, evaluator.data.held_out_prefix(setting.effort.prior_sequences), request.budget.bytes)
+    screen = screen_bits(evaluator, evaluator.data.held_out_prefix(setting.effort.prior_sequences), request.budget.bytes,
+                         on_stage)
     evaluator.space = screen.space
     importance = _importance(request, evaluator, setting.effort, setting.work, on_stage)
     problem = Problem(screen.space, importance, request.budget.bytes, fidelities=tuple(range(evaluator.ladder.levels)))

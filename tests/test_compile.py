@@ -66,7 +66,8 @@ def test_compile_runs_every_stage_and_writes_a_verified_plan_with_provenance(tin
     outcome = compile_plan(request(tiny_folder, tmp_path), on_progress=scored.append, on_stage=stages.append)
     plan = outcome.plan
     order = [stage.stage for stage in stages]
-    assert order == sorted(order, key=["priors", "search", "final comparison"].index)  # stage by stage, in order
+    assert order == sorted(order, key=["bit screen", "priors", "search", "final comparison"].index)  # stage by stage, in order
+    assert order[0] == "bit screen" and order[-1] == "final comparison"
     final = [stage for stage in stages if stage.stage == "final comparison"]
     assert final[0].done == 0 and [stage.done for stage in stages if stage.stage == "search"][0] == 0  # each stage reports its start
     assert final[-1].done == final[-1].total == 2 * CHEAP.seeds and all(stage.run_share == 1 for stage in final[1:-1])

@@ -3,6 +3,9 @@ one fine-tune of the plan's schedule, the standard effort at most 30 times.
 
     python tools/bench_compile.py --out runs/bench-compile            # SmolLM2, quick effort, from cold
 
+Bits, ranks and granularity default to `qra compile`'s (the effort's granularity), so the default run is
+the README's Quick start compile.
+
 Measured in one run, on this machine: the wall time of `qra compile` from a cold start (a new, empty
 `--work`: the quantization cache and the priors are built from nothing), stage by stage (loading the model
 and calibrating, the priors, the search, the final paired comparison), then the wall time of one fine-tune
@@ -20,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qra.compiler.compile import CompileRequest, compile_plan, prepare
+from qra.compiler.compile import EFFORTS, CompileRequest, compile_plan, prepare
 from qra.compiler.progress import StageProgress
 from qra.files import write_text
 from qra.models import load_config, resolve_model
@@ -117,14 +120,15 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="python-reference+arithmetic")
     parser.add_argument("--effort", default="quick", choices=("quick", "standard", "thorough"))
-    parser.add_argument("--granularity", default="module", choices=("layer", "module"))
-    parser.add_argument("--bits", type=int, nargs="+", default=[3, 4, 8])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--granularity", choices=("layer", "module"), help="default: the effort's, as `qra compile`")
+    parser.add_argument("--bits", type=int, nargs="+", default=list(CompileRequest.bits))
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(CompileRequest.ranks))
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     args = parser.parse_args()
+    args.granularity = args.granularity or EFFORTS[args.effort].granularity
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure(args)
