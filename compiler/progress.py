@@ -58,8 +58,11 @@ class CompileClock:
         known = self._whole or self._scaled
         per_run = sum(known) / len(known) if known else rates.get("search")
         left = 0.0
-        for stage, total in (("priors", self._totals.get("priors", 0)), ("search", self.search_total),
-                             ("final comparison", self.final_total)):
+        stages = (("priors", self._totals.get("priors", 0)), ("search", self.search_total),
+                  ("final comparison", self.final_total))
+        for position, (stage, total) in enumerate(stages):
+            if any(later in self._started for later, _ in stages[position + 1:]):
+                continue  # a stage after it has begun: it is over (a search may stop short of its evaluations)
             remaining = self._totals.get(stage, total) - self._done.get(stage, 0)
             rate = rates.get(stage) if stage != "final comparison" else per_run
             if remaining > 0:

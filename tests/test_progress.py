@@ -33,6 +33,16 @@ def test_before_a_whole_fine_tune_is_seen_the_final_comparison_is_priced_by_the_
     assert clock.seconds_left(now=130.0) == pytest.approx(3 * 90)  # a whole fine-tune seen: its time
 
 
+def test_a_search_that_stops_short_of_its_evaluations_leaves_nothing_to_wait_for_once_the_next_stage_began():
+    clock = CompileClock(search_total=16, final_total=2)
+    clock.update(StageProgress("priors", 1, 1), now=0.0)
+    clock.update(StageProgress("search", 0, 16), now=0.0)
+    clock.update(StageProgress("search", 14, 16, run_share=0.25), now=140.0)  # the strategy stopped at 14
+    clock.update(StageProgress("final comparison", 0, 2), now=140.0)
+    clock.update(StageProgress("final comparison", 2, 2, run_share=1.0), now=240.0)
+    assert clock.seconds_left(now=240.0) == 0
+
+
 def test_durations_read_as_hours_minutes_seconds():
     assert [format_seconds(s) for s in (5, 125, 3725)] == ["5s", "2m05s", "1h02m"]
 
