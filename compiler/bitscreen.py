@@ -51,23 +51,26 @@ def _fits_without(space: SearchSpace, dropped: set[int], budget: int) -> bool:
 def screen_bits(evaluator: FidelityEvaluator, held_out: HeldOut, budget: int,
                 on_progress: Callable[[StageProgress], None] | None = None) -> BitScreen:
     """Drop the evaluator's bit-widths at which the uniformly quantized model is worse than a uniform guess;
-    `on_progress` sees the stage "bit screen", one unit per width checked."""
+    `on_progress` sees the stage "bit screen", one unit per width checked (out of those below 16 bits),
+    and a closing report with the count checked as its total."""
     space = evaluator.space
     guess = math.log(evaluator.model.config.vocab_size)
     dropped: dict[int, float] = {}
     widths = [b for b in space.bits if b < FLOAT_BITS]
-    for checked, bits in enumerate(widths):
+    checked = 0
+    for bits in widths:
         if not _fits_without(space, {*dropped, bits}, budget):
             break  # the budget needs this width
         if on_progress is not None:
             on_progress(StageProgress("bit screen", checked, len(widths)))
         loss = uniform_loss(evaluator, bits, held_out)
-        if on_progress is not None:
-            on_progress(StageProgress("bit screen", checked + 1, len(widths)))
+        checked += 1
         if loss <= guess:
             break
         log.info("dropping %d-bit: uniform %d-bit scores %.2f nats per held-out token, worse than a uniform guess "
                  "over the vocabulary (%.2f)", bits, bits, loss, guess)
         dropped[bits] = loss
+    if on_progress is not None:
+        on_progress(StageProgress("bit screen", checked, checked))
     kept = tuple(bits for bits in space.bits if bits not in dropped)
     return BitScreen(replace(space, bits=kept), dropped, guess)

@@ -230,17 +230,21 @@ def _is_uniform(config: Config) -> bool:
 
 
 def finalists_of(result: SearchResult, problem: Problem, count: int) -> tuple[list[Config], Config]:
-    """The `count` best distinct non-uniform configurations the search scored at the highest rung it scored
-    one at (the top rung, unless no challenger ever passed the refinement's screen: its incumbent is then
-    known at the screen only), and the uniform configuration to beat: the best the search scored at that
-    rung (its warm start holds the fitting uniforms), else the QLoRA-style default (`uniform_config`). The
-    uniform is not run on the search's seed for its own sake: the final comparison runs it on every fresh
-    seed."""
-    scored = [e for e in result.history if math.isfinite(e.score)]
-    rung = max((e.fidelity for e in scored if not _is_uniform(e.config)), default=problem.top)
-    ranked = sorted((e for e in scored if e.fidelity == rung), key=lambda e: e.score)
-    best_uniform = next((e.config for e in ranked if _is_uniform(e.config)), None) or uniform_config(problem)
-    finalists = list(dict.fromkeys(e.config for e in ranked if not _is_uniform(e.config)))[:count]
+    """The `count` best distinct non-uniform configurations, ranked by the highest rung each reached, then by
+    its score there (the top rung first; where fewer reached it, as when no challenger passed the
+    refinement's screen and its incumbent is known at the screen only, the next rung fills in), and the
+    uniform configuration to beat: the best the search scored at the first finalist's rung (its warm start
+    holds the fitting uniforms), else the QLoRA-style default (`uniform_config`). The uniform is not run on
+    the search's seed for its own sake: the final comparison runs it on every fresh seed."""
+    highest: dict[Config, Evaluation] = {}
+    for evaluation in (e for e in result.history if math.isfinite(e.score)):
+        if evaluation.config not in highest or evaluation.fidelity > highest[evaluation.config].fidelity:
+            highest[evaluation.config] = evaluation
+    ranked = sorted(highest.values(), key=lambda e: (-e.fidelity, e.score))
+    finalists = [e.config for e in ranked if not _is_uniform(e.config)][:count]
+    rung = highest[finalists[0]].fidelity if finalists else problem.top
+    uniforms = [e for e in result.history if e.fidelity == rung and math.isfinite(e.score) and _is_uniform(e.config)]
+    best_uniform = min(uniforms, key=lambda e: e.score).config if uniforms else uniform_config(problem)
     return finalists, best_uniform
 
 
@@ -349,7 +353,7 @@ def open_compile_pool(request: CompileRequest, prepared: Prepared) -> Pool:
     """Where the request's candidate runs execute: `request.workers` Ray workers, or a Ray cluster at
     `request.ray_address`, each loading the request's evaluator once; else this process's evaluator."""
     # a worker needs the evaluator only; the journal is the driver's (and exists already on --resume)
-    for_workers = replace(request, journal=None, resume=False)
+    for_workers = replace(request, journal=None, resume=False, bits=prepared.space.bits)  # the screened widths
     return open_pool(prepared.evaluator, request.workers, request.ray_address,
                      functools.partial(build_evaluator, for_workers), prepared.evaluator.fingerprint)
 

@@ -30,9 +30,10 @@ class StageProgress:
 class CompileClock:
     """Time left for the whole compile, from the rate of each stage so far (none before the search has
     one). The search is priced by its rate; the final comparison's units, whole fine-tunes, by
-    the mean seconds of the top-rung fine-tunes seen so far, or else of the search's shorter runs scaled to
-    the top rung's steps (which overprices a little: scoring every held-out sequence does not scale with
-    the steps)."""
+    the mean seconds of its runs so far, or before one has run by the search's runs scaled to the top
+    rung's steps (which overprices a little: scoring every held-out sequence does not scale with the steps;
+    and underprices a promoted run, which resumes from its checkpoint). A unit's seconds are the time since
+    the previous report, so with parallel workers or on a replayed journal the estimate runs low."""
 
     search_total: int
     final_total: int
@@ -40,7 +41,7 @@ class CompileClock:
     _done: dict[str, int] = field(default_factory=dict)
     _totals: dict[str, int] = field(default_factory=dict)
     _last: float = field(default_factory=time.perf_counter)
-    _whole: list[float] = field(default_factory=list)  # seconds of top-rung fine-tunes
+    _whole: list[float] = field(default_factory=list)  # seconds of the final comparison's fine-tunes
     _scaled: list[float] = field(default_factory=list)  # seconds of shorter runs over their share of one
 
     def update(self, progress: StageProgress, now: float | None = None) -> None:
@@ -48,7 +49,8 @@ class CompileClock:
         self._started.setdefault(progress.stage, now if progress.done == 0 else self._last)  # its start, or the last stage's end
         if progress.done and progress.run_share > 0:
             seconds = now - self._last
-            (self._whole if progress.run_share >= 1 else self._scaled).append(seconds / progress.run_share)
+            whole = progress.stage == "final comparison"  # the search's top-rung runs may resume a checkpoint
+            (self._whole if whole else self._scaled).append(seconds / progress.run_share)
         self._done[progress.stage], self._totals[progress.stage] = progress.done, progress.total
         self._last = now
 

@@ -145,6 +145,8 @@ def test_finalists_come_from_the_highest_rung_that_scored_a_non_uniform_configur
     at_the_top = _searched((mixed, 1, 1.4), (better, 1, 1.3), (mixed, 2, 1.1), (better, 2, 1.2))
     assert finalists_of(at_the_top, problem, 2) == ([mixed, better], uniform_config(problem))  # no uniform there: the default
     assert finalists_of(at_the_top, problem, 1)[0] == [mixed]  # the top rung decides, not the screen
+    one_at_the_top = _searched((mixed, 1, 1.4), (better, 1, 1.3), (uniform4, 2, 1.15), (mixed, 2, 1.1))
+    assert finalists_of(one_at_the_top, problem, 2) == ([mixed, better], uniform4)  # the screen fills the second
 
 
 def test_the_plan_is_a_finalist_only_if_it_beats_uniform_beyond_two_paired_standard_errors(tiny_folder, tmp_path):

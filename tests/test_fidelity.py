@@ -1,6 +1,5 @@
 """The quantization cache, the fidelity evaluator and the importance priors on a tiny Llama (AutoQRA stages)."""
 
-import itertools
 import json
 import math
 import statistics
@@ -391,15 +390,16 @@ def test_the_evaluator_casts_weights_and_keeps_the_rotary_frequencies_in_fp32_as
     assert torch.equal(cast.model.rotary_emb.inv_freq, frequencies)
 
 
-def test_a_bit_width_is_dropped_when_its_uniform_model_is_worse_than_a_uniform_guess(setup):
+def test_the_bit_screen_scores_the_uniformly_quantized_model_and_keeps_a_usable_width(setup):
     held_out = setup.data.held_out_prefix(4)
     losses = {bits: bitscreen.uniform_loss(setup, bits, held_out) for bits in setup.space.bits}
     guess = math.log(setup.model.config.vocab_size)
     assert losses[8] == pytest.approx(score_held_out(setup.model, held_out).mean, abs=0.05)  # 8-bit GPTQ barely moves it
-    screen = bitscreen.screen_bits(setup, held_out, budget=10**15)
-    catastrophic = list(itertools.takewhile(lambda bits: losses[bits] > guess, setup.space.bits))
-    assert screen.dropped == pytest.approx({bits: losses[bits] for bits in catastrophic})
-    assert screen.space.bits == setup.space.bits[len(catastrophic):] and screen.guess == guess
+    assert losses[2] > losses[8] and losses[2] < guess  # 2 bits hurt the tiny model, but it beats a uniform guess
+    reports = []
+    screen = bitscreen.screen_bits(setup, held_out, budget=10**15, on_progress=reports.append)
+    assert screen.dropped == {} and screen.space.bits == setup.space.bits and screen.guess == guess
+    assert [(r.done, r.total) for r in reports] == [(0, 3), (1, 1)]  # 2-bit checked and usable: nothing wider is
 
 
 def test_the_bit_screen_stops_at_the_first_usable_width_and_keeps_a_width_the_budget_needs(setup, monkeypatch):
@@ -412,3 +412,8 @@ def test_the_bit_screen_stops_at_the_first_usable_width_and_keeps_a_width_the_bu
     smallest = setup.space.cost(setup.space.smallest())  # every unit at 2 bits: only the 2-bit width fits
     screen = bitscreen.screen_bits(setup, {}, budget=smallest)
     assert screen.dropped == {} and screen.space.bits == setup.space.bits and measured == []
+    measured.clear()
+    table[4] = 30.0  # 4 bits as bad as 2, but a budget that only 4-bit units fit keeps it
+    four_bit = setup.space.cost(setup.space.uniform(4, setup.space.ranks[0]))
+    screen = bitscreen.screen_bits(setup, {}, budget=four_bit)
+    assert screen.dropped == {2: 30.0} and screen.space.bits == (4, 8) and measured == [2]

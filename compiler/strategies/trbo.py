@@ -118,6 +118,7 @@ class TrustRegionBO:
         if self._promoted is not None:
             challenger = Candidate(self._promoted, self.problem.top, self.stage)
             if self.incumbent_score is None:  # the incumbent's top-rung run was deferred until a challenger needs it
+                # told in this order (the driver's contract), so the incumbent's score is known for the challenger's
                 return [Candidate(self.incumbent, self.problem.top, self.stage), challenger]
             return [challenger]
         if screening and self._left < 2 + (self.incumbent_score is None):
@@ -167,7 +168,8 @@ class TrustRegionBO:
         self.region = self.region.update(False)
 
     def _new(self, config: Config) -> bool:
-        """Whether `config` is scored neither at the top rung nor at the screen (where the rejected ones were)."""
+        """Whether `config` is scored neither at the top rung nor at the screen (the evolution's screened
+        configurations and this stage's own, the rejected ones among them)."""
         return config not in self._scored and config not in self._screen_scores
 
     def _observe(self, config: Config, score: float) -> None:
