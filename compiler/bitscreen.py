@@ -3,8 +3,8 @@
 A bit-width is catastrophic for a model when the model with every unit quantized to it (GPTQ, no training)
 predicts the held-out text worse than a uniform guess over its vocabulary: its held-out loss is above
 ln(vocabulary size). A LoRA fine-tune of the plan's length does not bring such a model back (on SmolLM2-135M,
-uniform 2-bit scores 18.0 nats per token at step 0, ln 49152 = 10.8, and no compile there ever kept a 2-bit
-unit), yet the priors would measure every unit at that width and the search would spend evaluations on it.
+uniform 2-bit scores 18.0 nats per token at step 0, ln 49152 = 10.8, and none of the plans benchmarked there
+has a 2-bit unit), yet the priors would measure every unit at that width and the search would spend evaluations on it.
 Checked from the lowest width up, stopping at the first usable one (a wider one damages less), and never
 dropping a width the budget needs (the rest of the space must still fit it). A larger model whose 2-bit GPTQ
 perplexity is in the tens (a loss of 3-4 nats) keeps its 2-bit choices.
@@ -19,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from qra.compiler.fidelity import FidelityEvaluator
+from qra.compiler.priors import FLOAT_BITS
 from qra.compiler.progress import StageProgress
 from qra.compiler.space import SearchSpace
 from qra.runtime.heldout import HeldOut, score_held_out
 
 log = logging.getLogger(__name__)
-FLOAT_BITS = 16
 
 
 @dataclass(frozen=True)

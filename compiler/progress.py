@@ -3,8 +3,8 @@
 Stages, in order: `bit screen` (one unit per bit-width checked, `qra.compiler.bitscreen`), `priors` (one
 unit per measurement), `search` (one per evaluation), `final comparison` (one per fine-tune of a finalist
 or of uniform on a fresh seed). Each report says the stage, how much of it is done, the best score so far
-and the uniform baseline's, where known. `CompileClock` turns the reports
-into an estimate of the time left for the whole compile.
+and the uniform baseline's, where known. `CompileClock` turns the reports into an estimate of the time left
+for the whole compile.
 """
 
 import time

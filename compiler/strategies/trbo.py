@@ -13,11 +13,12 @@ incumbent and shrinks after `failure_tolerance` consecutive failures (TuRBO's ru
 With a `screen` fidelity (successive halving inside the region), a new candidate is first scored at that
 lower rung, on the same run's checkpoint, and promoted to the top rung (resumed, not restarted) only if it
 beats the incumbent's score there; a candidate that does not is a failure of the region and stays out of the
-GP, which models top-rung scores only. An incumbent known only at the screen runs to the top rung with the
-first challenger that passes it, and not before: where none passes, its top-rung run would decide nothing
-(the final comparison runs the finalists again on fresh seeds), and on SmolLM2 it cost most of a fine-tune. On SmolLM2 the region's proposals lost to the incumbent at the top rung
-by 0.03-0.24 in held-out loss in both benchmark compiles that preceded this rule, each a whole fine-tune
-(docs/objective.md, "Screening the refinement").
+GP, which models top-rung scores only. On SmolLM2 the region's proposals lost to the incumbent at the top
+rung by 0.03-0.24 in held-out loss in both benchmark compiles that preceded this rule, each a whole fine-tune
+(docs/objective.md, "Screening the refinement"). An incumbent known only at the screen runs to the top rung
+with the first challenger that passes it, and not before: where none passes, its top-rung run would decide
+nothing (the final comparison runs the finalists again on fresh seeds), and on SmolLM2 it cost most of a
+fine-tune.
 """
 
 import math
