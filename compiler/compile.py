@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-
+from typing import TYPE_CHECKING
 
 from qra.compiler.bitscreen import BitScreen, screen_bits
 from qra.compiler.fidelity import FidelityEvaluator, FidelityLadder, ladder_for, prepare_data
@@ -39,6 +39,9 @@ from qra.plans.verify import verify_plan
 from qra.runtime.data import Dataset, calibration_batches, load_dataset, training_for
 from qra.runtime.precision import fastest_dtype
 from qra.units import format_bytes
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 VERSIONED = ("qra", "torch", "transformers", "peft", "gptqmodel", "scikit-optimize")
@@ -143,14 +146,15 @@ def _check_budget(space: SearchSpace, budget: Budget) -> bool:
     return False
 
 
-def _model(request: CompileRequest) -> tuple[ModelSource, ModelSpec]:
+def _model(request: CompileRequest) -> tuple[ModelSource, ModelSpec, "PretrainedConfig"]:
     source = resolve_model(request.model)
     if not source.has_weights:
         raise QraError(f"model {source.name!r} is a config without weights: the search measures the model itself")
-    spec = spec_from_config(load_config(source))
+    config = load_config(source)
+    spec = spec_from_config(config)
     if spec.max_positions and request.training.seq_len > spec.max_positions:
         raise QraError(f"--seq-len {request.training.seq_len} is above the model's limit of {spec.max_positions}")
-    return source, spec
+    return source, spec, config
 
 
 def _versions() -> dict[str, str]:
@@ -163,18 +167,16 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _evaluator(
-    request: CompileRequest, source: ModelSource, space: SearchSpace, effort: Effort, work: Path, dataset: Dataset
-) -> FidelityEvaluator:
+def _evaluator(request: CompileRequest, setting: "Setting") -> FidelityEvaluator:
     # bf16 where the CPU computes it natively (it then also rounds weights as the bf16 runtime does), else fp32
     dtype = fastest_dtype()
-    log.info("loading %s and tokenizing %s; evaluating in %s", source.name, request.data, dtype)
-    model, tokenizer = load_model(source, "bfloat16")
-    training = space.training
-    data = prepare_data(dataset, tokenizer, training.seq_len, training.batch_size, training.seed)
+    log.info("loading %s and tokenizing %s; evaluating in %s", setting.source.name, request.data, dtype)
+    model, tokenizer = load_model(setting.source, "bfloat16", setting.config)
+    training = setting.space.training
+    data = prepare_data(setting.dataset, tokenizer, training.seq_len, training.batch_size, training.seed)
     calibration = calibration_batches(data.features, training.batch_size, data.pad)  # materialize's, so the search scores its weights
-    cache = QuantCache(model, space.spec, calibration, request.group_size, folder=work / "qcache")
-    return FidelityEvaluator(model, space, data, cache, effort.ladder(training.steps), tokenizer, dtype=dtype)
+    cache = QuantCache(model, setting.space.spec, calibration, request.group_size, folder=setting.work / "qcache")
+    return FidelityEvaluator(model, setting.space, data, cache, setting.effort.ladder(training.steps), tokenizer, dtype=dtype)
 
 
 def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: Effort, work: Path,
@@ -318,29 +320,30 @@ class Setting:
     space: SearchSpace
     effort: Effort
     work: Path
+    config: "PretrainedConfig"
 
 
 def resolve(request: CompileRequest) -> Setting:
     _check_request(request)
-    source, spec = _model(request)
+    source, spec, config = _model(request)
     dataset = load_dataset(request.data, seed=request.training.seed)
     training = training_for(request.training, dataset)
     space = build_space(spec, request.bits, request.ranks, training, request.device, request.granularity, request.group_size)
     effort = request.effort if isinstance(request.effort, Effort) else EFFORTS[request.effort]
-    return Setting(source, spec, dataset, space, effort, request.work or Path(".qra-work"))
+    return Setting(source, spec, dataset, space, effort, request.work or Path(".qra-work"), config)
 
 
 def build_evaluator(request: CompileRequest) -> FidelityEvaluator:
     """The request's evaluator, as `prepare` builds it: what each worker of a pool loads once."""
     setting = resolve(request)
-    return _evaluator(request, setting.source, setting.space, setting.effort, setting.work, setting.dataset)
+    return _evaluator(request, setting)
 
 
 def prepare(request: CompileRequest, on_stage: Callable[[StageProgress], None] | None = None) -> Prepared:
     """Check the request, load the model and data, and measure (or replay) the importance priors."""
     setting = resolve(request)
     above_maximum = _check_budget(setting.space, request.budget)
-    evaluator = _evaluator(request, setting.source, setting.space, setting.effort, setting.work, setting.dataset)
+    evaluator = _evaluator(request, setting)
     screen = screen_bits(evaluator, evaluator.data.held_out_prefix(setting.effort.prior_sequences), request.budget.bytes,
                          on_stage)
     evaluator.space = screen.space

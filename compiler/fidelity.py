@@ -5,7 +5,8 @@ unit's rank, the plan's learning rate, warm-up, cosine decay and batch order), o
 module's weight swapped for its cached GPTQ weight (`CachedWeights`). The fidelities are checkpoints of
 that one run (successive halving; optuna's report-and-prune):
 
-- f0: step 0, no training (quantization damage only; LoRA's B starts at zero, so the adapter changes nothing);
+- f0: step 0, no training (quantization damage only; LoRA's B starts at zero, so the adapter changes nothing:
+  configurations with the same bits share one score, measured once);
 - f1 … top: the loss after the first `ladder.steps[k]` steps of the plan's schedule (rungs below the top
   are scored on the first `ladder.screen_share` of each task's held-out batches: on SmolLM2, scoring every
   held-out sequence costs as much as 14 training steps, and a lower rung only decides promotion). A promoted candidate
@@ -31,7 +32,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -196,6 +197,7 @@ class FidelityEvaluator:
         self.seed = space.training.seed
         self.dtype = dtype
         self._states: OrderedDict[tuple[str, int], RunState] = OrderedDict()
+        self._untrained: dict[tuple[int, tuple[int, ...]], Evaluation] = {}
 
     @property
     def fingerprint(self) -> str:
@@ -232,8 +234,16 @@ class FidelityEvaluator:
             raise ValueError(f"fidelity {fidelity} is not on the ladder (0..{self.ladder.levels - 1})")
         top = fidelity == self.ladder.levels - 1
         held_out = self.data.held_out if top else self.data.held_out_share(self.ladder.screen_share)
-        return self._measure(self.space.settings_for(config), self.ladder.steps[fidelity], self.training(seed), held_out,
-                             config_key(config), fidelity)
+        untrained = self.ladder.steps[fidelity] == 0
+        bits = (fidelity, tuple(gene.bits for gene in config))
+        if untrained and bits in self._untrained:
+            # no step taken: LoRA's B is still zero, so ranks and seed change nothing (the same bits, the same score)
+            return replace(self._untrained[bits], config=config_key(config), seed=self.training(seed).seed, wall_s=0.0)
+        result = self._measure(self.space.settings_for(config), self.ladder.steps[fidelity], self.training(seed), held_out,
+                               config_key(config), fidelity)
+        if untrained:
+            self._untrained[bits] = result
+        return result
 
     def measure_plan(self, plan: Plan, seed: int | None = None) -> Evaluation:
         """A plan's whole fine-tune (every step of its schedule, uncapped) with each module at its planned

@@ -48,7 +48,8 @@ from qra.compiler.importance import Importance
 from qra.compiler.progress import StageProgress
 from qra.compiler.space import Config, Gene
 from qra.files import digest, write_text
-from qra.runtime.heldout import HeldOut, score_held_out, sequence_losses
+from qra.runtime.data import IGNORE_INDEX
+from qra.runtime.heldout import HeldOut, score_held_out, scored_logits, sequence_losses
 from qra.runtime.run import Run
 
 log = logging.getLogger(__name__)
@@ -229,8 +230,8 @@ class FloatPrefix:
 
 def _scored_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token log-probabilities (float32) at every position whose next token the loss scores."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
-    return torch.log_softmax(logits[batch["labels"][:, 1:] != -100].float(), dim=-1)
+    logits, targets = scored_logits(model, batch)
+    return torch.log_softmax(logits[targets != IGNORE_INDEX].float(), dim=-1)
 
 
 def float_log_probs(model: nn.Module, held_out: Sequence[Sequence[dict]]) -> list[list[torch.Tensor]]:

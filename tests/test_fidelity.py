@@ -15,12 +15,12 @@ from qra.compiler import bitscreen, priors
 from qra.compiler.fidelity import EvalData, FidelityEvaluator, FidelityLadder, cast_keeping_fp32_buffers, ladder_for, prepare_data
 from qra.compiler.priors import PriorSettings, measure_priors
 from qra.compiler.qcache import QuantCache
-from qra.compiler.space import Gene, build_space
+from qra.compiler.space import Gene, build_space, config_key
 from qra.plans.build import model_ref
 from qra.plans.schema import Budget, Device, Plan, Training
 from qra.plans.spec import spec_from_config
 from qra.runtime.data import batches, load_dataset, training_features
-from qra.runtime.heldout import score_held_out
+from qra.runtime.heldout import logit_losses, score_held_out, scored_logits, sequence_losses
 
 GROUP = 32
 
@@ -281,6 +281,21 @@ def test_every_held_out_sequence_of_each_task_of_a_joined_set_is_scored():
     assert all(bool((batch["labels"] == -100).any()) for batch in questions)  # loss on the answers only
 
 
+def test_a_sequences_loss_is_its_scored_tokens_cross_entropy_with_the_head_run_on_scored_positions_only(setup):
+    data = prepare_data(load_dataset("python-reference+arithmetic"), tiny_tokenizer(), seq_len=32, batch_size=4)
+    batch = data.held_out_prefix(8)["arithmetic"][0]  # answers only: most positions unscored
+    with torch.no_grad():
+        logits = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        kept_logits, _ = scored_logits(setup.model, batch)
+        sums, counts = sequence_losses(setup.model, batch)
+    targets = batch["labels"][:, 1:]
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    assert kept_logits.shape[1] < targets.shape[1]
+    assert torch.equal(counts, (targets != -100).sum(dim=1))
+    assert torch.allclose(sums, reference.sum(dim=1), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(logit_losses(logits, batch["labels"])[0], sums, rtol=1e-5, atol=1e-5)
+
+
 def test_the_search_scores_each_task_equally_however_many_tokens_it_has(setup):
     data = prepare_data(load_dataset("python-reference+arithmetic"), tiny_tokenizer(), seq_len=32, batch_size=4)
     held_out = data.held_out_prefix(32)
@@ -417,3 +432,14 @@ def test_the_bit_screen_stops_at_the_first_usable_width_and_keeps_a_width_the_bu
     four_bit = setup.space.cost(setup.space.uniform(4, setup.space.ranks[0]))
     screen = bitscreen.screen_bits(setup, {}, budget=four_bit)
     assert screen.dropped == {2: 30.0} and screen.space.bits == (4, 8) and measured == [2]
+
+
+def test_untrained_scores_depend_on_bits_only_and_are_measured_once_per_bit_assignment(setup, monkeypatch):
+    low_rank = tuple(Gene(4, 2) for _ in setup.space.units)
+    high_rank = tuple(Gene(4, 8) for _ in setup.space.units)
+    first = setup.measure(low_rank, 0)
+    measured = []
+    monkeypatch.setattr(setup, "_measure", lambda *args: measured.append(args))
+    second = setup.measure(high_rank, 0, seed=5)
+    assert not measured and second.loss == first.loss
+    assert (second.config, second.seed) == (config_key(high_rank), 5)
