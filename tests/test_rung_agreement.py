@@ -1,0 +1,32 @@
+"""tools/rung_agreement.py: a lower rung's ranking against the top rung's, read from a search journal."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from rung_agreement import agreements, markdown  # noqa: E402
+
+
+def _journal(path: Path, rows: list[tuple[str, int, float]]) -> Path:
+    lines = [json.dumps({"journal": "qra-search", "key": "any"})]
+    lines += [json.dumps({"index": i, "config": c, "fidelity": f, "score": s, "seconds": 1.0, "stage": "x"})
+              for i, (c, f, s) in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_rung_that_reverses_the_tops_order_has_spearman_minus_one_and_its_best_lands_last(tmp_path):
+    rows = [("a", 0, 3.0), ("b", 0, 3.1), ("c", 0, 3.2), ("d", 0, 3.3),
+            ("a", 1, 2.0), ("b", 1, 2.1), ("c", 1, 2.2),
+            ("a", 2, 1.9), ("b", 2, 1.8), ("c", 2, 1.7)]
+    found = {row.rung: row for row in agreements(_journal(tmp_path / "j.jsonl", rows))}
+    assert set(found) == {0, 1}
+    assert found[1].configs == 3 and found[1].spearman == -1.0 and found[1].best_lower_at_top == 3
+    assert "f1 vs f2" in markdown(list(found.values()))
+
+
+def test_rungs_with_fewer_than_three_configs_at_both_and_failed_runs_are_left_out(tmp_path):
+    rows = [("a", 0, 3.0), ("b", 0, 3.1), ("a", 1, 2.0), ("b", 1, None), ("c", 1, 2.1)]
+    assert agreements(_journal(tmp_path / "j.jsonl", rows)) == []
