@@ -38,6 +38,7 @@ from qra.plans.fingerprint import structural_fingerprint
 from qra.plans.memory import SettingsFor
 from qra.plans.spec import LinearSpec, ModelSpec
 from qra.runtime.data import Batch, to_device
+from qra.runtime.heap import trim_heap
 from qra.runtime.quantize import quiet_gptqmodel
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,10 @@ class QuantCache:
                     self.weight(index, module, width)
 
     def release_calibration(self) -> None:
-        """Drop the Hessians (a few hundred MB for a 135M model) once every needed weight is cached."""
+        """Drop the Hessians (a few hundred MB for a 135M model) once every needed weight is cached, and hand
+        the freed memory back to the operating system (`qra.runtime.heap`)."""
         self._groups = None
+        trim_heap()
 
     def _path(self, layer: int, module: LinearSpec, bits: int) -> Path | None:
         if self.folder is None:
@@ -299,3 +302,4 @@ class CachedWeights:
         finally:
             for parameter, original in swapped:
                 parameter.data = original
+            trim_heap()  # after GPTQ's churn, a fragmented heap makes the next measurement's page faults costly
