@@ -7,7 +7,8 @@ too), those page faults cost far more kernel time: on SmolLM2 a step-0 evaluatio
 took 8.3-10.6 s, 6-8 s of it in the kernel, and 3.6-3.8 s (0.7-0.8 s in the kernel) right after
 `malloc_trim(0)`, with the same number of page faults (docs/measurements.md, "Kernel time after GPTQ").
 No library does this for a PyTorch CPU process, so it is called here where it matters: after a
-measurement's weights are swapped back, and once the quantization cache drops its calibration.
+measurement's cached weights are swapped back, once the quantization cache drops its calibration, and
+after materialize's gptqmodel pass (not measured there).
 """
 
 import ctypes

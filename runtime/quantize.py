@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from qra.files import atomic_folder
 from qra.plans.memory import SettingsFor
 from qra.plans.spec import ModelSpec
+from qra.runtime.heap import trim_heap
 
 if TYPE_CHECKING:
     from gptqmodel.models.base import BaseQModel
@@ -157,6 +158,7 @@ class GPTQModelWeights:
             if not (self.folder / "config.json").is_file():
                 with atomic_folder(self.folder) as staging:
                     quantize_to_plan(self.base, self.spec, settings_for, self.calibration, staging)
+                trim_heap()  # the quantization pass's churn would make training's page faults costly
             self.quantized = self.folder
             model = load_quantized(self.folder, self.dtype).model
             if self.dequantize_in_backward:
