@@ -7,6 +7,7 @@ written atomically. A rerun with `--resume` replays the journal and the priors r
 plan as an uninterrupted run with the same seed.
 """
 
+import copy
 import functools
 import importlib.metadata
 import logging
@@ -151,7 +152,7 @@ def _model(request: CompileRequest) -> tuple[ModelSource, ModelSpec, "Pretrained
     if not source.has_weights:
         raise QraError(f"model {source.name!r} is a config without weights: the search measures the model itself")
     config = load_config(source)
-    spec = spec_from_config(config)
+    spec = spec_from_config(copy.deepcopy(config))  # building the spec marks the config it is given
     if spec.max_positions and request.training.seq_len > spec.max_positions:
         raise QraError(f"--seq-len {request.training.seq_len} is above the model's limit of {spec.max_positions}")
     return source, spec, config

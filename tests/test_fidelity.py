@@ -118,7 +118,10 @@ def test_cached_weights_are_real_gptq_quantizations(setup):
 
 def test_evaluations_are_deterministic(setup):
     config = (Gene(2, 2), Gene(8, 8), Gene(4, 4), Gene(16, 2))
-    assert setup.evaluate(config, 0) == setup.evaluate(config, 0)
+    setup._untrained.clear()
+    first = setup.evaluate(config, 0)
+    setup._untrained.clear()  # measured again, not taken from the step-0 scores kept
+    assert first == setup.evaluate(config, 0)
     assert setup.evaluate(config, 1) == setup.evaluate(config, 1)
 
 
@@ -134,6 +137,7 @@ def test_the_base_model_is_restored_after_each_evaluation(setup):
     before = {name: tensor.clone() for name, tensor in setup.model.state_dict().items()}
     flags = {name: p.requires_grad for name, p in setup.model.named_parameters()}
     for fidelity in (0, 1):
+        setup._untrained.clear()
         setup.measure((Gene(2, 8), Gene(4, 2), Gene(8, 4), Gene(2, 2)), fidelity)
         after = setup.model.state_dict()
         assert after.keys() == before.keys()
@@ -437,9 +441,16 @@ def test_the_bit_screen_stops_at_the_first_usable_width_and_keeps_a_width_the_bu
 def test_untrained_scores_depend_on_bits_only_and_are_measured_once_per_bit_assignment(setup, monkeypatch):
     low_rank = tuple(Gene(4, 2) for _ in setup.space.units)
     high_rank = tuple(Gene(4, 8) for _ in setup.space.units)
+    other_bits = tuple(Gene(8, 2) for _ in setup.space.units)
+    setup._untrained.clear()
+    measured_high_rank = setup.measure(high_rank, 0, seed=5).loss  # a real measurement, kept
+    setup._untrained.clear()
     first = setup.measure(low_rank, 0)
+    measure = setup._measure
     measured = []
-    monkeypatch.setattr(setup, "_measure", lambda *args: measured.append(args))
+    monkeypatch.setattr(setup, "_measure", lambda *args: measured.append(args) or measure(*args))
     second = setup.measure(high_rank, 0, seed=5)
-    assert not measured and second.loss == first.loss
+    assert not measured and second.loss == first.loss == measured_high_rank
     assert (second.config, second.seed) == (config_key(high_rank), 5)
+    setup.measure(other_bits, 0)
+    assert len(measured) == 1

@@ -27,6 +27,13 @@ def test_a_rung_that_reverses_the_tops_order_has_spearman_minus_one_and_its_best
     assert "f1 vs f2" in markdown(list(found.values()))
 
 
-def test_rungs_with_fewer_than_three_configs_at_both_and_failed_runs_are_left_out(tmp_path):
-    rows = [("a", 0, 3.0), ("b", 0, 3.1), ("a", 1, 2.0), ("b", 1, None), ("c", 1, 2.1)]
+def test_a_failed_run_is_left_out_not_ranked_last(tmp_path):
+    rows = [("a", 0, 3.0), ("b", 0, 3.1), ("c", 0, 3.2), ("d", 0, 2.0),
+            ("a", 1, 2.0), ("b", 1, 2.1), ("c", 1, 2.2), ("d", 1, None)]
+    (found,) = agreements(_journal(tmp_path / "j.jsonl", rows))
+    assert found.configs == 3 and found.spearman == 1.0 and found.best_lower_at_top == 1
+
+
+def test_a_journal_with_too_few_configs_at_both_rungs_gives_nothing(tmp_path):
+    rows = [("a", 0, 3.0), ("b", 0, 3.1), ("a", 1, 2.0), ("b", 1, 2.1), ("c", 1, 2.2)]
     assert agreements(_journal(tmp_path / "j.jsonl", rows)) == []

