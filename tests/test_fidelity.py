@@ -70,17 +70,47 @@ def setup(tmp_path_factory):
 def test_each_module_and_bits_is_quantized_once_and_reloads_from_disk(setup, tmp_path):
     model, spec, calibration = setup.model, setup.space.spec, setup.cache.calibration
     module = spec.layers[1][0]
+    siblings = [other for other in spec.layers[1] if other.role == module.role]  # q, k, v: quantized in one pass
     cache = QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path)
     first = cache.weight(1, module, 4)
     second = cache.weight(1, module, 4)
     assert second is first
-    assert (cache.stats.misses, cache.stats.hits) == (1, 1)
+    for sibling in siblings[1:]:
+        cache.weight(1, sibling, 4)
+    assert (cache.stats.misses, cache.stats.hits) == (len(siblings), len(siblings))
     resumed = QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path)
     assert torch.equal(resumed.weight(1, module, 4), first)
     assert (resumed.stats.misses, resumed.stats.disk_hits) == (0, 1)
     other_calibration = QuantCache(model, spec, calibration[:1], group_size=GROUP, folder=tmp_path)
     other_calibration.weight(1, module, 4)
-    assert other_calibration.stats.misses == 1
+    assert other_calibration.stats.misses == len(siblings)
+
+
+def test_modules_reading_one_input_quantized_together_get_exactly_their_own_gptq_result(setup):
+    model, spec, calibration = setup.model, setup.space.spec, setup.cache.calibration
+    cache = QuantCache(model, spec, calibration, group_size=GROUP)
+    for role in ("attention_input", "mlp_input"):
+        siblings = [module for module in spec.layers[2] if module.role == role]
+        assert len(siblings) > 1
+        for bits in (2, 4):
+            together = cache._quantize(2, siblings, bits)
+            alone = [cache._quantize(2, [module], bits)[0] for module in siblings]
+            for module, stacked, single in zip(siblings, together, alone):
+                assert stacked.shape == (module.out_features, module.in_features)
+                assert torch.equal(stacked, single)
+
+
+def test_a_sibling_already_on_disk_is_loaded_not_quantized_again(setup, tmp_path):
+    model, spec, calibration = setup.model, setup.space.spec, setup.cache.calibration
+    q, k, v = [module for module in spec.layers[0] if module.role == "attention_input"]
+    QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path).weight(0, k, 8)
+    for sibling in (q, v):
+        next(tmp_path.rglob(f"*{sibling.name}.8bit.safetensors")).unlink()
+    cache = QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path)
+    cache.weight(0, q, 8)
+    assert cache.stats.misses == 2  # q and v; k is on disk
+    cache.weight(0, k, 8)
+    assert cache.stats.disk_hits == 1
 
 
 def test_after_quantize_all_the_calibration_is_released_and_never_needed_again(setup, tmp_path, monkeypatch):
@@ -375,7 +405,7 @@ def test_a_damaged_cache_entry_is_removed_and_rebuilt_not_a_traceback_nor_a_wron
     model, spec, calibration = setup.model, setup.space.spec, setup.cache.calibration
     module = spec.layers[0][1]
     original = QuantCache(model, spec, calibration, group_size=GROUP, folder=tmp_path).weight(0, module, 4)
-    [path] = list(tmp_path.rglob("*.safetensors"))
+    [path] = list(tmp_path.rglob(f"*{module.name}.4bit.safetensors"))
     data = bytearray(path.read_bytes())
     if damage == "truncated":
         data = data[: len(data) // 2]
