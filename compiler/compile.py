@@ -76,7 +76,7 @@ class Effort:
 
 
 EFFORTS = {
-    "quick": Effort(16, (0, 0.25, 1), 100, prior_probe_steps=6, prior_sequences=8, finalists=2),
+    "quick": Effort(16, (0, 0.25, 1), 100, prior_probe_steps=6, prior_sequences=4, finalists=2, screen_share=0.125),
     "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, prior_sequences=8, finalists=2,
                        granularity="module"),
     "thorough": Effort(120, (0, 0.125, 0.5, 1), None, prior_probe_steps=32, prior_sequences=32,

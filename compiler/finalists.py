@@ -10,12 +10,16 @@ lowest d̄ is the plan; if there is none, the plan is the uniform configuration,
 loss is its mean over these seeds, an unbiased estimate of what a user's run gets. A run that failed (its
 worker died twice) has an infinite loss; its seed is left out of that finalist's pairing.
 
-Re-runs are spent only where the decision is still open: the seeds run one at a time, and a finalist runs
-on the next seed only if the paired differences still to come could make it a winner (`can_still_win`,
-exact). With the default three seeds and the 2-SE margin, a finalist behind uniform on the first seed, or
-level with it, is already lost (the best case, two equal gains after a tie, sits exactly at 2 SE), so it
-costs one run, not three. Uniform runs on every seed where a finalist is still open, and on all but the
-last in any case: its mean is the prediction when it is the plan.
+Re-runs are spent only where the decision is still open. The finalists are tried one at a time, in the
+search's order (its best first), and the first that beats uniform is the plan: the others are not run. A
+finalist runs seed by seed, on the next seed only if the paired differences still to come could make it a
+winner (`can_still_win`, exact). With the default three seeds and the 2-SE margin, a finalist behind
+uniform on the first seed, or level with it, is already lost (the best case, two equal gains after a tie,
+sits exactly at 2 SE), so it costs one run, not three. Uniform runs on every seed a finalist runs on (once:
+every later finalist pairs with the same uniform runs), and, where no finalist wins, on all but the last
+seed in any case: its mean is the prediction when it is the plan. A winning first finalist so costs six
+runs with three seeds, not the seven or more of running every finalist on the first seed; testing in turn
+and stopping at the first win makes a false win no likelier than testing all of them.
 """
 
 import logging
@@ -109,32 +113,42 @@ RunAll = Callable[[Sequence[tuple[Config, int]]], Sequence[float]]
 
 
 def final_pick(run_all: RunAll, finalists: Sequence[Config], uniform: Config, seeds: Sequence[int]) -> FinalPick:
-    """Run every finalist and `uniform` on `seeds` (`run_all` takes many (config, seed) at once, so they can
-    run in parallel, and returns their losses in that order), pair by seed, and pick, among the finalists
-    that beat uniform beyond `MARGIN_SE` standard errors, the one with the lowest mean difference; else
-    uniform. Seed by seed, only the finalists that can still win run (`can_still_win`), which changes no
-    decision. (With a few finalists, testing each inflates the chance of a false win a little; the
-    finalists are few by design.)"""
+    """Try the finalists in turn against `uniform` on `seeds`, paired by seed (`run_all` takes many (config,
+    seed) at once, so they can run in parallel, and returns their losses in that order): the first that beats
+    uniform beyond `MARGIN_SE` standard errors is the plan, else uniform. A finalist runs seed by seed while
+    it can still win (`can_still_win`), which changes no decision about it."""
     candidates = [config for config in dict.fromkeys(finalists) if config != uniform]
     losses: dict[tuple[Config, int], float] = {}
-    open_ = candidates
-    for position, seed in enumerate(seeds):
-        done = seeds[:position]
-        open_ = [config for config in open_
-                 if can_still_win([losses[(config, s)] - losses[(uniform, s)] for s in done], len(seeds) - position)]
-        if not open_ and position == len(seeds) - 1:
-            break
-        losses |= _run(run_all, [uniform, *open_], [seed])
-    scores = {config_key(config): {seed: losses[(config, seed)] for seed in seeds if (config, seed) in losses}
-              for config in (uniform, *candidates)}
-    differences = {config_key(config): _difference(scores, config, uniform) for config in candidates}
-    winners = [config for config in candidates if differences[config_key(config)].beats_baseline]
-    chosen = min(winners, key=lambda config: differences[config_key(config)].mean, default=uniform)
+    chosen, lost_early = uniform, set()
     for config in candidates:
+        for position, seed in enumerate(seeds):
+            differences = [losses[(config, s)] - losses[(uniform, s)] for s in seeds[:position]]
+            if not can_still_win(differences, len(seeds) - position):
+                lost_early.add(config)
+                break
+            losses |= _run(run_all, [c for c in (uniform, config) if (c, seed) not in losses], [seed])
+        if paired_difference(*_paired(losses, config, uniform, seeds)).beats_baseline:
+            chosen = config
+            break
+    if chosen == uniform:  # uniform's mean over all but the last seed is the prediction
+        losses |= _run(run_all, [uniform], [seed for seed in seeds[:-1] if (uniform, seed) not in losses])
+    tried = [config for config in candidates if any((config, seed) in losses for seed in seeds)]
+    scores = {config_key(config): {seed: losses[(config, seed)] for seed in seeds if (config, seed) in losses}
+              for config in (uniform, *tried)}
+    differences = {config_key(config): _difference(scores, config, uniform) for config in tried}
+    for config in tried:
         difference = differences[config_key(config)]
         log.info("finalist vs uniform over %d seeds: %+.4f ± %.4f%s", difference.seeds, difference.mean, difference.se,
-                 " (beats it)" if difference.beats_baseline else "" if config in open_ else " (cannot win: stopped early)")
+                 " (beats it)" if difference.beats_baseline else " (cannot win: stopped early)" if config in lost_early else "")
+    if len(tried) < len(candidates):
+        log.info("%d later finalist(s) not run: an earlier one won", len(candidates) - len(tried))
     return FinalPick(chosen, uniform, tuple(seeds), scores, differences)
+
+
+def _paired(losses: dict[tuple[Config, int], float], config: Config, uniform: Config,
+            seeds: Sequence[int]) -> tuple[list[float], list[float]]:
+    ran = [seed for seed in seeds if (config, seed) in losses]
+    return [losses[(config, seed)] for seed in ran], [losses[(uniform, seed)] for seed in ran]
 
 
 def _run(run_all: RunAll, configs: Sequence[Config], seeds: Sequence[int]) -> dict[tuple[Config, int], float]:

@@ -99,11 +99,11 @@ def test_a_finalist_runs_on_the_next_seed_only_while_it_can_still_win():
         ran.extend(runs)
         return [losses[config][seed] for config, seed in runs]
 
-    pick = final_pick(run_all, [MIXED, OTHER], UNIFORM, (1, 2, 3))
-    # OTHER lost seed 1 (+0.1): no two seeds can make it a win, so it runs no more
-    assert [run for run in ran if run[0] == OTHER] == [(OTHER, 1)] and len(ran) == 3 + 2 + 2
+    pick = final_pick(run_all, [OTHER, MIXED], UNIFORM, (1, 2, 3))
+    # OTHER lost seed 1 (+0.1): no two seeds can make it a win, so it runs no more; MIXED pairs with the same
+    # uniform run on seed 1, and (-0.05 on seeds 1 and 2) could still win, so it and uniform ran seed 3 (-0.06)
+    assert ran == [(UNIFORM, 1), (OTHER, 1), (MIXED, 1), (UNIFORM, 2), (MIXED, 2), (UNIFORM, 3), (MIXED, 3)]
     assert pick.scores["8:4,4:4"] == {1: 2.1} and pick.differences["8:4,4:4"].seeds == 1
-    # MIXED (-0.05 on seeds 1 and 2) could still win, so it and uniform ran seed 3 (-0.06: a win beyond 2 SE)
     assert pick.config == MIXED and pick.differences["8:8,3:8"].seeds == 3
 
     ran.clear()
@@ -111,3 +111,16 @@ def test_a_finalist_runs_on_the_next_seed_only_while_it_can_still_win():
     # uniform still runs seed 2, for its predicted loss; no one runs seed 3
     assert only_losing.is_uniform and ran == [(UNIFORM, 1), (OTHER, 1), (UNIFORM, 2)]
     assert only_losing.predicted == pytest.approx(2.05)
+
+
+def test_the_first_finalist_that_wins_is_the_plan_and_the_later_ones_do_not_run():
+    losses = {MIXED: {1: 1.95, 2: 2.05, 3: 1.94}, OTHER: {1: 1.8, 2: 1.9, 3: 1.8}, UNIFORM: {1: 2.0, 2: 2.1, 3: 2.0}}
+    ran = []
+
+    def run_all(runs):
+        ran.extend(runs)
+        return [losses[config][seed] for config, seed in runs]
+
+    pick = final_pick(run_all, [MIXED, OTHER], UNIFORM, (1, 2, 3))
+    assert pick.config == MIXED and len(ran) == 6 and OTHER not in {config for config, _ in ran}
+    assert set(pick.differences) == {"8:8,3:8"} and set(pick.scores) == {"4:8,4:8", "8:8,3:8"}
