@@ -29,7 +29,7 @@ from qra.compiler.priors import PriorSettings, journal_path, measure_priors
 from qra.compiler.progress import StageProgress
 from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Config, Granularity, SearchSpace, build_space, config_key
-from qra.compiler.strategies import BASELINES, STRATEGIES, Baseline, Evaluation, Problem, SearchResult, run_search, uniform_config
+from qra.compiler.strategies import BASELINES, STRATEGIES, AutoQRA, Baseline, Evaluation, Problem, SearchResult, run_search, uniform_config
 from qra.errors import QraError
 from qra.files import digest
 from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
@@ -59,7 +59,11 @@ class Effort:
     search modules, which beat layers at B2 by 0.030 ± 0.006 and tied them at B1 (docs/objective.md,
     "Granularity"). Quick takes two finalists: its search rarely runs a candidate to the top rung, so they
     come from the screen rung, whose best can be a rank-heavy configuration that learns fastest early and
-    loses at the end (docs/objective.md, "Screening the refinement")."""
+    loses at the end (docs/objective.md, "Screening the refinement"). `evolution_share` is AutoQRA's share of
+    the evaluations for its first stage; quick gives it all of them (r12): one generation of the evolution,
+    promoted to the screen rung, and no refinement, whose proposals never became a quick compile's plan
+    (r9-r12) while a proposal passing its screen cost two top-rung runs on the search's seed, fine-tunes
+    the final comparison runs again on fresh seeds (docs/objective.md, "The quick effort's search")."""
 
     evaluations: int
     rungs: tuple[float, ...]
@@ -70,13 +74,15 @@ class Effort:
     seeds: int = 3
     screen_share: float = 0.25
     granularity: Granularity = "layer"
+    evolution_share: float = 0.6
 
     def ladder(self, plan_steps: int) -> FidelityLadder:
         return ladder_for(plan_steps, self.rungs, self.max_steps, self.screen_share)
 
 
 EFFORTS = {
-    "quick": Effort(16, (0, 0.25, 1), 100, prior_probe_steps=6, prior_sequences=4, finalists=2, screen_share=0.125),
+    "quick": Effort(12, (0, 0.25, 1), 100, prior_probe_steps=6, prior_sequences=4, finalists=2, screen_share=0.125,
+                    evolution_share=1.0),
     "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, prior_sequences=8, finalists=2,
                        granularity="module"),
     "thorough": Effort(120, (0, 0.125, 0.5, 1), None, prior_probe_steps=32, prior_sequences=32,
@@ -196,7 +202,9 @@ def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: E
     return importance
 
 
-def _strategy(problem: Problem, name: str, seed: int):
+def _strategy(problem: Problem, name: str, seed: int, effort: Effort):
+    if name == "autoqra":
+        return AutoQRA(problem, seed, evolution_share=effort.evolution_share)
     return STRATEGIES[name](problem, seed) if name in STRATEGIES else Baseline(problem, name)
 
 
@@ -213,6 +221,7 @@ def journal_key(request: CompileRequest, prepared: "Prepared", strategy: str) ->
         "strategy": strategy,
         "seed": request.training.seed,
         "evaluations": prepared.effort.evaluations,
+        "evolution_share": prepared.effort.evolution_share,
     }
     return digest(identity)
 
@@ -435,7 +444,7 @@ def compile_plan(
     pool = open_compile_pool(request, prepared)
     try:
         log.info("searching: %s, %d evaluations", request.strategy, prepared.effort.evaluations)
-        strategy = _strategy(prepared.problem, request.strategy, request.training.seed)
+        strategy = _strategy(prepared.problem, request.strategy, request.training.seed, prepared.effort)
         reporter = _search_reporter(prepared, on_progress, on_stage)
         if on_stage is not None:
             on_stage(StageProgress("search", 0, prepared.effort.evaluations))

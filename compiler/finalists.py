@@ -5,8 +5,8 @@ for all), which is the right way to compare many candidates cheaply, and the wro
 winner: the best of many on one seed is partly the luckiest (the winner's curse). So the best few
 finalists and the best uniform configuration are run again, at the top rung, on fresh seeds that took no
 part in choosing them, paired by seed: for seed s, d_s = loss(finalist, s) − loss(uniform, s). The paired
-mean d̄ and its standard error SE = sd(d)/√n decide: of the finalists with d̄ < −2·SE, the one with the
-lowest d̄ is the plan; if there is none, the plan is the uniform configuration, and the compile says so. The plan's predicted
+mean d̄ and its standard error SE = sd(d)/√n decide: the first finalist, in the search's order, with
+d̄ < −2·SE is the plan; if there is none, the plan is the uniform configuration, and the compile says so. The plan's predicted
 loss is its mean over these seeds, an unbiased estimate of what a user's run gets. A run that failed (its
 worker died twice) has an infinite loss; its seed is left out of that finalist's pairing.
 

@@ -44,9 +44,11 @@ def test_a_tiny_compile_is_measured_from_cold_against_one_fine_tune_of_its_plan(
     tiny_corpus(tmp_path / "corpus.jsonl")
     model = save_tiny_model(tmp_path / "model", "llama", layers=2)
     args = Namespace(out=tmp_path / "out", model=str(model), data=str(tmp_path / "corpus.jsonl"), effort="quick",
-                     granularity="layer", bits=[2, 4, 8], ranks=[4, 16], seq_len=24, batch_size=2, steps=4, learning_rate=5e-3)
+                     granularity="layer", bits=[2, 4, 8], ranks=[4, 16], seq_len=24, batch_size=2, steps=4, learning_rate=5e-3,
+                     fine_tunes=2)
     args.out.mkdir()
     result = measure(args)
     assert list(result["stages_s"]) == ["load and calibrate", "bit screen", "priors", "search", "final comparison"]
     assert result["compile_s"] >= sum(result["stages_s"].values()) - 1 and result["fine_tune_s"] > 0
     assert result["ratio"] == pytest.approx(result["compile_s"] / result["fine_tune_s"], rel=0.05)
+    assert len(result["fine_tunes_s"]) == 2 and result["fine_tune_s"] == pytest.approx(sum(result["fine_tunes_s"]) / 2)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from qra.compiler.compile import EFFORTS
 from qra.compiler.importance import Importance
 from qra.compiler.journal import Journal
 from qra.compiler.pool import Outcome
@@ -204,6 +205,14 @@ def test_autoqra_screens_its_refinement_at_the_rung_below_the_top(problem: Probl
     for evaluation in (e for e in refinement if e.fidelity == problem.top):
         below = [e for e in result.history if e.config == evaluation.config and e.fidelity == 1]
         assert below and below[0].index < evaluation.index
+
+
+def test_the_quick_effort_spends_its_evaluations_on_one_generation_of_the_evolution(problem: Problem) -> None:
+    quick = EFFORTS["quick"]
+    result = run_search(AutoQRA(problem, 0, evolution_share=quick.evolution_share), Synthetic(), quick.evaluations)
+    assert {e.stage for e in result.history} == {"evolution:f0", "evolution:f1"}  # no refinement
+    # the initial population at the lowest rung, its better half promoted to the screen rung
+    assert [e.fidelity for e in result.history] == [0] * 8 + [1] * 4
 
 
 def test_trust_region_stays_within_its_bounds() -> None:

@@ -31,7 +31,7 @@ import numpy as np
 from qra.compiler.compile import EFFORTS, CompileRequest, compile_plan, prepare
 from qra.compiler.importance import flat_importance
 from qra.compiler.space import Config, build_space
-from qra.compiler.strategies import STRATEGIES, Problem, run_search
+from qra.compiler.strategies import AutoQRA, Problem, run_search
 from qra.files import write_text
 from qra.models import load_config, resolve_model
 from qra.plans.build import budget_covering
@@ -108,7 +108,7 @@ def project(tokens_per_second: float, steps: int, seq_len: int, batch_size: int,
     budget = budget_covering(estimate_memory(spec, uniform_settings(4, 16), training, Device()).total_bytes)
     problem = Problem(space, flat_importance(len(space.units), space.bits, space.ranks), budget.bytes,
                       fidelities=tuple(range(ladder.levels)))
-    result = run_search(STRATEGIES["autoqra"](problem, 0), _stand_in(problem, 0), effort.evaluations)
+    result = run_search(AutoQRA(problem, 0, evolution_share=effort.evolution_share), _stand_in(problem, 0), effort.evaluations)
     tokens_per_step = seq_len * batch_size
     scoring_s = HELD_OUT_SEQUENCES * seq_len / (3 * tokens_per_second)
 
