@@ -25,7 +25,7 @@ from qra.compiler.finalists import FinalPick, final_pick
 from qra.compiler.importance import Importance, flat_importance
 from qra.compiler.journal import Journal, JournaledPool
 from qra.compiler.pool import Outcome, Pool, Task, open_pool
-from qra.compiler.priors import PriorSettings, journal_path, measure_priors
+from qra.compiler.priors import PriorSettings, journal_path, measure_priors, probed_ranks
 from qra.compiler.progress import StageProgress
 from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Config, Granularity, SearchSpace, build_space, config_key
@@ -63,7 +63,9 @@ class Effort:
     the evaluations for its first stage; quick gives it all of them (r12): one generation of the evolution,
     promoted to the screen rung, and no refinement, whose proposals never became a quick compile's plan
     (r9-r12) while a proposal passing its screen cost two top-rung runs on the search's seed, fine-tunes
-    the final comparison runs again on fresh seeds (docs/objective.md, "The quick effort's search")."""
+    the final comparison runs again on fresh seeds (docs/objective.md, "The quick effort's search").
+    `prior_end_ranks_only`: the priors probe the smallest and the largest rank only (quick, whose 6-step
+    probes never found a middle rank gaining more than the smallest on SmolLM2)."""
 
     evaluations: int
     rungs: tuple[float, ...]
@@ -75,6 +77,7 @@ class Effort:
     screen_share: float = 0.25
     granularity: Granularity = "layer"
     evolution_share: float = 0.6
+    prior_end_ranks_only: bool = False
 
     def ladder(self, plan_steps: int) -> FidelityLadder:
         return ladder_for(plan_steps, self.rungs, self.max_steps, self.screen_share)
@@ -82,7 +85,7 @@ class Effort:
 
 EFFORTS = {
     "quick": Effort(12, (0, 0.25, 1), 100, prior_probe_steps=6, prior_sequences=4, finalists=2, screen_share=0.125,
-                    evolution_share=1.0),
+                    evolution_share=1.0, prior_end_ranks_only=True),
     "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, prior_sequences=8, finalists=2,
                        granularity="module"),
     "thorough": Effort(120, (0, 0.125, 0.5, 1), None, prior_probe_steps=32, prior_sequences=32,
@@ -191,8 +194,9 @@ def _importance(request: CompileRequest, evaluator: FidelityEvaluator, effort: E
     space = evaluator.space
     if request.strategy not in PRIORS_STRATEGIES:
         return flat_importance(len(space.units), space.bits, space.ranks)
-    log.info("measuring importance priors: %d units x %d bit-widths, %d rank probes", len(space.units), len(space.bits), len(space.ranks))
-    settings = PriorSettings(effort.prior_sequences, effort.prior_probe_steps)
+    settings = PriorSettings(effort.prior_sequences, effort.prior_probe_steps, end_ranks_only=effort.prior_end_ranks_only)
+    log.info("measuring importance priors: %d units x %d bit-widths, %d rank probes", len(space.units), len(space.bits),
+             len(probed_ranks(space.ranks, settings.end_ranks_only)))
     journal = journal_path(work / "priors", evaluator, settings)
     importance = measure_priors(evaluator, settings, journal=journal, on_progress=on_stage)
     # the priors quantized all but the 8-bit weights off their floor sample: those too, so the search never

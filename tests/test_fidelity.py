@@ -420,6 +420,21 @@ def test_a_damaged_cache_entry_is_removed_and_rebuilt_not_a_traceback_nor_a_wron
     assert torch.equal(rebuilt.weight(0, module, 4), original) and rebuilt.stats.disk_hits == 1  # the rebuilt entry is whole
 
 
+def test_probing_the_end_ranks_only_gives_a_middle_rank_the_smallest_ranks_gain(setup, monkeypatch):
+    probed = []
+    probe = priors._probe
+
+    def counted(evaluator, journal, held_out, rank, steps):
+        probed.append(rank)
+        probe(evaluator, journal, held_out, rank, steps)
+
+    monkeypatch.setattr(priors, "_probe", counted)
+    importance = measure_priors(setup, PriorSettings(held_out_sequences=8, probe_steps=2, end_ranks_only=True))
+    assert setup.space.ranks == (2, 4, 8) and probed == [2, 8]
+    for plasticity in importance.plasticity:
+        assert plasticity[4] == plasticity[2] <= plasticity[8]
+
+
 def test_a_priors_journal_that_does_not_parse_is_started_afresh(setup, tmp_path):
     journal = tmp_path / "priors.json"
     journal.write_text('{"key": "x", "entries": {"base": 1.0')  # cut off mid-write
