@@ -84,8 +84,8 @@ class Effort:
 
 
 EFFORTS = {
-    "quick": Effort(12, (0, 0.25, 1), 100, prior_probe_steps=6, prior_sequences=4, finalists=2, screen_share=0.125,
-                    evolution_share=1.0, prior_end_ranks_only=True),
+    "quick": Effort(12, (0, 0.25, 1), 100, prior_probe_steps=6, prior_sequences=8, finalists=2, evolution_share=1.0,
+                    prior_end_ranks_only=True),
     "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, prior_sequences=8, finalists=2,
                        granularity="module"),
     "thorough": Effort(120, (0, 0.125, 0.5, 1), None, prior_probe_steps=32, prior_sequences=32,
@@ -403,9 +403,10 @@ def _note(request: CompileRequest, config: Config, pick: FinalPick | None = None
         dropped = f", dropped as worse than a uniform guess ({screen.guess:.2f}) by their uniform held-out loss: {losses}"
     verdict = ""
     if pick is not None and pick.differences:
-        best = min(pick.differences.values(), key=lambda d: d.mean)
-        verdict = (f"; the best finalist's paired difference from {_baseline_name(pick.uniform)} over {best.seeds} "
-                   f"fresh seeds: {best.mean:+.4f} ± {best.se:.4f} (SE)")
+        won = pick.differences.get(config_key(pick.config))  # the finalists run in turn: the winner, or none
+        best = won or min(pick.differences.values(), key=lambda d: d.mean)
+        verdict = (f"; {'the plan' if won else 'the best finalist'}'s paired difference from {_baseline_name(pick.uniform)} "
+                   f"over {best.seeds} fresh seeds: {best.mean:+.4f} ± {best.se:.4f} (SE)")
         if pick.is_uniform:
             verdict += ", not beyond 2 SE: the plan is the uniform configuration"
     return (
