@@ -57,7 +57,7 @@ class Effort:
     many fresh seeds; and the granularity a request that names none gets. Quick stays at layer
     granularity: module granularity measures priors for seven times the units. Standard and thorough
     search modules, which beat layers at B2 by 0.030 ± 0.006 and tied them at B1 (docs/objective.md,
-    "Granularity"). Quick takes two finalists: its search rarely runs a candidate to the top rung, so they
+    "Granularity"). Quick takes two finalists: its search does not run a candidate to the top rung, so they
     come from the screen rung, whose best can be a rank-heavy configuration that learns fastest early and
     loses at the end (docs/objective.md, "Screening the refinement"). `evolution_share` is AutoQRA's share of
     the evaluations for its first stage; quick gives it all of them (r12): one generation of the evolution,
@@ -225,8 +225,9 @@ def journal_key(request: CompileRequest, prepared: "Prepared", strategy: str) ->
         "strategy": strategy,
         "seed": request.training.seed,
         "evaluations": prepared.effort.evaluations,
-        "evolution_share": prepared.effort.evolution_share,
     }
+    if prepared.effort.evolution_share != Effort.evolution_share:  # keyed only off the default: older journals resume
+        identity["evolution_share"] = prepared.effort.evolution_share
     return digest(identity)
 
 
@@ -248,7 +249,8 @@ def _is_uniform(config: Config) -> bool:
 def finalists_of(result: SearchResult, problem: Problem, count: int) -> tuple[list[Config], Config]:
     """The `count` best distinct non-uniform configurations, ranked by the highest rung each reached, then by
     its score there (the top rung first; where fewer reached it, as when no challenger passed the
-    refinement's screen and its incumbent is known at the screen only, the next rung fills in), and the
+    refinement's screen and its incumbent is known at the screen only, or at the quick effort, whose search
+    stops at the screen rung, the next rung fills in), and the
     uniform configuration to beat: the best the search scored at the first finalist's rung (its warm start
     holds the fitting uniforms), else the QLoRA-style default (`uniform_config`). The uniform is not run on
     the search's seed for its own sake: the final comparison runs it on every fresh seed."""
@@ -266,7 +268,7 @@ def finalists_of(result: SearchResult, problem: Problem, count: int) -> tuple[li
 
 def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResult, pool: Pool,
               on_stage: Callable[[StageProgress], None] | None = None) -> FinalPick:
-    """The final paired comparison (`qra.compiler.finalists`) on fresh seeds, every run at once on the pool,
+    """The final paired comparison (`qra.compiler.finalists`) on fresh seeds, each round's runs at once on the pool,
     each seed's runs journaled beside the search's journal, so a resumed compile replays them."""
     finalists, best_uniform = finalists_of(result, prepared.problem, prepared.effort.finalists)
     top = prepared.problem.top

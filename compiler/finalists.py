@@ -117,6 +117,8 @@ def final_pick(run_all: RunAll, finalists: Sequence[Config], uniform: Config, se
     seed) at once, so they can run in parallel, and returns their losses in that order): the first that beats
     uniform beyond `MARGIN_SE` standard errors is the plan, else uniform. A finalist runs seed by seed while
     it can still win (`can_still_win`), which changes no decision about it."""
+    if len(seeds) < 2:
+        raise ValueError(f"the final comparison needs at least two seeds for a paired standard error, got {list(seeds)}")
     candidates = [config for config in dict.fromkeys(finalists) if config != uniform]
     losses: dict[tuple[Config, int], float] = {}
     chosen, lost_early = uniform, set()

@@ -184,7 +184,8 @@ def _journal_key(evaluator: FidelityEvaluator, settings: PriorSettings) -> str:
     """What the priors depend on: the evaluator without its ladder (the probes train the first steps of the
     plan's own schedule, which the identity holds) and with the held-out batches they score, and the
     settings but the floor sample's size (it only chooses which entries are measured); so a new ladder keeps them."""
-    measured_as = {name: value for name, value in asdict(settings).items() if name != "floor_sample"}
+    measured_as = {name: value for name, value in asdict(settings).items()
+                   if name != "floor_sample" and not (name == "end_ranks_only" and not value)}  # as before r12 when off
     identity = {"evaluator": evaluator.identity(settings.held_out_sequences), "settings": measured_as}
     return digest(identity)
 

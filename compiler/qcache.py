@@ -52,7 +52,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CacheStats:
-    """Requests served from memory (`hits`), from the cache folder (`disk_hits`), and quantized (`misses`)."""
+    """Weights served from memory (`hits`), loaded from the cache folder (`disk_hits`), and quantized
+    (`misses`; a module quantized with the siblings that read its input counts once, and its first request
+    is then a hit)."""
 
     hits: int = 0
     disk_hits: int = 0
@@ -149,9 +151,16 @@ class QuantCache:
             self.stats.disk_hits += 1
             self._weights[key] = weight
             return weight
-        siblings = [other for other in self.spec.layers[layer]
-                    if other.role == module.role and (layer, other.name, bits) not in self._weights
-                    and (other == module or self._load(layer, other, bits) is None)]
+        siblings = [module]
+        for other in self.spec.layers[layer]:
+            if other == module or other.role != module.role or (layer, other.name, bits) in self._weights:
+                continue
+            on_disk = self._load(layer, other, bits)
+            if on_disk is None:
+                siblings.append(other)
+            else:
+                self.stats.disk_hits += 1
+                self._weights[(layer, other.name, bits)] = on_disk
         began = time.perf_counter()
         quantized = self._quantize(layer, siblings, bits)
         self.stats.misses += len(siblings)

@@ -124,3 +124,22 @@ def test_the_first_finalist_that_wins_is_the_plan_and_the_later_ones_do_not_run(
     pick = final_pick(run_all, [MIXED, OTHER], UNIFORM, (1, 2, 3))
     assert pick.config == MIXED and len(ran) == 6 and OTHER not in {config for config, _ in ran}
     assert set(pick.differences) == {"8:8,3:8"} and set(pick.scores) == {"4:8,4:8", "8:8,3:8"}
+
+
+def test_a_finalist_whose_run_failed_on_a_seed_is_paired_over_the_others_and_the_next_finalist_still_runs():
+    losses = {MIXED: {1: 1.95, 2: math.inf, 3: 2.01}, OTHER: {1: 1.90, 2: 2.00, 3: 1.89}, UNIFORM: {1: 2.0, 2: 2.1, 3: 2.0}}
+    ran = []
+
+    def run_all(runs):
+        ran.extend(runs)
+        return [losses[config][seed] for config, seed in runs]
+
+    pick = final_pick(run_all, [MIXED, OTHER], UNIFORM, (1, 2, 3))
+    # MIXED: -0.05 and +0.01 over its two finished seeds, not beyond 2 SE; OTHER then pairs with uniform's runs
+    assert pick.differences["8:8,3:8"].seeds == 2 and not pick.differences["8:8,3:8"].beats_baseline
+    assert pick.config == OTHER and [run for run in ran if run[0] == UNIFORM] == [(UNIFORM, 1), (UNIFORM, 2), (UNIFORM, 3)]
+
+
+def test_a_final_comparison_on_one_seed_is_refused():
+    with pytest.raises(ValueError, match="at least two seeds"):
+        final_pick(each(lambda config, seed: 1.0), [MIXED], UNIFORM, (1,))

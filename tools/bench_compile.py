@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     args = parser.parse_args()
+    if args.fine_tunes < 1:
+        parser.error("--fine-tunes must be at least 1")
     args.granularity = args.granularity or EFFORTS[args.effort].granularity
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
