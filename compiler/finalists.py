@@ -137,7 +137,7 @@ def final_pick(run_all: RunAll, finalists: Sequence[Config], uniform: Config, se
     tried = [config for config in candidates if any((config, seed) in losses for seed in seeds)]
     scores = {config_key(config): {seed: losses[(config, seed)] for seed in seeds if (config, seed) in losses}
               for config in (uniform, *tried)}
-    differences = {config_key(config): _difference(scores, config, uniform) for config in tried}
+    differences = {config_key(config): paired_difference(*_paired(losses, config, uniform, seeds)) for config in tried}
     for config in tried:
         difference = differences[config_key(config)]
         log.info("finalist vs uniform over %d seeds: %+.4f ± %.4f%s", difference.seeds, difference.mean, difference.se,
@@ -156,8 +156,3 @@ def _paired(losses: dict[tuple[Config, int], float], config: Config, uniform: Co
 def _run(run_all: RunAll, configs: Sequence[Config], seeds: Sequence[int]) -> dict[tuple[Config, int], float]:
     runs = [(config, seed) for config in configs for seed in seeds]
     return dict(zip(runs, run_all(runs))) if runs else {}
-
-
-def _difference(scores: dict[str, dict[int, float]], config: Config, uniform: Config) -> PairedDifference:
-    ran = scores[config_key(config)]
-    return paired_difference(list(ran.values()), [scores[config_key(uniform)][seed] for seed in ran])

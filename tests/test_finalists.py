@@ -14,6 +14,18 @@ def each(evaluate):
     """A `run_all` that runs every (config, seed) with `evaluate(config, seed)`."""
     return lambda runs: [evaluate(config, seed) for config, seed in runs]
 
+
+def recording(losses):
+    """A `run_all` that looks each (config, seed) up in `losses`, and the list of the runs it was asked for."""
+    ran = []
+
+    def run_all(runs):
+        ran.extend(runs)
+        return [losses[config][seed] for config, seed in runs]
+
+    return run_all, ran
+
+
 UNIFORM = (Gene(4, 8), Gene(4, 8))
 MIXED = (Gene(8, 8), Gene(3, 8))
 OTHER = (Gene(8, 4), Gene(4, 4))
@@ -93,11 +105,7 @@ def test_after_two_seeds_a_finalist_behind_uniform_cannot_win_and_one_ahead_can(
 
 def test_a_finalist_runs_on_the_next_seed_only_while_it_can_still_win():
     losses = {MIXED: {1: 1.95, 2: 2.05, 3: 1.94}, OTHER: {1: 2.1, 2: 2.2, 3: 1.0}, UNIFORM: {1: 2.0, 2: 2.1, 3: 2.0}}
-    ran = []
-
-    def run_all(runs):
-        ran.extend(runs)
-        return [losses[config][seed] for config, seed in runs]
+    run_all, ran = recording(losses)
 
     pick = final_pick(run_all, [OTHER, MIXED], UNIFORM, (1, 2, 3))
     # OTHER lost seed 1 (+0.1): no two seeds can make it a win, so it runs no more; MIXED pairs with the same
@@ -115,11 +123,7 @@ def test_a_finalist_runs_on_the_next_seed_only_while_it_can_still_win():
 
 def test_the_first_finalist_that_wins_is_the_plan_and_the_later_ones_do_not_run():
     losses = {MIXED: {1: 1.95, 2: 2.05, 3: 1.94}, OTHER: {1: 1.8, 2: 1.9, 3: 1.8}, UNIFORM: {1: 2.0, 2: 2.1, 3: 2.0}}
-    ran = []
-
-    def run_all(runs):
-        ran.extend(runs)
-        return [losses[config][seed] for config, seed in runs]
+    run_all, ran = recording(losses)
 
     pick = final_pick(run_all, [MIXED, OTHER], UNIFORM, (1, 2, 3))
     assert pick.config == MIXED and len(ran) == 6 and OTHER not in {config for config, _ in ran}
@@ -128,11 +132,7 @@ def test_the_first_finalist_that_wins_is_the_plan_and_the_later_ones_do_not_run(
 
 def test_a_finalist_whose_run_failed_on_a_seed_is_paired_over_the_others_and_the_next_finalist_still_runs():
     losses = {MIXED: {1: 1.95, 2: math.inf, 3: 2.01}, OTHER: {1: 1.90, 2: 2.00, 3: 1.89}, UNIFORM: {1: 2.0, 2: 2.1, 3: 2.0}}
-    ran = []
-
-    def run_all(runs):
-        ran.extend(runs)
-        return [losses[config][seed] for config, seed in runs]
+    run_all, ran = recording(losses)
 
     pick = final_pick(run_all, [MIXED, OTHER], UNIFORM, (1, 2, 3))
     # MIXED: -0.05 and +0.01 over its two finished seeds, not beyond 2 SE; OTHER then pairs with uniform's runs

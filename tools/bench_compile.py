@@ -10,8 +10,8 @@ Measured in one run, on this machine: the wall time of `qra compile` from a cold
 `--work`: the quantization cache and the priors are built from nothing), stage by stage (loading the model
 and calibrating, the priors, the search, the final paired comparison), then the wall time of one fine-tune
 of the emitted plan's whole schedule through the same `Run` the compile scores candidates with (cached GPTQ
-weights, every held-out sequence scored), the mean of `--fine-tunes` of them (2 by default: one run's wall
-time varies by ~10% here, 66-78 s for the same schedule on one day). Prints a table with the ratio and writes OUT/compile-cost.json and
+weights, every held-out sequence scored), the mean of `--fine-tunes` of them (2 by default: the same
+schedule took 59-66 s within one session here, 78-84 s in another). Prints a table with the ratio and writes OUT/compile-cost.json and
 OUT/compile-cost.md. Run it with nothing else on the machine: two cores halve under any other job.
 """
 
@@ -87,7 +87,7 @@ def measure(args: argparse.Namespace) -> dict:
     by_stage = stages.seconds(time.perf_counter())
     log.info("compile: %s; one fine-tune of the plan next", format_seconds(compile_s))
     fine_tunes_s = []
-    for _ in range(args.fine_tunes):  # one fine-tune's wall time varies by ~10% here from run to run
+    for _ in range(args.fine_tunes):  # one fine-tune's wall time varies by up to ~10% from run to run here
         began = time.perf_counter()
         evaluation = prepared.evaluator.measure_plan(outcome.plan, seed=0)
         fine_tunes_s.append(time.perf_counter() - began)
