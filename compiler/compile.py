@@ -57,13 +57,12 @@ class Effort:
     many fresh seeds; and the granularity a request that names none gets. Quick stays at layer
     granularity: module granularity measures priors for seven times the units. Standard and thorough
     search modules, which beat layers at B2 by 0.030 ± 0.006 and tied them at B1 (docs/objective.md,
-    "Granularity"). Quick takes two finalists: its search does not run a candidate to the top rung, so they
-    come from the screen rung, whose best can be a rank-heavy configuration that learns fastest early and
-    loses at the end (docs/objective.md, "Screening the refinement"). `evolution_share` is AutoQRA's share of
-    the evaluations for its first stage; quick gives it all of them (r12): one generation of the evolution,
-    promoted to the screen rung, and no refinement, whose proposals never became a quick compile's plan
-    (r9-r12) while a proposal passing its screen cost two top-rung runs on the search's seed, fine-tunes
-    the final comparison runs again on fresh seeds (docs/objective.md, "The quick effort's search").
+    "Granularity"). `evolution_share` is AutoQRA's share of the evaluations for its first stage. Quick's
+    search is the evolution's warm-started population of eight, scored at step 0 and no further (r13): its two
+    best mixed configurations go to the final comparison, in the order of the priors, since step 0 cannot see
+    rank. In the shipped quick compiles (r10-r12) a screen rung at step 10 cost 1.2 fine-tunes, passed on the
+    same two finalists step 0 ranks best, and put first the rank-heavy one, which lost; the refinement's
+    proposals never became a quick plan (docs/objective.md, "The quick effort's search").
     `prior_end_ranks_only`: the priors probe the smallest and the largest rank only (quick, whose 6-step
     probes never found a middle rank gaining more than the smallest on SmolLM2)."""
 
@@ -84,7 +83,7 @@ class Effort:
 
 
 EFFORTS = {
-    "quick": Effort(12, (0, 0.25, 1), 100, prior_probe_steps=6, prior_sequences=8, finalists=2, evolution_share=1.0,
+    "quick": Effort(8, (0, 1), 100, prior_probe_steps=6, prior_sequences=8, finalists=2, evolution_share=1.0,
                     prior_end_ranks_only=True),
     "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, prior_sequences=8, finalists=2,
                        granularity="module"),
@@ -246,14 +245,19 @@ def _is_uniform(config: Config) -> bool:
     return len(set(config)) == 1
 
 
-def finalists_of(result: SearchResult, problem: Problem, count: int) -> tuple[list[Config], Config]:
+def finalists_of(result: SearchResult, problem: Problem, count: int, untrained: int | None) -> tuple[list[Config], Config]:
     """The `count` best distinct non-uniform configurations, ranked by the highest rung each reached, then by
     its score there (the top rung first; where fewer reached it, as when no challenger passed the
     refinement's screen and its incumbent is known at the screen only, or at the quick effort, whose search
-    stops at the screen rung, the next rung fills in), and the
-    uniform configuration to beat: the best the search scored at the first finalist's rung (its warm start
-    holds the fitting uniforms), else the QLoRA-style default (`uniform_config`). The uniform is not run on
-    the search's seed for its own sake: the final comparison runs it on every fresh seed."""
+    stops at step 0, the next rung fills in), and the uniform configuration to beat: the best the search
+    scored at the first finalist's rung (its warm start holds the fitting uniforms), else the QLoRA-style
+    default (`uniform_config`). The uniform is not run on the search's seed for its own sake: the final
+    comparison runs it on every fresh seed.
+
+    Finalists chosen at `untrained`, the rung at step 0 (None: the ladder has none), are tried in the order
+    of the priors' prediction (`Importance.total_lost`), not of their score there: an adapter's B starts at
+    zero, so step 0 scores the bits alone and cannot see rank; the priors weigh both (docs/objective.md,
+    "The quick effort's search")."""
     highest: dict[Config, Evaluation] = {}
     for evaluation in (e for e in result.history if math.isfinite(e.score)):
         if evaluation.config not in highest or evaluation.fidelity > highest[evaluation.config].fidelity:
@@ -261,6 +265,8 @@ def finalists_of(result: SearchResult, problem: Problem, count: int) -> tuple[li
     ranked = sorted(highest.values(), key=lambda e: (-e.fidelity, e.score))
     finalists = [e.config for e in ranked if not _is_uniform(e.config)][:count]
     rung = highest[finalists[0]].fidelity if finalists else problem.top
+    if rung == untrained:
+        finalists.sort(key=problem.importance.total_lost)
     uniforms = [e for e in result.history if e.fidelity == rung and math.isfinite(e.score) and _is_uniform(e.config)]
     best_uniform = min(uniforms, key=lambda e: e.score).config if uniforms else uniform_config(problem)
     return finalists, best_uniform
@@ -270,7 +276,9 @@ def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResul
               on_stage: Callable[[StageProgress], None] | None = None) -> FinalPick:
     """The final paired comparison (`qra.compiler.finalists`) on fresh seeds, each round's runs at once on the pool,
     each seed's runs journaled beside the search's journal, so a resumed compile replays them."""
-    finalists, best_uniform = finalists_of(result, prepared.problem, prepared.effort.finalists)
+    steps = prepared.evaluator.ladder.steps
+    untrained = steps.index(0) if 0 in steps else None
+    finalists, best_uniform = finalists_of(result, prepared.problem, prepared.effort.finalists, untrained)
     top = prepared.problem.top
     seeds = [request.training.seed + 1 + index for index in range(prepared.effort.seeds)]
     runner: Pool = pool

@@ -19,12 +19,10 @@ def test_a_batch_takes_the_makespan_of_its_candidates_dealt_longest_first():
 def test_the_projection_prices_every_evaluation_and_more_gpus_never_take_longer():
     projection = project(2000.0, 1000, 512, 4, (1, 2, 8))
     assert sum(projection["batch_sizes"]) == projection["evaluations"]
-    # the trust region stops up to two short of the effort's 16 when a screen's winner could not run on to the top
-    # (with its incumbent, whose top-rung run waits for a challenger)
-    assert EFFORTS["quick"].evaluations - 2 <= projection["evaluations"] <= EFFORTS["quick"].evaluations
+    assert projection["evaluations"] == EFFORTS["quick"].evaluations  # one population, at step 0
     hours = projection["hours"]
     assert hours[1] >= hours[2] >= hours[8] > 0
-    assert projection["ladder_steps"] == [0, 25, 100]  # quick effort caps the top rung of a 1000-step schedule
+    assert projection["ladder_steps"] == [0, 100]  # quick effort caps the top rung of a 1000-step schedule
 
 
 def test_the_table_says_when_the_plans_differ():

@@ -16,7 +16,7 @@ from qra.compiler.compile import (
 from qra.compiler.space import Gene, build_space
 from qra.compiler.strategies import Problem, SearchResult, uniform_config
 from qra.compiler.strategies.driver import Evaluation
-from qra.compiler.importance import flat_importance
+from qra.compiler.importance import Importance, flat_importance
 from qra.errors import QraError
 from qra.plans.io import load_plan
 from qra.plans.schema import Budget, Device, Training
@@ -141,12 +141,27 @@ def test_finalists_come_from_the_highest_rung_that_scored_a_non_uniform_configur
     uniform4, uniform8 = (Gene(4, 4), Gene(4, 4)), (Gene(8, 4), Gene(8, 4))
     mixed, better = (Gene(8, 4), Gene(4, 16)), (Gene(4, 16), Gene(8, 4))
     at_the_screen = _searched((uniform8, 0, 2.0), (uniform4, 1, 1.6), (uniform8, 1, 1.5), (mixed, 1, 1.4), (better, 1, 1.3))
-    assert finalists_of(at_the_screen, problem, 2) == ([better, mixed], uniform8)  # no challenger reached the top
+    assert finalists_of(at_the_screen, problem, 2, 0) == ([better, mixed], uniform8)  # no challenger reached the top
     at_the_top = _searched((mixed, 1, 1.4), (better, 1, 1.3), (mixed, 2, 1.1), (better, 2, 1.2))
-    assert finalists_of(at_the_top, problem, 2) == ([mixed, better], uniform_config(problem))  # no uniform there: the default
-    assert finalists_of(at_the_top, problem, 1)[0] == [mixed]  # the top rung decides, not the screen
+    assert finalists_of(at_the_top, problem, 2, 0) == ([mixed, better], uniform_config(problem))  # no uniform there: the default
+    assert finalists_of(at_the_top, problem, 1, 0)[0] == [mixed]  # the top rung decides, not the screen
     one_at_the_top = _searched((mixed, 1, 1.4), (better, 1, 1.3), (uniform4, 2, 1.15), (mixed, 2, 1.1))
-    assert finalists_of(one_at_the_top, problem, 2) == ([mixed, better], uniform4)  # the screen fills the second
+    assert finalists_of(one_at_the_top, problem, 2, 0) == ([mixed, better], uniform4)  # the screen fills the second
+
+
+def test_finalists_scored_at_step_0_are_tried_in_the_order_of_the_priors():
+    space = build_space(tiny_spec("llama", layers=2), BITS, RANKS, TRAINING, DEVICE)
+    # the priors: the first unit gains from rank and loses little at 4 bits, the second the other way round
+    importance = Importance(sensitivity=({4: 0.01, 8: 0.0, 16: 0.0}, {4: 0.2, 8: 0.01, 16: 0.0}),
+                            plasticity=({4: 0.0, 16: 0.1}, {4: 0.0, 16: 0.0}))
+    problem = Problem(space, importance, budget=10**12)
+    uniform4 = (Gene(4, 4), Gene(4, 4))
+    rank_only, bits = (Gene(4, 16), Gene(4, 4)), (Gene(4, 4), Gene(8, 4))  # priors: lose 0.11 and 0.02
+    at_step_0 = _searched((uniform4, 0, 2.0), (rank_only, 0, 2.0), (bits, 0, 2.1))
+    assert finalists_of(at_step_0, problem, 2, untrained=0) == ([bits, rank_only], uniform4)  # step 0 cannot see rank
+    assert finalists_of(at_step_0, problem, 2, untrained=None) == ([rank_only, bits], uniform4)  # by score where trained
+    at_the_screen = _searched((rank_only, 1, 1.5), (bits, 1, 1.6))
+    assert finalists_of(at_the_screen, problem, 2, untrained=0)[0] == [rank_only, bits]  # a trained rung's order stands
 
 
 def test_the_plan_is_a_finalist_only_if_it_beats_uniform_beyond_two_paired_standard_errors(tiny_folder, tmp_path):
