@@ -353,12 +353,15 @@ def _measure_plasticity(
         journal.refresh()
         if not all(_plasticity_name(unit, rank) in journal for unit in units):
             _probe(evaluator, journal, held_out, rank, settings.probe_steps)
+    return _plasticity_from(journal.entries, len(units), evaluator.space.ranks, probed)
 
+
+def _plasticity_from(entries: dict[str, float], units: int, ranks: Sequence[int], probed: Sequence[int]) -> list[dict[int, float]]:
+    """Each unit's gain at every rank: a rank not probed takes the gain at the largest probed rank below it."""
     def gain(unit: int, rank: int) -> float:
-        measured_at = max(probe for probe in probed if probe <= rank)  # a rank not probed: the floor below it
-        return journal.entries[_plasticity_name(unit, measured_at)]
+        return entries[_plasticity_name(unit, max(probe for probe in probed if probe <= rank))]
 
-    return [{rank: gain(unit, rank) for rank in evaluator.space.ranks} for unit in units]
+    return [{rank: gain(unit, rank) for rank in ranks} for unit in range(units)]
 
 
 def _monotone(values: dict[int, float], scale: float, descending: bool) -> dict[int, float]:
@@ -384,7 +387,26 @@ def measure_priors(
     sensitivity = _measure_sensitivity(evaluator, record, held_out, sample)
     plasticity = _measure_plasticity(evaluator, record, held_out, settings)
     log.info("priors measured (%d entries, base loss %.4f)", len(record.entries), base)
+    return _importance(sensitivity, plasticity, base)
+
+
+def _importance(sensitivity: list[dict[int, float]], plasticity: list[dict[int, float]], base: float) -> Importance:
     return Importance(
         sensitivity=tuple(_monotone(values, base, descending=True) for values in sensitivity),
         plasticity=tuple(_monotone(values, base, descending=False) for values in plasticity),
     )
+
+
+def importance_from_journal(path: Path, bits: Sequence[int], ranks: Sequence[int],
+                            floor_sample_size: int = PriorSettings.floor_sample) -> Importance:
+    """The priors a finished compile measured, read back from its priors journal (`journal_path`) for the
+    space of `bits` and `ranks`, without the model: the journal's measurements, the rest derived as
+    `measure_priors` derives them (sensitivities by `noise_law` off the floor sample, ranks not probed from
+    the probed rank below). For tools that study a compile's priors against its search."""
+    entries = json.loads(path.read_text())["entries"]
+    units = 1 + max(int(name.split("/")[1]) for name in entries if name.startswith("sensitivity-kl/"))
+    sensitivity = [{b: entries.get(_sensitivity_name(unit, b), 0.0) for b in bits if b >= FLOAT_BITS
+                    or _sensitivity_name(unit, b) in entries} for unit in range(units)]
+    _derive_from_floor(sensitivity, bits, floor_sample(units, floor_sample_size))
+    probed = sorted({int(name.rsplit("/", 1)[1]) for name in entries if name.startswith("plasticity-taylor/")})
+    return _importance(sensitivity, _plasticity_from(entries, units, ranks, probed), entries["base"])

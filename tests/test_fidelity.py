@@ -246,6 +246,8 @@ def test_off_the_floor_sample_high_bit_sensitivity_is_derived_by_the_noise_law_n
     monkeypatch.setattr(priors, "divergence", lambda *args: pytest.fail("a journaled prior was measured again"))
     monkeypatch.setattr(setup, "probe", lambda *args: pytest.fail("a journaled prior was measured again"))
     assert measure_priors(setup, settings, journal) == importance
+    # a tool reads the same priors back from the journal, without the model
+    assert priors.importance_from_journal(journal, setup.space.bits, setup.space.ranks, floor_sample_size=3) == importance
     monkeypatch.undo()
     measured = []
     divergence = priors.divergence
