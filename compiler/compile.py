@@ -122,6 +122,7 @@ class CompileOutcome:
     plan: Plan
     result: SearchResult
     above_maximum: bool
+    pick: FinalPick
 
 
 def _check_request(request: CompileRequest) -> None:
@@ -254,22 +255,35 @@ def finalists_of(result: SearchResult, problem: Problem, count: int, untrained: 
     default (`uniform_config`). The uniform is not run on the search's seed for its own sake: the final
     comparison runs it on every fresh seed.
 
-    Finalists chosen at `untrained`, the rung at step 0 (None: the ladder has none), are tried in the order
-    of the priors' prediction (`Importance.total_lost`), not of their score there: an adapter's B starts at
-    zero, so step 0 scores the bits alone and cannot see rank; the priors weigh both (docs/objective.md,
-    "The quick effort's search")."""
+    With measured priors, `untrained` names the rung at step 0 (else None). An adapter's B starts at zero, so
+    step 0 scores the bits alone and cannot see rank: configurations with the same bits tie there, and the
+    priors' prediction (`Importance.total_lost`, bits and ranks) breaks the tie; finalists chosen there are
+    tried in the priors' order, not in their score's (docs/objective.md, "The quick effort's search")."""
     highest: dict[Config, Evaluation] = {}
     for evaluation in (e for e in result.history if math.isfinite(e.score)):
         if evaluation.config not in highest or evaluation.fidelity > highest[evaluation.config].fidelity:
             highest[evaluation.config] = evaluation
-    ranked = sorted(highest.values(), key=lambda e: (-e.fidelity, e.score))
+
+    def rank_key(evaluation: Evaluation) -> tuple[int, float, float]:
+        tie = problem.importance.total_lost(evaluation.config) if evaluation.fidelity == untrained else 0.0
+        return -evaluation.fidelity, evaluation.score, tie
+
+    ranked = sorted(highest.values(), key=rank_key)
     finalists = [e.config for e in ranked if not _is_uniform(e.config)][:count]
     rung = highest[finalists[0]].fidelity if finalists else problem.top
     if rung == untrained:
         finalists.sort(key=problem.importance.total_lost)
     uniforms = [e for e in result.history if e.fidelity == rung and math.isfinite(e.score) and _is_uniform(e.config)]
-    best_uniform = min(uniforms, key=lambda e: e.score).config if uniforms else uniform_config(problem)
+    best_uniform = min(uniforms, key=rank_key).config if uniforms else uniform_config(problem)
     return finalists, best_uniform
+
+
+def seed_journal(request: CompileRequest, prepared: "Prepared", seed: int) -> Journal:
+    """The journal of the final comparison's runs on fresh `seed`, beside the search's (`request.journal`)."""
+    if request.journal is None:
+        raise ValueError("a compile without a journal keeps no journal of its final comparison")
+    return Journal(request.journal.with_name(f"{request.journal.stem}.seed{seed}.jsonl"),
+                   journal_key(request, prepared, f"finalists seed {seed}"))
 
 
 def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResult, pool: Pool,
@@ -277,17 +291,13 @@ def pick_plan(request: CompileRequest, prepared: "Prepared", result: SearchResul
     """The final paired comparison (`qra.compiler.finalists`) on fresh seeds, each round's runs at once on the pool,
     each seed's runs journaled beside the search's journal, so a resumed compile replays them."""
     steps = prepared.evaluator.ladder.steps
-    untrained = steps.index(0) if 0 in steps else None
+    untrained = steps.index(0) if 0 in steps and request.strategy in PRIORS_STRATEGIES else None  # else flat priors
     finalists, best_uniform = finalists_of(result, prepared.problem, prepared.effort.finalists, untrained)
     top = prepared.problem.top
     seeds = [request.training.seed + 1 + index for index in range(prepared.effort.seeds)]
     runner: Pool = pool
     if request.journal is not None:
-        journals = {
-            seed: Journal(request.journal.with_name(f"{request.journal.stem}.seed{seed}.jsonl"),
-                          journal_key(request, prepared, f"finalists seed {seed}"))
-            for seed in seeds
-        }
+        journals = {seed: seed_journal(request, prepared, seed) for seed in seeds}
         runner = JournaledPool(pool, lambda task: journals[task.seed])
     log.info("final comparison: %d finalist(s) and %s on seeds %s", len(finalists), _baseline_name(best_uniform), seeds)
     done: list[int] = []
@@ -483,7 +493,7 @@ def compile_plan(
     )
     fidelity = f"f{prepared.problem.top} (step {ladder.steps[-1]} of {ladder.plan_steps}), mean of seeds {pick.seeds_of(pick.config)}"
     predicted = Prediction(score=pick.predicted, metric="held-out loss", fidelity=fidelity)
-    return CompileOutcome(_plan(request, prepared, pick.config, predicted, provenance), result, prepared.above_maximum)
+    return CompileOutcome(_plan(request, prepared, pick.config, predicted, provenance), result, prepared.above_maximum, pick)
 
 
 def baseline_plan(request: CompileRequest, prepared: Prepared, name: str) -> Plan:

@@ -5,13 +5,14 @@ for all), which is the right way to compare many candidates cheaply, and the wro
 winner: the best of many on one seed is partly the luckiest (the winner's curse). So the best few
 finalists and the best uniform configuration are run again, at the top rung, on fresh seeds that took no
 part in choosing them, paired by seed: for seed s, d_s = loss(finalist, s) − loss(uniform, s). The paired
-mean d̄ and its standard error SE = sd(d)/√n decide: the first finalist, in the search's order, with
+mean d̄ and its standard error SE = sd(d)/√n decide: the first finalist, in the order given, with
 d̄ < −2·SE is the plan; if there is none, the plan is the uniform configuration, and the compile says so. The plan's predicted
 loss is its mean over these seeds, an unbiased estimate of what a user's run gets. A run that failed (its
 worker died twice) has an infinite loss; its seed is left out of that finalist's pairing.
 
 Re-runs are spent only where the decision is still open. The finalists are tried one at a time, in the
-search's order (its best first), and the first that beats uniform is the plan: the others are not run. A
+order given (the search's, its best first; finalists from step 0 in the priors' order: `finalists_of`), and
+the first that beats uniform is the plan: the others are not run. A
 finalist runs seed by seed, on the next seed only if the paired differences still to come could make it a
 winner (`can_still_win`, exact). With the default three seeds and the 2-SE margin, a finalist behind
 uniform on the first seed, or level with it, is already lost (the best case, two equal gains after a tie,

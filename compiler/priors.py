@@ -123,6 +123,12 @@ class _Journal:
             self.record(name, measure())
         return self.entries[name]
 
+    def report_training(self, run_share: float) -> None:
+        """A probe's training just ended, `run_share` of a top-rung run: the time since the last report prices one
+        for the compile's ETA (`qra.compiler.progress`) before any candidate trains (the quick search never does)."""
+        if self.on_progress is not None:
+            self.on_progress(StageProgress("priors", len(self.entries), self.expected, run_share=run_share))
+
     def record(self, name: str, value: float) -> None:
         self.entries[name] = value
         if self.path is not None:
@@ -337,6 +343,7 @@ def _probe(evaluator: FidelityEvaluator, journal: _Journal, held_out: HeldOut, r
     the adapters' gain: the summed first-order contributions of its modules' adapters."""
     config = evaluator.space.uniform(FLOAT_BITS, rank)
     with evaluator.probe(config, steps) as run:
+        journal.report_training(steps / evaluator.ladder.steps[-1])
         contributions = _adapter_contributions(run, held_out)
     for index, unit in enumerate(evaluator.space.units):
         paths = [evaluator.space.spec.module_path(unit.layer, module) + "." for module in unit.modules]
@@ -397,16 +404,21 @@ def _importance(sensitivity: list[dict[int, float]], plasticity: list[dict[int, 
     )
 
 
-def importance_from_journal(path: Path, bits: Sequence[int], ranks: Sequence[int],
+def importance_from_journal(path: Path, bits: Sequence[int] = (), ranks: Sequence[int] = (),
                             floor_sample_size: int = PriorSettings.floor_sample) -> Importance:
-    """The priors a finished compile measured, read back from its priors journal (`journal_path`) for the
-    space of `bits` and `ranks`, without the model: the journal's measurements, the rest derived as
-    `measure_priors` derives them (sensitivities by `noise_law` off the floor sample, ranks not probed from
-    the probed rank below). For tools that study a compile's priors against its search."""
+    """The priors a finished compile measured, read back from its priors journal (`journal_path`) without the
+    model, for a space of the bit-widths and ranks the journal measured and `bits` and `ranks` besides: the
+    entries `measure_priors` would read, the rest derived as it derives them (sensitivities by `noise_law` off
+    the floor sample, ranks not probed from the probed rank below). For tools that study a compile's priors
+    against its search."""
     entries = json.loads(path.read_text())["entries"]
-    units = 1 + max(int(name.split("/")[1]) for name in entries if name.startswith("sensitivity-kl/"))
-    sensitivity = [{b: entries.get(_sensitivity_name(unit, b), 0.0) for b in bits if b >= FLOAT_BITS
-                    or _sensitivity_name(unit, b) in entries} for unit in range(units)]
-    _derive_from_floor(sensitivity, bits, floor_sample(units, floor_sample_size))
-    probed = sorted({int(name.rsplit("/", 1)[1]) for name in entries if name.startswith("plasticity-taylor/")})
-    return _importance(sensitivity, _plasticity_from(entries, units, ranks, probed), entries["base"])
+    measured = [name.split("/") for name in entries if name.startswith(("sensitivity-kl/", "plasticity-taylor/"))]
+    units = 1 + max(int(unit) for _, unit, _ in measured)
+    bits = sorted({*bits, *(int(width) for kind, _, width in measured if kind == "sensitivity-kl")})
+    probed = sorted({int(rank) for kind, _, rank in measured if kind == "plasticity-taylor"})
+    sample = floor_sample(units, floor_sample_size)
+    sensitivity = [{b: 0.0 for b in bits if b >= FLOAT_BITS} | {b: entries[_sensitivity_name(unit, b)] for b in
+                    measured_bits(bits, unit, sample)} for unit in range(units)]
+    _derive_from_floor(sensitivity, bits, sample)
+    plasticity = _plasticity_from(entries, units, sorted({*ranks, *probed}), probed)
+    return _importance(sensitivity, plasticity, entries["base"])

@@ -30,9 +30,11 @@ class StageProgress:
 class CompileClock:
     """Time left for the whole compile, from the rate of each stage so far (none before the search has
     one). The search is priced by its rate; the final comparison's units, whole fine-tunes, by
-    the mean seconds of its runs so far, or before one has run by the search's runs scaled to the top
-    rung's steps (which overprices a little: scoring every held-out sequence does not scale with the steps;
-    and underprices a promoted run, which resumes from its checkpoint). A unit's seconds are the time since
+    the mean seconds of its runs so far, or before one has run by the shorter runs seen, the priors' rank
+    probes' training and the search's trained rungs, scaled to the top rung's steps (rough: a rung's scoring
+    and a process's first step do not scale with the steps, a probe's time holds no scoring, and a promoted
+    run resumes from its checkpoint); with none of those (priors replayed from their journal, a search at
+    step 0 only), the compile's time left is not known until the first whole fine-tune ends. A unit's seconds are the time since
     the previous report, so with parallel workers or on a replayed journal the estimate runs low."""
 
     search_total: int
@@ -58,7 +60,7 @@ class CompileClock:
         now = time.perf_counter() if now is None else now
         rates = {stage: (now - self._started[stage]) / done for stage, done in self._done.items() if done}
         known = self._whole or self._scaled
-        per_run = sum(known) / len(known) if known else rates.get("search")
+        per_run = sum(known) / len(known) if known else None  # no training timed yet (priors replayed, search at step 0)
         left = 0.0
         stages = (("priors", self._totals.get("priors", 0)), ("search", self.search_total),
                   ("final comparison", self.final_total))

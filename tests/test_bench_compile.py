@@ -29,7 +29,7 @@ def test_the_table_gives_each_stage_in_fine_tunes_and_says_whether_the_target_is
               "compile_s": 600.0, "fine_tune_s": 30.0, "ratio": 20.0, "target": 10}
     text = markdown(result)
     assert "| priors | 3m20s | 6.7x |" in text and "**20.0x**" in text
-    assert "Target: at most 10x one fine-tune: missed by 2.0x." in text
+    assert "Target: at most 10x one fine-tune: missed by 10.0 fine-tunes." in text
 
 
 def test_stage_times_record_each_stage_once_in_order():
@@ -51,4 +51,8 @@ def test_a_tiny_compile_is_measured_from_cold_against_one_fine_tune_of_its_plan(
     assert list(result["stages_s"]) == ["load and calibrate", "bit screen", "priors", "search", "final comparison"]
     assert result["compile_s"] >= sum(result["stages_s"].values()) - 1 and result["fine_tune_s"] > 0
     assert result["ratio"] == pytest.approx(result["compile_s"] / result["fine_tune_s"], rel=0.05)
-    assert len(result["fine_tunes_s"]) == 2 and result["fine_tune_s"] == pytest.approx(sum(result["fine_tunes_s"]) / 2)
+    # the baseline: the plan's own runs in the final comparison (one per fresh seed it ran on) and the two after
+    runs = result["final_runs_s"] + result["fine_tunes_s"]
+    assert len(result["fine_tunes_s"]) == 2 and 2 <= len(result["final_runs_s"]) <= 3
+    assert result["fine_tune_s"] == pytest.approx(sum(runs) / len(runs))
+    assert f"mean of {len(runs)}: its {len(result['final_runs_s'])} run(s) in the final comparison" in markdown(result)

@@ -72,6 +72,8 @@ def test_compile_runs_every_stage_and_writes_a_verified_plan_with_provenance(tin
     assert final[0].done == 0 and [stage.done for stage in stages if stage.stage == "search"][0] == 0  # each stage reports its start
     assert final[-1].done == final[-1].total == 2 * CHEAP.seeds and all(stage.run_share == 1 for stage in final[1:-1])
     assert final[-1].best == plan.predicted.score  # the closing report: the pick's scores, no further fine-tune
+    probes = [stage.run_share for stage in stages if stage.stage == "priors" and stage.run_share]
+    assert probes == [CHEAP.prior_probe_steps / TRAINING.steps] * len(RANKS)  # each probe's training prices a fine-tune
     assert [stage.uniform for stage in stages if stage.uniform is not None] == [plan.provenance.baselines[next(iter(plan.provenance.baselines))]]
     assert verify_plan(plan, tiny_spec("llama", layers=2)).verified
     space = build_space(tiny_spec("llama", layers=2), BITS, RANKS, TRAINING, DEVICE)
@@ -159,9 +161,14 @@ def test_finalists_scored_at_step_0_are_tried_in_the_order_of_the_priors():
     rank_only, bits = (Gene(4, 16), Gene(4, 4)), (Gene(4, 4), Gene(8, 4))  # priors: lose 0.11 and 0.02
     at_step_0 = _searched((uniform4, 0, 2.0), (rank_only, 0, 2.0), (bits, 0, 2.1))
     assert finalists_of(at_step_0, problem, 2, untrained=0) == ([bits, rank_only], uniform4)  # step 0 cannot see rank
-    assert finalists_of(at_step_0, problem, 2, untrained=None) == ([rank_only, bits], uniform4)  # by score where trained
+    assert finalists_of(at_step_0, problem, 2, untrained=None) == ([rank_only, bits], uniform4)  # no priors: by score
     at_the_screen = _searched((rank_only, 1, 1.5), (bits, 1, 1.6))
     assert finalists_of(at_the_screen, problem, 2, untrained=0)[0] == [rank_only, bits]  # a trained rung's order stands
+    # a tie at step 0 (the same bits) is broken by the priors: of two rank-only variants, the one that gains more
+    more_rank = (Gene(4, 16), Gene(4, 4))
+    less_rank = (Gene(4, 4), Gene(4, 16))  # priors: the second unit gains nothing from rank
+    tied = _searched((uniform4, 0, 2.0), (less_rank, 0, 2.0), (more_rank, 0, 2.0), (bits, 0, 2.1))
+    assert finalists_of(tied, problem, 1, untrained=0)[0] == [more_rank]
 
 
 def test_the_plan_is_a_finalist_only_if_it_beats_uniform_beyond_two_paired_standard_errors(tiny_folder, tmp_path):

@@ -247,13 +247,16 @@ def test_off_the_floor_sample_high_bit_sensitivity_is_derived_by_the_noise_law_n
     monkeypatch.setattr(setup, "probe", lambda *args: pytest.fail("a journaled prior was measured again"))
     assert measure_priors(setup, settings, journal) == importance
     # a tool reads the same priors back from the journal, without the model
-    assert priors.importance_from_journal(journal, setup.space.bits, setup.space.ranks, floor_sample_size=3) == importance
+    assert priors.importance_from_journal(journal, floor_sample_size=3) == importance
     monkeypatch.undo()
     measured = []
     divergence = priors.divergence
     monkeypatch.setattr(priors, "divergence", lambda *args: measured.append(args) or divergence(*args))
-    measure_priors(setup, PriorSettings(held_out_sequences=8, probe_steps=2, floor_sample=4), journal)
+    larger = measure_priors(setup, PriorSettings(held_out_sequences=8, probe_steps=2, floor_sample=4), journal)
     assert len(measured) == 1  # a larger sample keeps the journal and measures only unit 1 at 8 bits
+    # read back for either sample: the journal now holds 8-bit entries off the smaller one, which it derives
+    assert priors.importance_from_journal(journal, floor_sample_size=4) == larger
+    assert priors.importance_from_journal(journal, floor_sample_size=3) == importance
 
 
 def test_the_noise_law_divides_the_damage_above_the_floor_by_four_per_bit():

@@ -33,6 +33,25 @@ def test_before_a_whole_fine_tune_is_seen_the_final_comparison_is_priced_by_the_
     assert clock.seconds_left(now=130.0) == pytest.approx(3 * 90)  # a whole fine-tune seen: its time
 
 
+def test_a_search_that_never_trains_leaves_the_final_comparison_priced_by_the_priors_probes():
+    clock = CompileClock(search_total=2, final_total=6)
+    clock.update(StageProgress("priors", 0, 10), now=0.0)
+    clock.update(StageProgress("priors", 9, 10), now=45.0)
+    clock.update(StageProgress("priors", 9, 10, run_share=0.15), now=60.0)  # a probe trained 6 of 40 steps in 15 s
+    clock.update(StageProgress("priors", 10, 10), now=70.0)
+    clock.update(StageProgress("search", 1, 2, run_share=0.0), now=74.0)  # step 0: no training
+    # search: 1 left at 4 s; final comparison: 6 fine-tunes at 15 s / 0.15 = 100 s
+    assert clock.seconds_left(now=74.0) == pytest.approx(4 + 6 * 100)
+    replayed = CompileClock(search_total=2, final_total=6)  # the priors came from their journal: no probe ran
+    replayed.update(StageProgress("priors", 10, 10), now=0.0)
+    replayed.update(StageProgress("search", 1, 2, run_share=0.0), now=4.0)
+    assert replayed.seconds_left(now=4.0) is None  # a step-0 score says nothing of a fine-tune's time
+    replayed.update(StageProgress("search", 2, 2, run_share=0.0), now=8.0)
+    replayed.update(StageProgress("final comparison", 0, 6), now=8.0)
+    replayed.update(StageProgress("final comparison", 1, 6, run_share=1.0), now=68.0)
+    assert replayed.seconds_left(now=68.0) == pytest.approx(5 * 60)
+
+
 def test_a_search_that_stops_short_of_its_evaluations_leaves_nothing_to_wait_for_once_the_next_stage_began():
     clock = CompileClock(search_total=16, final_total=2)
     clock.update(StageProgress("priors", 1, 1), now=0.0)

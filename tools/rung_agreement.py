@@ -3,9 +3,10 @@
     python tools/rung_agreement.py OUT/plans/*.journal.jsonl     # search journals, e.g. tools/bench_quality.py's
     python tools/rung_agreement.py J.journal.jsonl --priors WORK/priors/KEY.json   # and the priors' prediction
 
-The top is the highest rung the journal holds (a quick compile's journal often reaches the screen rung only:
-then that rung is compared with the ones below it). For each journal and each rung below that top: the configurations scored at both that rung and the top,
-the Spearman rank correlation of their two scores, and where the lower rung's best lands at the top (1 =
+The top is the highest rung the journal holds (the final comparison's runs are in other journals: a search
+that stopped below the top rung is compared with its own highest rung, and a quick compile's, at step 0 only
+since r13, has no rung below it). For each journal and each rung below that top: the configurations scored
+at both that rung and the top, the Spearman rank correlation of their two scores, and where the lower rung's best lands at the top (1 =
 also best there). Only configurations that were promoted have a top-rung score, so the correlation is over
 the survivors of the lower rung: it says how well that rung orders candidates good enough to reach the top,
 which is what promotion and the refinement's screen ask of it. Reads the records as written (the journal's
@@ -27,7 +28,7 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 from qra.compiler.priors import importance_from_journal
-from qra.compiler.space import Gene
+from qra.compiler.space import parse_config_key
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def agreements(path: Path, priors: Path | None = None) -> list[Agreement]:
     at_top = [config for config, by_rung in scores.items() if top in by_rung]
     if priors is None or len(at_top) < 3:
         return result
-    configs = {config: _genes(config) for config in at_top}
+    configs = {config: parse_config_key(config) for config in at_top}
     bits = sorted({gene.bits for genes in configs.values() for gene in genes})
     ranks = sorted({gene.rank for genes in configs.values() for gene in genes})
     importance = importance_from_journal(priors, bits, ranks)
@@ -76,10 +77,6 @@ def agreements(path: Path, priors: Path | None = None) -> list[Agreement]:
         predicted = [importance.total_lost(configs[c]) for c in at_top]
         result.append(_agreement(path.name, None, top, predicted, [scores[c][top] for c in at_top]))
     return result
-
-
-def _genes(config: str) -> tuple[Gene, ...]:
-    return tuple(Gene(*map(int, gene.split(":"))) for gene in config.split(","))
 
 
 def markdown(rows: list[Agreement]) -> str:
