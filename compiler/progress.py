@@ -34,8 +34,9 @@ class CompileClock:
     probes' training and the search's trained rungs, scaled to the top rung's steps (rough: a rung's scoring
     and a process's first step do not scale with the steps, a probe's time holds no scoring, and a promoted
     run resumes from its checkpoint); with none of those (priors replayed from their journal, a search at
-    step 0 only), the compile's time left is not known until the first whole fine-tune ends. A unit's seconds are the time since
-    the previous report, so with parallel workers or on a replayed journal the estimate runs low."""
+    step 0 only), the compile's time left is not known until the first whole fine-tune ends. A unit's
+    seconds are the time since the previous report, so with parallel workers or on a replayed journal the
+    estimate runs low."""
 
     search_total: int
     final_total: int

@@ -6,8 +6,8 @@
 The top is the highest rung the journal holds (the final comparison's runs are in other journals: a search
 that stopped below the top rung is compared with its own highest rung, and a quick compile's, at step 0 only
 since r13, has no rung below it). For each journal and each rung below that top: the configurations scored
-at both that rung and the top, the Spearman rank correlation of their two scores, and where the lower rung's best lands at the top (1 =
-also best there). Only configurations that were promoted have a top-rung score, so the correlation is over
+at both that rung and the top, the Spearman rank correlation of their two scores, and where the lower
+rung's best lands at the top (1 = also best there). Only configurations that were promoted have a top-rung score, so the correlation is over
 the survivors of the lower rung: it says how well that rung orders candidates good enough to reach the top,
 which is what promotion and the refinement's screen ask of it. Reads the records as written (the journal's
 key is not checked: any compile's journal will do).
@@ -92,6 +92,9 @@ def main() -> None:
     parser.add_argument("journals", type=Path, nargs="+")
     parser.add_argument("--priors", type=Path, help="the priors journal of the compiles the journals come from")
     args = parser.parse_args()
+    missing = [path for path in [*args.journals, *([args.priors] if args.priors else [])] if not path.is_file()]
+    if missing:
+        parser.error(f"{missing[0]} is not a file: give search journals (*.journal.jsonl) and a priors journal (WORK/priors/*.json)")
     sys.stdout.write(markdown([row for path in args.journals for row in agreements(path, args.priors)]))
 
 
