@@ -64,7 +64,11 @@ class Effort:
     same two finalists step 0 ranks best, and put first the rank-heavy one, which lost; the refinement's
     proposals never became a quick plan (docs/objective.md, "The quick effort's search").
     `prior_end_ranks_only`: the priors probe the smallest and the largest rank only (quick, whose 6-step
-    probes never found a middle rank gaining more than the smallest on SmolLM2)."""
+    probes never found a middle rank gaining more than the smallest on SmolLM2). Standard's refinement has
+    about nine evaluations (r14: 40 in all, the evolution's 29 as before, 0.72 × 40 = 0.6 × 48 rounded): in
+    the seven standard compiles kept, its proposals won at the top in two, both at B2, each the first to pass
+    its screen, within its first three; at B1 none won, and the rest of the ~17 it had cost 3 fine-tunes
+    (docs/objective.md, "How long the refinement runs")."""
 
     evaluations: int
     rungs: tuple[float, ...]
@@ -85,8 +89,8 @@ class Effort:
 EFFORTS = {
     "quick": Effort(8, (0, 1), 100, prior_probe_steps=6, prior_sequences=8, finalists=2, evolution_share=1.0,
                     prior_end_ranks_only=True),
-    "standard": Effort(48, (0, 0.25, 1), 400, prior_probe_steps=16, prior_sequences=8, finalists=2,
-                       granularity="module"),
+    "standard": Effort(40, (0, 0.25, 1), 400, prior_probe_steps=16, prior_sequences=8, finalists=2,
+                       granularity="module", evolution_share=0.72),
     "thorough": Effort(120, (0, 0.125, 0.5, 1), None, prior_probe_steps=32, prior_sequences=32,
                        finalists=3, seeds=4, granularity="module"),
 }

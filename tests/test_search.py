@@ -215,6 +215,20 @@ def test_the_quick_effort_scores_the_warm_started_population_at_step_0_only(prob
     assert [e.fidelity for e in result.history] == [0] * 8
 
 
+def test_the_standard_effort_keeps_the_evolution_and_cuts_the_refinement_to_its_first_proposals(problem: Problem) -> None:
+    standard = EFFORTS["standard"]
+    before = run_search(AutoQRA(problem, 0), Synthetic(), 48)  # the standard effort until r13
+    after = run_search(AutoQRA(problem, 0, evolution_share=standard.evolution_share), Synthetic(), standard.evaluations)
+
+    def stage(result, name: str) -> list[tuple]:
+        return [(e.config, e.fidelity, e.score) for e in result.history if e.stage.startswith(name)]
+
+    assert stage(after, "evolution") == stage(before, "evolution")
+    refined = stage(after, "trbo")
+    assert 0 < len(refined) <= 9 < len(stage(before, "trbo"))
+    assert refined == stage(before, "trbo")[: len(refined)]
+
+
 def test_trust_region_stays_within_its_bounds() -> None:
     region = TrustRegion(radius=1, min_radius=1, max_radius=2)
     assert region.update(False).update(False).update(False).radius == 1
