@@ -65,10 +65,10 @@ class Effort:
     proposals never became a quick plan (docs/objective.md, "The quick effort's search").
     `prior_end_ranks_only`: the priors probe the smallest and the largest rank only (quick, whose 6-step
     probes never found a middle rank gaining more than the smallest on SmolLM2). Standard's refinement has
-    about nine evaluations (r14: 40 in all, the evolution's 29 as before, 0.72 × 40 = 0.6 × 48 rounded): in
-    the seven standard compiles kept, its proposals won at the top in two, both at B2, each the first to pass
-    its screen, within its first three screens; at B1 none won. The ~8 evaluations it no longer makes cost
-    about 3 fine-tunes a compile on SmolLM2 (docs/objective.md, "How long the refinement runs")."""
+    nine evaluations (r14: 40 in all; the evolution hands over at 0.72 × 40 = 0.6 × 48 rounded, after 31, as
+    before): in the seven standard compiles kept, its proposals won at the top in two, both at B2, each the
+    first to pass its screen, within its first three screens; at B1 none won. The ~8 evaluations it no longer
+    makes cost about 3 fine-tunes a compile on SmolLM2 (docs/objective.md, "How long the refinement runs")."""
 
     evaluations: int
     rungs: tuple[float, ...]

@@ -217,7 +217,7 @@ def test_the_quick_effort_scores_the_warm_started_population_at_step_0_only(prob
 
 def test_the_standard_effort_keeps_the_evolution_and_cuts_the_refinement_to_its_first_proposals(problem: Problem) -> None:
     standard = EFFORTS["standard"]
-    before = run_search(AutoQRA(problem, 0), Synthetic(), 48)  # the standard effort until r13
+    before = run_search(AutoQRA(problem, 0, evolution_share=0.6), Synthetic(), 48)  # the standard effort until r13
     after = run_search(AutoQRA(problem, 0, evolution_share=standard.evolution_share), Synthetic(), standard.evaluations)
 
     def stage(result, name: str) -> list[tuple]:
