@@ -45,7 +45,7 @@ def test_a_tiny_compile_is_measured_from_cold_against_one_fine_tune_of_its_plan(
     model = save_tiny_model(tmp_path / "model", "llama", layers=2)
     args = Namespace(out=tmp_path / "out", model=str(model), data=str(tmp_path / "corpus.jsonl"), effort="quick",
                      granularity="layer", bits=[2, 4, 8], ranks=[4, 16], seq_len=24, batch_size=2, steps=4, learning_rate=5e-3,
-                     fine_tunes=2)
+                     fine_tunes=2, workers=0)
     args.out.mkdir()
     result = measure(args)
     assert list(result["stages_s"]) == ["load and calibrate", "bit screen", "priors", "search", "final comparison"]
@@ -56,3 +56,19 @@ def test_a_tiny_compile_is_measured_from_cold_against_one_fine_tune_of_its_plan(
     assert len(result["fine_tunes_s"]) == 2 and 2 <= len(result["final_runs_s"]) <= 3
     assert result["fine_tune_s"] == pytest.approx(sum(runs) / len(runs))
     assert f"mean of {len(runs)}: its {len(result['final_runs_s'])} run(s) in the final comparison" in markdown(result)
+
+
+@pytest.mark.slow
+def test_with_workers_the_baseline_is_the_fine_tunes_after_the_compile_in_this_process(tmp_path):
+    pytest.importorskip("ray")
+    tiny_corpus(tmp_path / "corpus.jsonl")
+    model = save_tiny_model(tmp_path / "model", "llama", layers=2)
+    args = Namespace(out=tmp_path / "out", model=str(model), data=str(tmp_path / "corpus.jsonl"), effort="quick",
+                     granularity="layer", bits=[4, 8], ranks=[4, 16], seq_len=24, batch_size=2, steps=4, learning_rate=5e-3,
+                     fine_tunes=1, workers=2)
+    args.out.mkdir()
+    result = measure(args)
+    # the plan's runs in the final comparison ran on a worker, beside another run, on one thread: not counted
+    assert result["workers"] == 2 and result["final_runs_s"] == []
+    assert result["fine_tune_s"] == pytest.approx(result["fine_tunes_s"][0])
+    assert "candidates on 2 Ray worker(s) (`--workers 2`)" in markdown(result)

@@ -14,8 +14,11 @@ weights, every held-out sequence scored): the mean over every such fine-tune in 
 in the final comparison (its fresh seeds, timed in their journals; none when the top rung is truncated) and
 `--fine-tunes` more after the compile (2 by default). Both periods count because this machine's speed drifts
 within a run: in r13 the plan's runs took 66-68 s during the compile and 58-59 s after it (in r12d 57-61 s
-and 60 s). Prints a table with the ratio and writes OUT/compile-cost.json and OUT/compile-cost.md. Run it with
-nothing else on the machine: two cores halve under any other job.
+and 60 s). With `--workers N` the compile runs its candidates on N local Ray workers (`qra compile
+--workers`), each with its share of the cores: the plan's runs there ran beside others on fewer threads, so
+the baseline is then the fine-tunes after the compile alone, in this process, as a user's fine-tune runs.
+Prints a table with the ratio and writes OUT/compile-cost.json and OUT/compile-cost.md. Run it with nothing
+else on the machine: two cores halve under any other job.
 """
 
 import argparse
@@ -80,7 +83,7 @@ def measure(args: argparse.Namespace) -> dict:
     request = CompileRequest(
         model=args.model, budget=budget, data=args.data, bits=tuple(args.bits), ranks=tuple(args.ranks),
         granularity=args.granularity, effort=args.effort, training=training, work=work,
-        journal=args.out / f"plan-{args.effort}-{args.granularity}.journal.jsonl",
+        journal=args.out / f"plan-{args.effort}-{args.granularity}.journal.jsonl", workers=args.workers,
     )
     request.journal.unlink(missing_ok=True)
     for seeded in request.journal.parent.glob(f"{request.journal.stem}.*"):
@@ -101,7 +104,7 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "data": args.data, "budget": budget.text, "effort": args.effort, "granularity": args.granularity,
         "schedule": f"{args.steps} steps, batch {args.batch_size} x {args.seq_len}, learning rate {args.learning_rate:g}",
-        "stages_s": by_stage, "compile_s": compile_s, "fine_tune_s": fine_tune_s, "fine_tunes_s": fine_tunes_s,
+        "workers": args.workers, "stages_s": by_stage, "compile_s": compile_s, "fine_tune_s": fine_tune_s, "fine_tunes_s": fine_tunes_s,
         "final_runs_s": final_runs_s,
         "fine_tune_loss": evaluation.loss, "ratio": compile_s / fine_tune_s, "target": TARGETS.get(args.effort),
         "evaluations": outcome.plan.provenance.evaluations, "quantization_cache": str(prepared.evaluator.cache.stats),
@@ -110,8 +113,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 def plan_runs_s(request: CompileRequest, prepared: Prepared, outcome: CompileOutcome) -> list[float]:
     """Wall seconds of the plan's own runs in the final comparison, from its seeds' journals: whole fine-tunes
-    of the plan's schedule unless the effort truncated the top rung (then none)."""
-    if prepared.evaluator.ladder.truncated:
+    of the plan's schedule unless the effort truncated the top rung or they ran on workers (then none)."""
+    if prepared.evaluator.ladder.truncated or request.workers or request.ray_address:
         return []
     pick, top = outcome.pick, prepared.problem.top
     key = config_key(pick.config)
@@ -122,7 +125,8 @@ def plan_runs_s(request: CompileRequest, prepared: Prepared, outcome: CompileOut
 def markdown(result: dict) -> str:
     lines = [
         f"{result['model']} on {result['data']}, budget {result['budget']}, `--effort {result['effort']}`, granularity "
-        f"{result['granularity']}, schedule {result['schedule']}; from a cold start.",
+        f"{result['granularity']}, schedule {result['schedule']}; from a cold start"
+        f"{_workers_note(result.get('workers', 0))}.",
         "",
         "| stage | wall | in fine-tunes |",
         "|---|---|---|",
@@ -135,6 +139,10 @@ def markdown(result: dict) -> str:
         verdict = "met" if result["ratio"] <= result["target"] else f"missed by {result['ratio'] - result['target']:.1f} fine-tunes"
         lines += ["", f"Target: at most {result['target']}x one fine-tune: {verdict}."]
     return "\n".join(lines) + "\n"
+
+
+def _workers_note(workers: int) -> str:
+    return f", candidates on {workers} Ray worker(s) (`--workers {workers}`)" if workers else ""
 
 
 def _listed(times: list[float]) -> str:
@@ -165,9 +173,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--workers", type=int, default=0, help="run the compile's candidates on this many local Ray workers")
     args = parser.parse_args()
     if args.fine_tunes < 1:
         parser.error("--fine-tunes must be at least 1")
+    if args.workers < 0:
+        parser.error("--workers must be 0 (in this process) or more")
     args.granularity = args.granularity or EFFORTS[args.effort].granularity
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
