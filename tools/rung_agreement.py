@@ -7,10 +7,10 @@ The top is the highest rung the journal holds (the final comparison's runs are i
 that stopped below the top rung is compared with its own highest rung, and a quick compile's, at step 0 only
 since r13, has no rung below it). For each journal and each rung below that top: the configurations scored
 at both that rung and the top, the Spearman rank correlation of their two scores, and where the lower
-rung's best lands at the top (1 = also best there). Only configurations that were promoted have a top-rung score, so the correlation is over
-the survivors of the lower rung: it says how well that rung orders candidates good enough to reach the top,
-which is what promotion and the refinement's screen ask of it. Reads the records as written (the journal's
-key is not checked: any compile's journal will do).
+rung's best lands at the top (1 = also best there). Only configurations that were promoted have a top-rung
+score, so the correlation is over the survivors of the lower rung: it says how well that rung orders
+candidates good enough to reach the top, which is what promotion and the refinement's screen ask of it.
+Reads the records as written (the journal's key is not checked: any compile's journal will do).
 
 With `--priors`, the priors journal of the compiles the search journals come from (`WORK/priors/*.json`),
 each search journal gets one more row: the priors' prediction (`Importance.total_lost`, what the warm start
