@@ -31,7 +31,7 @@ from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import data_problem, for_data, model_problems
 from qra.runtime.data import Dataset, Example, batch_source, batches, calibration_sequences, exact_match, held_out_batches_by_task, load_dataset, pad_id, pads, training_features, worst_batch
 from qra.runtime.footprint import memory_report
-from qra.runtime.heldout import HELD_OUT_BATCH_SIZE, HeldOut
+from qra.runtime.heldout import HELD_OUT_BATCH_SIZE, HeldOut, held_out_sums
 from qra.runtime.quantize import GPTQModelWeights, gptqmodel_log_dir
 from qra.runtime.run import StepLog, open_run
 from qra.runtime.train import train_run
@@ -53,6 +53,8 @@ class MaterializeRequest:
     exact_match_examples: int = 32
     data_seed: int | None = None
     """Seeds the data (generated sets, JSONL splits); None: the plan's training seed."""
+    gguf_mix: str | None = None
+    """The `gguf` format as one merged, re-quantized file by this mix (lossy); None: the exact base + adapter."""
 
     @property
     def seed_of_data(self) -> int:
@@ -159,7 +161,7 @@ def check_request(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, 
     check_formats(request.formats)
     _check_output(request)
     source, spec, config = _model_for(request)
-    check_buildable(request.formats, spec, config)
+    check_buildable(request.formats, spec, config, plan_settings(request.plan), request.gguf_mix)
     dataset = load_dataset(request.data, seed=request.seed_of_data)
     problem = data_problem(request.plan, spec, pads(dataset, request.plan.training.batch_size))
     if problem is not None:
@@ -202,6 +204,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
         wall["train"] = result.wall_s
         adapter_folder = work / "adapter"
         run.model.save_pretrained(adapter_folder)
+        trained_sums = held_out_sums(run.model, held_out)
         began = time.perf_counter()
         results = {
             "training": result.to_dict(),
@@ -218,7 +221,8 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     context = PackageContext(
         quantized=weights.quantized or base, adapter=adapter_folder, tokenizer=tokenizer, plan=plan,
         spec=spec, calibration=calibration, extra_manifest=results,
-        source_gguf=source.path if source.kind == "gguf" else None,
+        source_gguf=source.path if source.kind == "gguf" else None, gguf_mix=request.gguf_mix,
+        held_out=held_out, trained_sums=trained_sums,
     )
     results["packages"] = {name: str(path) for name, path in package(request.formats, context, out).items()}
     write_text(out / "results.json", json.dumps(results, indent=2, default=str))

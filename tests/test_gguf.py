@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qra.runtime.package.gguf import bf16_gguf, llama_cpp_logits, model_logits, planned_type, tensor_types
+from qra.runtime.package.gguf import bf16_gguf, llama_cpp_logits, model_logits, tensor_types
+from qra.runtime.package.gguf_mix import planned_type
 from tiny import tiny_config, tiny_tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -71,7 +72,7 @@ def test_smollm2_as_gguf_tokenizes_computes_and_answers_as_the_source_model(tmp_
     from qra.models import load_config, load_model, resolve_model
     from qra.plans.memory import uniform_settings
     from qra.plans.spec import spec_from_config
-    from qra.runtime.package.gguf import BASE_FILE_TYPE, planned_types, quantize
+    from qra.runtime.package.gguf_mix import BASE_FILE_TYPE, planned_types, quantize
 
     source = resolve_model("smollm2-135m")
     spec = spec_from_config(load_config(source))

@@ -4,7 +4,11 @@
 - `merged`: the adapter merged into a dense bf16 model that plain transformers loads.
 - `gptq`: the merged model GPTQ-quantized again to the plan's per-module bits (gptqmodel, vLLM).
 - `onnx`: the merged model exported to ONNX in fp32, verified against torch in onnxruntime.
-- `gguf`: the merged model as one GGUF file for llama.cpp, each decoder tensor at its planned precision.
+- `gguf`: for llama.cpp, the trained GPTQ base transcoded exactly plus a GGUF LoRA adapter; or, with a
+  `gguf_mix`, the merged model re-quantized into one file.
+
+Given the held-out set, every format's manifest records its held-out loss in its own runtime against the
+trained model's (`serving`).
 
 Each format is built in a temporary folder next to its destination and renamed into place when
 complete, with its `manifest.json` and `README.md`; a failed build leaves the destination as it was.
@@ -21,6 +25,7 @@ from types import ModuleType
 from transformers import PretrainedConfig
 
 from qra.errors import QraError
+from qra.plans.memory import SettingsFor
 from qra.plans.spec import ModelSpec
 from qra.runtime.package import adapter, gguf, gptq, merged, onnx
 from qra.runtime.package.context import PackageContext, Workspace
@@ -44,13 +49,16 @@ def check_formats(formats: list[str]) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
-def check_buildable(formats: list[str], spec: ModelSpec, config: PretrainedConfig | None = None) -> None:
-    """A QraError when a format cannot be built for this model here (its builder's `check`, where it has one;
-    given the model's config, the check is complete before any training)."""
+def check_buildable(formats: list[str], spec: ModelSpec, config: PretrainedConfig | None = None,
+                    settings_for: SettingsFor | None = None, gguf_mix: str | None = None) -> None:
+    """A QraError when a format cannot be built for this model and plan here (its builder's `check`, where it
+    has one; given the model's config and the plan's settings, the check is complete before any training)."""
+    if gguf_mix is not None and "gguf" not in formats:
+        raise QraError("--gguf-mix applies to the gguf format; add gguf to --format")
     for name in formats:
         builder_check = getattr(_BUILDERS[name], "check", None)
         if builder_check is not None:
-            builder_check(spec, config)
+            builder_check(spec, config, settings_for=settings_for, gguf_mix=gguf_mix)
 
 
 def _checked(formats: list[str], ctx: PackageContext) -> list[str]:
@@ -58,7 +66,7 @@ def _checked(formats: list[str], ctx: PackageContext) -> list[str]:
     formats = check_formats(formats)
     if "gptq" in formats and not ctx.calibration:
         raise QraError("the gptq format re-quantizes the merged model and needs calibration token lists; none were given")
-    check_buildable(formats, ctx.spec)
+    check_buildable(formats, ctx.spec, settings_for=ctx.settings_for, gguf_mix=ctx.gguf_mix)
     return formats
 
 
@@ -78,7 +86,8 @@ def _build(name: str, work: Workspace, target: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
     try:
         details = builder.build(work, staging)
-        write_model_card(staging, name, work.ctx, builder.HOW_TO_LOAD)
+        how_to_load = builder.how_to_load(work.ctx) if hasattr(builder, "how_to_load") else builder.HOW_TO_LOAD
+        write_model_card(staging, name, work.ctx, how_to_load)
         write_manifest(staging, name, work.ctx, details)
         _replace(staging, target)
     except BaseException:

@@ -11,6 +11,7 @@ from typing import Any
 from peft import PeftModel
 
 from qra.runtime.package.context import Workspace
+from qra.runtime.package.serving import serving_record
 from qra.runtime.quantize import load_quantized
 
 ADAPTER = "adapter"
@@ -33,7 +34,10 @@ def build(work: Workspace, folder: Path) -> dict[str, Any]:
     shutil.copytree(ctx.adapter, folder / ADAPTER)
     (folder / PLAN).write_text(ctx.plan_yaml, encoding="utf-8")
     ctx.tokenizer.save_pretrained(folder)
-    return {"layout": {"base": ".", "adapter": ADAPTER, "plan": PLAN}}
+    details: dict[str, Any] = {"layout": {"base": ".", "adapter": ADAPTER, "plan": PLAN}}
+    if ctx.trained_sums is not None:  # this is the trained model: its runtime is the one that trained it
+        details["serving"] = serving_record("qra (gptqmodel + peft)", ctx.trained_sums, ctx.trained_sums)
+    return details
 
 
 def load_adapter_package(folder: Path, dtype: str = "bfloat16") -> PeftModel:

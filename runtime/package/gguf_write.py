@@ -1,6 +1,8 @@
-"""Write a Hugging Face causal LM as a BF16 GGUF file that llama.cpp loads: the start of the `gguf` format.
+"""Write a Hugging Face causal LM as a GGUF file that llama.cpp loads.
 
-The `gguf` package writes the file; this module decides what goes in it. llama.cpp's own converter
+Tensors come as floats (matrices written in BF16, vectors in F32) or as rows already encoded in GGML blocks
+(`Encoded`, the exact transcoding of GPTQ's integers). The `gguf` package writes the file; this module
+decides what goes in it. llama.cpp's own converter
 (convert_hf_to_gguf.py) is not installed by any package, so the few things it does for the decoder
 families qra plans are done here: tensor names through gguf's `TensorNameMap`, llama's rotary
 permutation of q/k rows, the hyperparameters llama.cpp reads, and the tokenizer.
@@ -13,10 +15,12 @@ embeddings: plain, or Llama 3.1's scaling (written as llama.cpp's `rope_freqs` f
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -93,7 +97,7 @@ def _head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _add_hyperparameters(writer: gguf.GGUFWriter, config: PretrainedConfig, name: str) -> None:
+def _add_hyperparameters(writer: gguf.GGUFWriter, config: PretrainedConfig, name: str, file_type: gguf.LlamaFileType) -> None:
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -107,42 +111,82 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: PretrainedConfig, name
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    writer.add_file_type(file_type)
 
 
-def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def permute_rotary(weight: torch.Tensor | np.ndarray, heads: int) -> torch.Tensor | np.ndarray:
     """Rows of q_proj/k_proj from Hugging Face's half-split rotary order to llama.cpp's interleaved pairs,
-    head by head (the permutation llama.cpp's converter applies to Llama checkpoints)."""
+    head by head (the permutation llama.cpp's converter applies to Llama checkpoints). Only rows move, so it
+    serves float weights, a LoRA B, and rows already encoded in GGML blocks alike."""
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _converted(name: str, tensor: torch.Tensor, config: PretrainedConfig, arch: gguf.MODEL_ARCH) -> torch.Tensor:
-    if arch in _PERMUTED and name.endswith("self_attn.q_proj.weight"):
-        return permute_rotary(tensor, config.num_attention_heads)
-    if arch in _PERMUTED and name.endswith("self_attn.k_proj.weight"):
-        return permute_rotary(tensor, config.num_key_value_heads)
-    return tensor
+@dataclass(frozen=True)
+class Encoded:
+    """A matrix already in GGML blocks: uint8 [rows, bytes per row] of `qtype` (see `ggml_blocks`)."""
+
+    data: np.ndarray
+    qtype: gguf.GGMLQuantizationType
 
 
-def _add_tensors(writer: gguf.GGUFWriter, model: PreTrainedModel, arch: gguf.MODEL_ARCH) -> dict[str, str]:
-    """Every parameter under its GGUF name: matrices in BF16 (exact for a bf16 model), vectors in F32 as
-    llama.cpp keeps norms. A tied output head is not written; llama.cpp reuses the embedding."""
-    config = model.config
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+Tensor = torch.Tensor | Encoded
+"""A tensor to write: floats (matrices go in BF16, vectors in F32), or rows already encoded."""
+
+
+def rotary_heads(name: str, config: PretrainedConfig, arch: gguf.MODEL_ARCH) -> int | None:
+    """How many heads the rows of `name` (a Hugging Face parameter name, or a module path) are laid out in
+    for llama.cpp's rotary permutation; None where the rows stay as they are."""
+    if arch not in _PERMUTED:
+        return None
+    if name.removesuffix(".weight").endswith("self_attn.q_proj"):
+        return config.num_attention_heads
+    if name.removesuffix(".weight").endswith("self_attn.k_proj"):
+        return config.num_key_value_heads
+    return None
+
+
+def _converted(name: str, tensor: Tensor, config: PretrainedConfig, arch: gguf.MODEL_ARCH) -> Tensor:
+    heads = rotary_heads(name, config, arch)
+    if heads is None:
+        return tensor
+    if isinstance(tensor, Encoded):  # blocks run along a row, so permuting rows permutes whole blocks
+        return Encoded(permute_rotary(tensor.data, heads), tensor.qtype)
+    return permute_rotary(tensor, heads)
+
+
+def gguf_names(config: PretrainedConfig, arch: gguf.MODEL_ARCH) -> gguf.TensorNameMap:
+    """Hugging Face parameter names -> llama.cpp's tensor names for this model."""
+    return gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+
+
+def gguf_name(names: gguf.TensorNameMap, name: str) -> str:
+    """llama.cpp's name of the Hugging Face parameter `name`, or a QraError."""
+    found = names.get_name(name, try_suffixes=(".weight", ".bias"))
+    if found is None:
+        raise QraError(f"the gguf format does not know where tensor {name!r} goes; package another format")
+    return found
+
+
+def _add_tensors(writer: gguf.GGUFWriter, tensors: Mapping[str, Tensor], config: PretrainedConfig,
+                 arch: gguf.MODEL_ARCH) -> dict[str, str]:
+    """Every tensor under its GGUF name: encoded rows as they are, float matrices in BF16 (exact for a bf16
+    model), vectors in F32 as llama.cpp keeps norms. A tied output head is not written; llama.cpp reuses the
+    embedding."""
+    names = gguf_names(config, arch)
     written = {}
-    for name, parameter in model.state_dict().items():
+    for name, tensor in tensors.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise QraError(f"the gguf format does not know where tensor {name!r} goes; package another format")
-        data = _converted(name, parameter.detach(), config, arch).float().numpy()
-        if data.ndim == 1:
-            writer.add_tensor(gguf_name, data)
+        target = gguf_name(names, name)
+        data = _converted(name, tensor, config, arch)
+        if isinstance(data, Encoded):
+            writer.add_tensor(target, data.data, raw_dtype=data.qtype)
+        elif data.ndim == 1:
+            writer.add_tensor(target, data.detach().float().numpy())
         else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
+            writer.add_tensor(target, gguf.quants.quantize(data.detach().float().numpy(), gguf.GGMLQuantizationType.BF16),
                               raw_dtype=gguf.GGMLQuantizationType.BF16)
-        written[name] = gguf_name
+        written[name] = target
     if _rope(config).get("rope_type") == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config).numpy())
     return written
@@ -199,20 +243,26 @@ def _add_bpe_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBa
     return "default"
 
 
-def write_bf16_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokenizer_folder: Path,
-                    path: Path, name: str, source_gguf: Path | None = None) -> Written:
-    """Write `model` (weights as they are, bf16) to `path` with its hyperparameters and tokenizer."""
-    arch = architecture_of(model.config)
+def write_gguf(tensors: Mapping[str, Tensor], config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+               tokenizer_folder: Path, path: Path, name: str, source_gguf: Path | None = None,
+               file_type: gguf.LlamaFileType = gguf.LlamaFileType.MOSTLY_BF16) -> Written:
+    """Write `tensors` (Hugging Face parameter names) to `path` with the model's hyperparameters and tokenizer."""
+    arch = architecture_of(config)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
-    _add_hyperparameters(writer, model.config, name)
+    _add_hyperparameters(writer, config, name, file_type)
     if source_gguf is not None:
         pre = _copy_fields(writer, source_gguf)
     else:
-        pre = _add_bpe_tokenizer(writer, tokenizer, tokenizer_folder, model.config.vocab_size)
-    tensor_names = _add_tensors(writer, model, arch)
+        pre = _add_bpe_tokenizer(writer, tokenizer, tokenizer_folder, config.vocab_size)
+    tensor_names = _add_tensors(writer, tensors, config, arch)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return Written(path, gguf.MODEL_ARCH_NAMES[arch], tensor_names, pre)
 
+
+def write_bf16_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokenizer_folder: Path,
+                    path: Path, name: str, source_gguf: Path | None = None) -> Written:
+    """Write `model` (weights as they are, bf16) to `path` with its hyperparameters and tokenizer."""
+    return write_gguf(model.state_dict(), model.config, tokenizer, tokenizer_folder, path, name, source_gguf)

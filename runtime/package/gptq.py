@@ -11,7 +11,9 @@ from typing import Any
 
 from qra.runtime.package.context import Workspace
 from qra.runtime.package.merged import merged_folder
-from qra.runtime.quantize import quantize_to_plan
+from qra.runtime.heldout import held_out_sums
+from qra.runtime.package.serving import serving_record
+from qra.runtime.quantize import load_quantized, quantize_to_plan
 
 HOW_TO_LOAD = """```python
 import torch
@@ -34,4 +36,8 @@ def build(work: Workspace, folder: Path) -> dict[str, Any]:
     bits = Counter(
         ctx.settings_for(index, module).bits for index, layer in enumerate(ctx.spec.layers) for module in layer
     )
-    return {"modules_by_bits": {str(b): count for b, count in sorted(bits.items())}}
+    details: dict[str, Any] = {"modules_by_bits": {str(b): count for b, count in sorted(bits.items())}}
+    if ctx.held_out:
+        model = load_quantized(folder).model
+        details["serving"] = serving_record("gptqmodel (TORCH, bf16)", held_out_sums(model, ctx.held_out), ctx.trained_sums)
+    return details

@@ -12,9 +12,11 @@ from typing import Any
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from qra.runtime.heldout import held_out_sums
 from qra.runtime.package.context import PackageContext, Workspace
+from qra.runtime.package.serving import serving_record
 from qra.runtime.qlinear import is_gptq_linear
 from qra.runtime.quantize import load_quantized
 
@@ -69,4 +71,8 @@ def merged_folder(work: Workspace) -> Path:
 def build(work: Workspace, folder: Path) -> dict[str, Any]:
     """Write the merged model and tokenizer into `folder`."""
     shutil.copytree(merged_folder(work), folder, dirs_exist_ok=True)
-    return {"dtype": DTYPE_NAME}
+    details: dict[str, Any] = {"dtype": DTYPE_NAME}
+    if work.ctx.held_out:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPE)
+        details["serving"] = serving_record("transformers (bf16)", held_out_sums(model, work.ctx.held_out), work.ctx.trained_sums)
+    return details

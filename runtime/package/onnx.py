@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime
 import torch
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from qra.runtime.package.context import Workspace
 from qra.runtime.package.merged import merged_folder
+from qra.runtime.package.serving import sequence_sums, serving_record
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,14 @@ def build(work: Workspace, folder: Path) -> dict[str, Any]:
     logger.info("onnx logits differ from torch by at most %.3g", difference)
     module.model.config.save_pretrained(folder)
     work.ctx.tokenizer.save_pretrained(folder)
+    serving = None
+    if work.ctx.held_out:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def logits_of(sequence: list[int]) -> np.ndarray:
+            return session.run(["logits"], {"input_ids": np.array([sequence], dtype=np.int64)})[0][0]
+
+        serving = serving_record("onnxruntime (fp32)", sequence_sums(logits_of, work.ctx.held_out), work.ctx.trained_sums)
     opset = {entry.domain or "ai.onnx": entry.version for entry in onnx.load(str(path), load_external_data=False).opset_import}
     return {
         "onnx": {
@@ -105,5 +115,6 @@ def build(work: Workspace, folder: Path) -> dict[str, Any]:
             "opset": opset,
             "check_text": CHECK_TEXT,
             "max_abs_logit_difference": difference,
-        }
+        },
+        **({"serving": serving} if serving is not None else {}),
     }
