@@ -1,5 +1,6 @@
-"""tools/bench_gguf.py on a tiny model: one materialized fine-tune, the plan's GGUF beside llama.cpp's recipes
-and the nearest uniform type, the merged and gptq artifacts, all scored on the same held-out tokens."""
+"""tools/bench_gguf.py on a tiny model: one materialized fine-tune, the exact GGUF with its adapter beside
+llama.cpp's recipes of the merged model, each scored on the same held-out tokens and paired with the trained
+model; and each GGUF timed in llama.cpp."""
 
 import json
 import sys
@@ -8,31 +9,30 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from bench_gguf import main  # noqa: E402
+from bench_gguf import EXACT, TRAINED, main  # noqa: E402
 
 from qra.plans.io import save_plan  # noqa: E402
 from test_materialize import mixed_plan  # noqa: E402
 from tiny import save_tiny_model, tiny_corpus  # noqa: E402
 
 
-def test_bench_gguf_scores_every_artifact_on_the_same_tokens_and_pairs_them_with_the_plan(tmp_path, capsys):
+def test_bench_gguf_pairs_every_served_artifact_with_the_trained_model_on_the_same_tokens(tmp_path, capsys):
     folder = save_tiny_model(tmp_path / "model", layers=4)
     plan_path = tmp_path / "plan.yaml"
     save_plan(mixed_plan(folder, steps=4), plan_path)
     corpus = tiny_corpus(tmp_path / "corpus.jsonl", examples=40)
-    main(["--plan", str(plan_path), "--data", str(corpus), "--out", str(tmp_path / "out"), "--report", str(tmp_path / "report")])
+    main(["--plans", str(plan_path), "--seeds", "0", "--data", str(corpus), "--out", str(tmp_path / "out"),
+          "--report", str(tmp_path / "report"), "--speed"])
 
-    report = json.loads((tmp_path / "report" / "gguf.json").read_text())["artifacts"]
-    names = list(report)
-    assert names[:3] == ["qra plan", "Q4_K_M", "Q4_K_S"] and names[3].startswith("uniform ")
-    assert names[4:] == ["merged (bf16 weights, fp32 compute)", "gptq"]
-    plan = report["qra plan"]
-    assert plan["paired_vs_plan"] is None and plan["file_bytes"] > 0
-    tokens = {task: score["tokens"] for task, score in plan["by_task"].items()}
-    for name in names[1:]:
-        artifact = report[name]
-        assert {task: score["tokens"] for task, score in artifact["by_task"].items()} == tokens, name
+    plan = json.loads((tmp_path / "report" / "serving.json").read_text())["plans"]["plan.yaml"]
+    assert plan["artifacts"] == [TRAINED, EXACT, "Q4_K_M of merged", "Q8_0 of merged"]
+    run = plan["runs"]["0"]
+    assert run[TRAINED]["vs_trained"] == {"difference": 0.0, "se": 0.0}
+    for name in plan["artifacts"][1:]:
+        artifact = run[name]
         # paired over the same tokens: the difference of the losses, with its own standard error
-        assert artifact["paired_vs_plan"]["mean"] == pytest.approx(artifact["mean"] - plan["mean"], abs=1e-9)
-        assert artifact["paired_vs_plan"]["se"] > 0
-    assert "| qra plan | llama.cpp |" in capsys.readouterr().out
+        assert artifact["vs_trained"]["difference"] == pytest.approx(artifact["loss"] - run[TRAINED]["loss"], abs=1e-9)
+        assert artifact["vs_trained"]["se"] > 0 and artifact["file_bytes"] > 0
+        assert plan["speed"][name]["generation_tokens_per_s"] > 0
+    assert run[EXACT]["adapter_bytes"] > 0
+    assert f"| {EXACT} | llama.cpp |" in capsys.readouterr().out

@@ -1,86 +1,70 @@
-"""The `gguf` format against llama.cpp's own recipes, on one fine-tuned model: does the plan's per-tensor mix
-beat Q4_K_M, Q4_K_S and a uniform type of the same file size?
+"""What a llama.cpp user is served: the exact GGUF (the trained GPTQ base transcoded, plus the GGUF LoRA
+adapter) against llama.cpp's own Q4_K_M and Q8_0 of the merged model, and the trained model in qra.
 
-The plan is materialized once (`qra materialize --format merged,gptq,gguf`); from its merged model the same
-BF16 GGUF the format starts from is quantized by llama.cpp with each recipe. Every GGUF is run in llama.cpp
-(llama-cpp-python), the merged and gptq artifacts in torch, all on every held-out sequence materialize
-scores, token for token the same positions. Paired differences are taken against the plan's GGUF per
-sequence (the same tokens), so their standard errors are those of the difference.
+For each plan and training seed, the plan is materialized once (`--format adapter,merged,gguf`, the exact
+GGUF by default). Every artifact is scored on every held-out sequence materialize scores, in the runtime that
+serves it, and paired per sequence with the trained model (the `adapter` package: its GPTQ base with the
+adapter, in qra), so each difference comes with its own standard error. `--speed` then times each GGUF in
+llama.cpp on 2 threads (prompt and generation tokens/s); run it with nothing else on the machine.
 
-    python tools/bench_gguf.py --plan plans/smollm2-135m-1546.2MB.yaml --out runs/bench-gguf --report docs/results/gguf
+    python tools/bench_gguf.py --out runs/bench-gguf --report docs/results/serving
+    python tools/bench_gguf.py --out runs/bench-gguf --report docs/results/serving --speed
 
-Resumable: the materialized model and every GGUF are kept under `--out`. 27 minutes on 2 cores beside another
-benchmark, most of it the fine-tune and scoring every held-out sequence in six artifacts.
+Resumable: each materialized run, each GGUF and each artifact's scores are kept under `--out`.
 """
 
 import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from qra.files import write_text
 from qra.models import resolve_model
 from qra.plans.io import load_plan
-from qra.runtime.data import Batch, load_dataset
-from qra.runtime.heldout import HeldOut, Scores, held_out_sums, logit_losses, task_score
+from qra.plans.schema import Plan
+from qra.runtime.data import load_dataset
+from qra.runtime.heldout import HeldOut, held_out_sums
 from qra.runtime.materialize import MaterializeRequest, held_out_by_task, materialize
-from qra.runtime.package.gguf import MODEL_FILE, bf16_gguf, bits_per_weight, quantize
-from qra.runtime.quantize import load_quantized
+from qra.runtime.package.adapter import load_adapter_package
+from qra.runtime.package.gguf import ADAPTER_FILE, MODEL_FILE, bf16_gguf, bits_per_weight
+from qra.runtime.package.gguf_mix import quantize
+from qra.runtime.package.serving import Sums, llama_cpp_logits_of, paired_difference, scores, sequence_sums
 
 log = logging.getLogger("bench_gguf")
 
-RECIPES = {"Q4_K_M": "MOSTLY_Q4_K_M", "Q4_K_S": "MOSTLY_Q4_K_S"}
-# uniform types (llama.cpp's `pure`: every tensor, embeddings included) tried for the one nearest the plan's size
-UNIFORM = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0"}
+PLANS = [Path("plans/smollm2-135m-1546.2MB-module.yaml"), Path("plans/smollm2-135m-1517.9MB-module.yaml")]
+RECIPES = {"Q4_K_M": "MOSTLY_Q4_K_M", "Q8_0": "MOSTLY_Q8_0"}
+EXACT = "qra exact + adapter"
+TRAINED = "trained model (qra)"
+SPEED_PROMPT = "Objects are Python's abstraction for data. All data in a Python program is represented by objects"
+GENERATED_TOKENS = 64
 
-Sums = dict[str, tuple[torch.Tensor, torch.Tensor]]  # task -> (summed loss per sequence, scored tokens per sequence)
 
-
-@dataclass
-class Variant:
+@dataclass(frozen=True)
+class Artifact:
     name: str
     runtime: str
-    path: Path
-    sums: Sums
+    model: Path
+    adapter: Path | None = None
 
 
-def _unpadded(batch: Batch, row: int) -> tuple[list[int], torch.Tensor]:
-    """One sequence of a right-padded batch: its tokens and labels without the padding."""
-    mask = batch["attention_mask"][row]
-    length = int(mask.sum())
-    if not bool(mask[:length].all()):
-        raise SystemExit("held-out batches are not right-padded; llama.cpp needs each sequence from position 0")
-    return batch["input_ids"][row, :length].tolist(), batch["labels"][row, :length]
+def materialized(plan: Plan, seed: int, data: str, folder: Path, cache: Path) -> Path:
+    """The plan fine-tuned at training seed `seed` and packaged as adapter, merged and exact gguf (once)."""
+    if not (folder / "results.json").exists():
+        seeded = plan.model_copy(update={"training": plan.training.model_copy(update={"seed": seed})})
+        request = MaterializeRequest(plan=seeded, output=folder, data=data, formats=["adapter", "merged", "gguf"],
+                                     resume=folder.exists(), cache=cache, data_seed=0, exact_match_examples=0)
+        materialize(request)
+    return folder
 
 
-def llama_cpp_sums(path: Path, held_out: HeldOut, context: int) -> Sums:
-    """Per sequence, the summed next-token loss and token count that `held_out_sums` gives, from llama.cpp's logits."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=context, logits_all=True, n_gpu_layers=0, verbose=False)
-    sums = {}
-    for task, batches in held_out.items():
-        parts = []
-        for batch in batches:
-            for row in range(batch["input_ids"].shape[0]):
-                ids, labels = _unpadded(batch, row)
-                llm.reset()
-                llm.eval(ids)
-                logits = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-                parts.append(logit_losses(logits[None], labels[None]))
-        sums[task] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-    llm.close()
-    return sums
-
-
-def _kept(path: Path, make: Callable[[Path], None]) -> Path:
+def _kept(path: Path, make) -> Path:
     """`path`, made once (through a temporary name, so an interrupted run leaves no half file)."""
     if not path.exists():
         partial = path.with_name(path.name + ".partial")
@@ -89,111 +73,143 @@ def _kept(path: Path, make: Callable[[Path], None]) -> Path:
     return path
 
 
-def materialized(plan_path: Path, data: str, out: Path) -> Path:
-    folder = out / "materialized"
-    if not (folder / "results.json").exists():
-        request = MaterializeRequest(plan=load_plan(plan_path), output=folder, data=data, formats=["merged", "gptq", "gguf"],
-                                     resume=folder.exists(), cache=out / "cache", data_seed=0)
-        materialize(request)
-    return folder
-
-
-def gguf_variants(folder: Path, out: Path, model: str) -> dict[str, Path]:
-    """The plan's GGUF, llama.cpp's recipes, and the uniform type whose file is nearest the plan's in size."""
+def artifacts(folder: Path, model: str) -> list[Artifact]:
+    """The exact pair, and llama.cpp's recipes of the merged model (quantized from its BF16 GGUF)."""
     source = resolve_model(model)
     merged = folder / "merged"
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    bf16 = _kept(out / "model-bf16.gguf", lambda path: bf16_gguf(merged, tokenizer, path, "bench",
-                                                                  source.path if source.kind == "gguf" else None))
-    paths = {"qra plan": folder / "gguf" / MODEL_FILE}
+    bf16 = _kept(folder / "merged-bf16.gguf", lambda path: bf16_gguf(merged, tokenizer, path, "bench",
+                                                                    source.path if source.kind == "gguf" else None))
+    found = [Artifact(EXACT, "llama.cpp", folder / "gguf" / MODEL_FILE, folder / "gguf" / ADAPTER_FILE)]
     for name, file_type in RECIPES.items():
-        paths[name] = _kept(out / f"{name}.gguf", lambda path, file_type=file_type: quantize(bf16, path, file_type))
-    uniform = {name: _kept(out / f"pure-{name}.gguf", lambda path, file_type=file_type: quantize(bf16, path, file_type, pure=True))
-               for name, file_type in UNIFORM.items()}
-    size = paths["qra plan"].stat().st_size
-    nearest = min(uniform, key=lambda name: abs(uniform[name].stat().st_size - size))
-    paths[f"uniform {nearest}"] = uniform[nearest]
-    return paths
+        path = _kept(folder / f"merged-{name}.gguf", lambda path, file_type=file_type: quantize(bf16, path, file_type))
+        found.append(Artifact(f"{name} of merged", "llama.cpp", path))
+    return found
 
 
-def _scores(sums: Sums) -> Scores:
-    return Scores({task: task_score(*parts) for task, parts in sums.items()})
+def _save_sums(path: Path, sums: Sums) -> None:
+    torch.save({task: (s.clone(), n.clone()) for task, (s, n) in sums.items()}, path)
 
 
-def _paired(sums: Sums, reference: Sums) -> Scores:
-    """Per task, this variant's loss minus the reference's on the same tokens, with the SE of the difference."""
-    return _scores({task: (sums[task][0] - reference[task][0], sums[task][1]) for task in sums})
+def cached_sums(path: Path, compute) -> Sums:
+    if path.exists():
+        return torch.load(path)
+    sums = compute()
+    with_partial = path.with_name(path.name + ".partial")
+    _save_sums(with_partial, sums)
+    with_partial.replace(path)
+    return sums
 
 
-def report(variants: list[Variant], reference: Variant, settings: dict) -> tuple[dict, str]:
-    rows, records = [], {}
-    tasks = list(reference.sums)
-    header = ["artifact", "runs in", "file MB", "bits/weight", *tasks, "mean", "vs qra plan (paired)"]
-    for variant in variants:
-        scores = _scores(variant.sums)
-        by_task, mean, se = scores.by_task, scores.mean, scores.se
-        difference = _paired(variant.sums, reference.sums) if variant is not reference else None
-        paired = None if difference is None else (difference.mean, difference.se)
-        gguf_file = variant.path.suffix == ".gguf"
-        records[variant.name] = {
-            "runtime": variant.runtime, "path": str(variant.path),
-            "file_bytes": variant.path.stat().st_size if gguf_file else None,
-            "bits_per_weight": bits_per_weight(variant.path) if gguf_file else None,
-            "by_task": {task: vars(score) for task, score in by_task.items()}, "mean": mean, "se": se,
-            "paired_vs_plan": None if paired is None else {"mean": paired[0], "se": paired[1]},
-        }
-        record = records[variant.name]
-        rows.append([
-            variant.name, variant.runtime,
-            f"{record['file_bytes'] / 1e6:.1f}" if gguf_file else "",
-            f"{record['bits_per_weight']:.3f}" if gguf_file else "",
-            *(f"{by_task[task].loss:.4f} ± {by_task[task].se:.4f}" for task in tasks),
-            f"{mean:.4f} ± {se:.4f}",
-            "" if paired is None else f"{paired[0]:+.4f} ± {paired[1]:.4f}" + (" (beyond 2 SE)" if abs(paired[0]) > 2 * paired[1] else ""),
-        ])
+def llama_cpp_sums(artifact: Artifact, held_out: HeldOut, context: int) -> Sums:
+    logits_of, close = llama_cpp_logits_of(artifact.model, artifact.adapter, context=context)
+    try:
+        return sequence_sums(logits_of, held_out)
+    finally:
+        close()
+
+
+def score_run(folder: Path, plan: Plan, data: str) -> dict:
+    """Every artifact of one materialized run, scored and paired with the trained model on the same tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(folder / "merged")
+    held_out = held_out_by_task(load_dataset(data, seed=0), tokenizer, plan.training, 0)
+    trained = cached_sums(folder / "sums-trained.pt", lambda: held_out_sums(load_adapter_package(folder / "adapter"), held_out))
+    records = {TRAINED: _record(TRAINED, "qra (gptqmodel + peft)", None, trained, trained)}
+    for artifact in artifacts(folder, plan.model.id):
+        slug = artifact.name.split()[0]
+        sums = cached_sums(folder / f"sums-{slug}.pt", lambda artifact=artifact: llama_cpp_sums(artifact, held_out, plan.training.seq_len))
+        records[artifact.name] = _record(artifact.name, artifact.runtime, artifact, sums, trained)
+    return records
+
+
+def _record(name: str, runtime: str, artifact: Artifact | None, sums: Sums, trained: Sums) -> dict:
+    own, difference = scores(sums), paired_difference(sums, trained)
+    record = {"runtime": runtime, "loss": own.mean, "se": own.se, "by_task": own.losses(),
+              "vs_trained": {"difference": difference.mean, "se": difference.se}}
+    if artifact is not None:
+        record["file_bytes"] = artifact.model.stat().st_size
+        record["adapter_bytes"] = artifact.adapter.stat().st_size if artifact.adapter else 0
+        record["bits_per_weight"] = bits_per_weight(artifact.model)
+    return record
+
+
+def speed(artifact: Artifact, threads: int = 2) -> dict:
+    """llama.cpp's prompt and generation speed for one artifact on `threads` CPU threads (greedy decoding)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(artifact.model), lora_path=None if artifact.adapter is None else str(artifact.adapter),
+                n_ctx=256, n_threads=threads, n_gpu_layers=0, verbose=False)
+    prompt = llm.tokenize(SPEED_PROMPT.encode())
+    began = time.perf_counter()
+    llm.eval(prompt)
+    prompt_s = time.perf_counter() - began
+    began = time.perf_counter()
+    generated = []
+    for _ in range(GENERATED_TOKENS):
+        token = llm.sample(temp=0.0)
+        generated.append(token)
+        llm.eval([token])
+    generate_s = time.perf_counter() - began
+    sample = llm.detokenize(generated).decode(errors="replace")
+    llm.close()
+    return {"threads": threads, "prompt_tokens_per_s": len(prompt) / prompt_s,
+            "generation_tokens_per_s": len(generated) / generate_s, "sample": sample}
+
+
+def markdown(report: dict) -> str:
     lines = [
-        f"Plan {settings['plan']}, data {settings['data']}: held-out loss of each artifact of one fine-tune, every held-out "
-        "sequence, each task's loss ± its standard error over sequences; paired: minus the qra plan's GGUF on the same "
-        "tokens, ± the SE of that difference (positive: worse than the plan's mix).",
+        f"Data {report['data']}, {len(report['seeds'])} training seeds {report['seeds']}; every held-out sequence, each "
+        "artifact in its own runtime. Loss: mean over tasks, averaged over seeds. vs trained: the artifact's loss "
+        "minus the trained model's on the same tokens, per seed ± the paired SE (positive: worse).",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in rows),
     ]
-    return {"settings": settings, "artifacts": records}, "\n".join(lines) + "\n"
+    for plan_name, plan in report["plans"].items():
+        lines += [f"**{plan_name}**", "", "| artifact | runtime | file MB | bits/weight | loss | vs trained, per seed | "
+                  "prompt tok/s | generation tok/s |", "|---|---|---|---|---|---|---|---|"]
+        for name in plan["artifacts"]:
+            rows = [run[name] for run in plan["runs"].values()]
+            loss = sum(row["loss"] for row in rows) / len(rows)
+            first = rows[0]
+            size = "" if "file_bytes" not in first else f"{(first['file_bytes'] + first['adapter_bytes']) / 1e6:.1f}"
+            bpw = "" if "bits_per_weight" not in first else f"{first['bits_per_weight']:.2f}"
+            differences = ", ".join(f"{row['vs_trained']['difference']:+.4f} ± {row['vs_trained']['se']:.4f}" for row in rows)
+            timing = plan.get("speed", {}).get(name)
+            prompt = "" if timing is None else f"{timing['prompt_tokens_per_s']:.0f}"
+            generation = "" if timing is None else f"{timing['generation_tokens_per_s']:.0f}"
+            lines.append(f"| {name} | {first['runtime']} | {size} | {bpw} | {loss:.4f} | {differences} | {prompt} | {generation} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", type=Path, default=Path("plans/smollm2-135m-1546.2MB.yaml"))
+    parser.add_argument("--plans", type=Path, nargs="+", default=PLANS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", default="python-reference+arithmetic")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-gguf"))
-    parser.add_argument("--report", type=Path, help="folder for gguf.json and gguf.md")
+    parser.add_argument("--report", type=Path, help="folder for serving.json and serving.md")
+    parser.add_argument("--speed", action="store_true", help="also time each GGUF of the first seed in llama.cpp (2 threads)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-
-    plan = load_plan(args.plan)
-    folder = materialized(args.plan, args.data, args.out)
-    tokenizer = AutoTokenizer.from_pretrained(folder / "merged")
-    held_out = held_out_by_task(load_dataset(args.data, seed=0), tokenizer, plan.training, 0)
-    context = plan.training.seq_len
-    variants = [Variant(name, "llama.cpp", path, llama_cpp_sums(path, held_out, context))
-                for name, path in gguf_variants(folder, args.out, plan.model.id).items()]
-    log.info("scoring the merged and gptq artifacts in torch")
-    merged = AutoModelForCausalLM.from_pretrained(folder / "merged", dtype=torch.float32)
-    variants.append(Variant("merged (bf16 weights, fp32 compute)", "torch", folder / "merged", held_out_sums(merged, held_out)))
-    del merged
-    gptq = load_quantized(folder / "gptq").model
-    variants.append(Variant("gptq", "gptqmodel", folder / "gptq", held_out_sums(gptq, held_out)))
-    settings = {"plan": str(args.plan), "data": args.data, "steps": plan.training.steps,
-                "learning_rate": plan.training.learning_rate, "seed": plan.training.seed}
-    record, table = report(variants, variants[0], settings)
-    sys.stdout.write(table)
-    if args.report:
-        args.report.mkdir(parents=True, exist_ok=True)
-        write_text(args.report / "gguf.json", json.dumps(record, indent=2) + "\n")
-        write_text(args.report / "gguf.md", table)
+    report = {"data": args.data, "seeds": args.seeds, "plans": {}}
+    for plan_path in args.plans:
+        plan = load_plan(plan_path)
+        runs = {}
+        for seed in args.seeds:
+            log.info("%s, seed %d", plan_path.name, seed)
+            folder = materialized(plan, seed, args.data, args.out / plan_path.stem / f"seed-{seed}", args.out / "cache")
+            runs[str(seed)] = score_run(folder, plan, args.data)
+        entry = {"artifacts": list(runs[str(args.seeds[0])]), "runs": runs}
+        if args.speed:
+            folder = args.out / plan_path.stem / f"seed-{args.seeds[0]}"
+            entry["speed"] = {artifact.name: speed(artifact) for artifact in artifacts(folder, plan.model.id)}
+        report["plans"][plan_path.name] = entry
+        if args.report:  # written as each plan finishes
+            args.report.mkdir(parents=True, exist_ok=True)
+            write_text(args.report / "serving.json", json.dumps(report, indent=2) + "\n")
+            write_text(args.report / "serving.md", markdown(report))
+    sys.stdout.write(markdown(report))
 
 
 if __name__ == "__main__":
