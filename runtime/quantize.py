@@ -6,12 +6,13 @@ and vLLM load each module at its own bits.
 """
 
 import contextlib
+import functools
 import os
 import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from qra.files import atomic_folder
 from qra.plans.memory import SettingsFor
@@ -49,18 +50,24 @@ def gptqmodel_log_dir() -> Path:
     return Path(tempfile.gettempdir()) / "qra-gptqmodel"
 
 
+@functools.cache
+def _process_log(path: Path) -> TextIO:
+    """`path`, opened for appending once per process and left open until the process exits. Libraries imported
+    while stdout and stderr point at it bind logging handlers to it for good (at import, tokenicer, which
+    gptqmodel imports, calls `logging.basicConfig(level=logging.INFO)`; datasets and transformers add a
+    `StreamHandler()`), so it must outlive them: their messages keep going to this file, not to the terminal."""
+    return path.open("a", buffering=1)
+
+
 @contextlib.contextmanager
 def quiet_gptqmodel(log_dir: Path | None = None) -> Iterator[None]:
     """gptqmodel prints configs and progress bars on stdout and writes a `logs/` folder into the working
-    directory; send both to `log_dir` (paths given to gptqmodel inside must be absolute)."""
-    log_dir = log_dir or gptqmodel_log_dir()
+    directory; send both to `log_dir` (paths given to gptqmodel inside must be absolute). The log file stays
+    open after the block, for the logging handlers that libraries imported inside it bound to it."""
+    log_dir = (log_dir or gptqmodel_log_dir()).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
-    with (
-        (log_dir / "gptqmodel.log").open("a") as log,
-        contextlib.redirect_stdout(log),
-        contextlib.redirect_stderr(log),
-        contextlib.chdir(log_dir),
-    ):
+    log = _process_log(log_dir / "gptqmodel.log")
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), contextlib.chdir(log_dir):
         yield
 
 

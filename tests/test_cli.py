@@ -6,6 +6,7 @@ Most tests run the app in-process (CliRunner keeps stdout and stderr apart); a f
 `qra` script, to see what a shell sees.
 """
 
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -334,6 +335,21 @@ def run_qra(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     if QRA is None:
         pytest.skip("the qra script is not installed")
     return subprocess.run([QRA, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_script_version_prints_the_installed_version(tmp_path):
+    done = run_qra("--version", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"qra {importlib.metadata.version('qra')}\n"
+    assert done.stderr == ""
+
+
+def test_script_help_opens_with_what_qra_does_for_a_user(tmp_path):
+    done = run_qra("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "qra fine-tunes a language model within a memory budget" in text
+    assert "--version" in text
 
 
 def test_script_estimate_json_prints_only_the_json_object(tmp_path):

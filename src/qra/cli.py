@@ -1,12 +1,14 @@
 """The `qra` command line: thin wiring from typed options to the plans, compiler and runtime packages."""
 
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, TextIO, TypeVar
 
 import typer
 from rich.console import Console
@@ -16,11 +18,25 @@ from qra.units import format_bytes, format_seconds, parse_bytes
 
 F = TypeVar("F", bound=Callable)
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 plan_app = typer.Typer(help="Inspect, check and compare plans.", no_args_is_help=True)
 app.add_typer(plan_app, name="plan")
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="local folder, .gguf, config.json, alias (smollm2-135m, llama-3-8b, qwen2.5-7b, mistral-7b) or hub id")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"qra {importlib.metadata.version('qra')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print qra's version and exit")] = False,
+) -> None:
+    """qra fine-tunes a language model within a memory budget: compile picks each layer's GPTQ bits and LoRA
+    rank, materialize quantizes, fine-tunes and packages the model."""
 
 
 def _quiet_libraries() -> None:
@@ -36,15 +52,28 @@ def _quiet_libraries() -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes each message to `sys.stderr` as it is then, not as it was when the handler was made, so it never
+    holds a stream that was swapped out and closed since (a test runner's captured stderr, a redirect)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+
 def _log_progress(level: int = logging.INFO) -> None:
     """Stage messages of long commands (at `level` and above) go to stderr, one line each; gptqmodel's
-    import banner (peft imports it) goes to its log instead of stdout."""
+    import banner (peft imports it), and the INFO messages of libraries that its import sets the root logger
+    to pass on, go to its log instead of the terminal."""
     from qra.runtime.quantize import quiet_gptqmodel
 
     with quiet_gptqmodel():
         import gptqmodel  # noqa: F401
 
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("qra")
     logger.handlers = [handler]
