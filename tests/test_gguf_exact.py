@@ -105,3 +105,31 @@ def test_a_plan_gguf_cannot_hold_exactly_is_refused_before_any_training():
     with pytest.raises(QraError, match="group size 16.*--gguf-mix"):
         check_transcodable(spec, plan_settings(plan))
     check_transcodable(spec, plan_settings(Plan(model=plan.model, budget=plan.budget, layers=LAYERS)))
+
+
+def test_materialize_refuses_a_plan_gguf_cannot_hold_exactly_in_one_line_before_any_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from qra.cli import app
+    from qra.plans.io import save_plan
+    from test_materialize import mixed_plan
+    from tiny import save_tiny_model, tiny_corpus
+
+    folder = save_tiny_model(tmp_path / "model", layers=4)
+    plan = mixed_plan(folder)
+    plan = plan.model_copy(update={"layers": [layer.model_copy(update={"group_size": 16}) for layer in plan.layers]})
+    save_plan(plan, tmp_path / "plan.yaml")
+    corpus = tiny_corpus(tmp_path / "corpus.jsonl")
+    result = CliRunner().invoke(app, ["materialize", str(tmp_path / "plan.yaml"), "-o", str(tmp_path / "out"),
+                                      "--data", str(corpus), "--format", "adapter,gguf"])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "--gguf-mix" in result.output and "group size 16" in result.output
+    assert not (tmp_path / "out").exists()
+    # the lossy single file takes any group size; a mix llama.cpp does not know is refused just as early
+    accepted = CliRunner().invoke(app, ["materialize", str(tmp_path / "plan.yaml"), "-o", str(tmp_path / "out"), "--data",
+                                        str(corpus), "--format", "adapter,gguf", "--gguf-mix", "q4_k_m", "--check"])
+    assert accepted.exit_code == 0, accepted.output
+    unknown = CliRunner().invoke(app, ["materialize", str(tmp_path / "plan.yaml"), "-o", str(tmp_path / "out"), "--data",
+                                       str(corpus), "--format", "gguf", "--gguf-mix", "q4_z"])
+    assert unknown.exit_code == 2 and "unknown --gguf-mix 'q4_z'" in unknown.output
+    assert not (tmp_path / "out").exists()

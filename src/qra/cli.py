@@ -343,6 +343,7 @@ def materialize(
     output: Annotated[Path, typer.Option("--output", "-o", help="run folder: work files, packages, results.json")],
     data: Annotated[str, typer.Option(help="JSONL file ({text} or {prompt, response} lines), or python-reference / arithmetic, or several joined by +")] = "python-reference",
     formats: Annotated[str, typer.Option("--format", help="comma-separated: adapter, merged, gptq, onnx, gguf")] = "adapter",
+    gguf_mix: Annotated[str | None, typer.Option("--gguf-mix", help="gguf as one merged file re-quantized by llama.cpp (lossy): plan, q4_k_m, q8_0, ...; default: the exact base + adapter")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="the model's weights (default: the plan's model id)")] = None,
     resume: Annotated[bool, typer.Option(help="continue a previous run of this plan in OUTPUT")] = False,
     check: Annotated[bool, typer.Option("--check", help="only check that the plan, model, data and formats are accepted; write nothing")] = False,
@@ -357,7 +358,7 @@ def materialize(
     _log_progress()
     request = MaterializeRequest(
         plan=plan, output=output, data=data, formats=[f.strip() for f in formats.split(",") if f.strip()],
-        model=model, resume=resume,
+        model=model, resume=resume, gguf_mix=gguf_mix,
     )
     if check:
         source, _, dataset = check_request(request)
