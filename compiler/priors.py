@@ -23,8 +23,9 @@
   per unit and rank: 630 passes at module granularity on SmolLM2, about half an hour here.
 
 Both are divided by the float model's held-out loss (relative loss change), so they share one scale and
-`Importance.lost` can subtract them. Negative measurements (noise, an adapter that overfits) count as 0,
-and each unit's values are made monotone: fewer bits never hurt less, more rank never gains less.
+`Importance.lost` can subtract them. A sensitivity is never below zero (`token_divergences` sums terms that
+are each at least zero); a negative plasticity (noise, an adapter that overfits) counts as 0, and each unit's
+values are made monotone: fewer bits never hurt less, more rank never gains less.
 
 Every measurement is journaled as it completes (`journal`, JSON, replaced atomically under a file lock, so
 compiles sharing a work folder keep each other's measurements); a rerun with the same
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 FLOAT_BITS = 16
 LAW_BITS = 8  # sensitivities at this many bits and more: by `noise_law` off the floor sample (if a lower width is measured)
 PROGRESS_EVERY = 10
+KL_BLOCK = 2**18  # [tokens, vocabulary] entries `token_divergences` works on at once: 1 MB per float32 tensor, in cache
+KL_FAR = 80.0  # log p_float − log p below −KL_FAR: e^−g is near float32's largest, and past 88.7 overflows
 
 
 @dataclass(frozen=True)
@@ -258,16 +261,43 @@ def float_log_probs(model: nn.Module, held_out: Sequence[Sequence[dict]]) -> lis
         return [[_scored_log_probs(model, batch) for batch in task] for task in held_out]
 
 
+def token_divergences(float_log_p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Per token, KL(p_float || p) from two [tokens, vocabulary] tensors of log-probabilities: a sum over the
+    vocabulary of terms that are each at least zero, so never below zero.
+
+    With g = log p_float − log p, the term of a vocabulary entry is p_float·(e^−g − 1 + g), at least zero as
+    e^x ≥ 1 + x, computed with expm1 (as p − p_float·(1 − g), the same value, where g < −`KL_FAR` and e^−g
+    would overflow) and clamped at zero against its rounding. The terms sum to Σ p_float·g, the textbook
+    form, where both distributions sum to one, but they do not cancel: log-probabilities that differ from
+    the float model's by rounding alone (an 8-bit unit, or the float model itself) give the square of that
+    rounding, where Σ p_float·g gives the rounding itself, of either sign (a log_softmax normalized off by
+    1e-7 is a KL of ∓1e-7). Worked on in blocks of `KL_BLOCK` entries."""
+    rows = max(1, KL_BLOCK // float_log_p.shape[-1])
+    blocks = zip(float_log_p.split(rows), log_p.split(rows))
+    return torch.cat([_block_divergences(reference, other) for reference, other in blocks])
+
+
+def _block_divergences(float_log_p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    gap = float_log_p - log_p
+    negated = gap.neg().clamp_(max=KL_FAR)
+    terms = torch.expm1(negated).sub_(negated)
+    float_p = float_log_p.exp()
+    terms.mul_(float_p)
+    far = gap < -KL_FAR
+    if far.any():
+        terms[far] = log_p[far].exp() - float_p[far] * (1 - gap[far])
+    return terms.clamp_min_(0).sum(dim=-1)
+
+
 def divergence(model: nn.Module, held_out: Sequence[Sequence[dict]], reference: list[list[torch.Tensor]]) -> float:
-    """Mean over tasks of the per-token KL(p_float || p_model) on the held-out batches (the sensitivity measure)."""
+    """Mean over tasks of the per-token KL(p_float || p_model) on the held-out batches (the sensitivity
+    measure): each token's by `token_divergences`, so never below zero, summed in float64."""
     per_task = []
     with torch.no_grad():
         for batches, references in zip(held_out, reference):
             total = tokens = 0.0
             for batch, float_log_p in zip(batches, references):
-                gap = _scored_log_probs(model, batch).neg_().add_(float_log_p)  # log p_float − log p_model, in place
-                # per token in float32 over the small gaps (a dot of the raw logits cancels badly), summed in float64
-                total += float(torch.einsum("tv,tv->t", float_log_p.exp(), gap).sum(dtype=torch.float64))
+                total += float(token_divergences(float_log_p, _scored_log_probs(model, batch)).sum(dtype=torch.float64))
                 tokens += float_log_p.shape[0]
             per_task.append(total / tokens)
     return statistics.fmean(per_task)
