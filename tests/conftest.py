@@ -7,4 +7,7 @@ from pathlib import Path
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-sys.path.insert(0, str(Path(__file__).parent))
+# Tests import each other's helpers (tests/) and the scripts they test (benchmarks/, experiments/) by module
+# name: `from bench_quality import markdown`.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks"), str(ROOT / "experiments")]

@@ -1,17 +1,13 @@
-"""tools/bench_compile.py: stage times come from the compile's own progress reports, the table states the
+"""benchmarks/bench_compile.py: stage times come from the compile's own progress reports, the table states the
 ratio to one fine-tune and the target, and a whole (tiny) measurement runs from a cold start."""
 
-import sys
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
+from bench_compile import StageTimes, markdown, measure
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from bench_compile import StageTimes, markdown, measure  # noqa: E402
-
-from qra.compiler.progress import StageProgress  # noqa: E402
-from tiny import save_tiny_model, tiny_corpus  # noqa: E402
+from qra.compiler.progress import StageProgress
+from qra.testing import save_tiny_model, tiny_corpus
 
 
 def test_a_stage_runs_from_its_first_report_to_the_next_stages_first():

@@ -1,19 +1,15 @@
-"""tools/bench_gguf.py on a tiny model: one materialized fine-tune, the exact GGUF with its adapter beside
+"""benchmarks/bench_gguf.py on a tiny model: one materialized fine-tune, the exact GGUF with its adapter beside
 llama.cpp's recipes of the merged model, each scored on the same held-out tokens and paired with the trained
 model; and each GGUF timed in llama.cpp."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_gguf import EXACT, TRAINED, main
+from test_materialize import mixed_plan
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from bench_gguf import EXACT, TRAINED, main  # noqa: E402
-
-from qra.plans.io import save_plan  # noqa: E402
-from test_materialize import mixed_plan  # noqa: E402
-from tiny import save_tiny_model, tiny_corpus  # noqa: E402
+from qra.plans.io import save_plan
+from qra.testing import save_tiny_model, tiny_corpus
 
 
 def test_bench_gguf_pairs_every_served_artifact_with_the_trained_model_on_the_same_tokens(tmp_path, capsys):

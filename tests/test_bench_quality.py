@@ -1,21 +1,17 @@
-"""tools/bench_quality.py: how seed runs become the reported table, paired differences and targets, and
+"""benchmarks/bench_quality.py: how seed runs become the reported table, paired differences and targets, and
 a whole (tiny) benchmark run end to end on the one pipeline."""
 
 import json
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from bench_quality import CEILING, gap_closed, markdown, paired, plot_quality, publish, run_benchmark, summarize, targets
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from bench_quality import (  # noqa: E402
-    CEILING, Settings, _publish, budgets_for, gap_closed, markdown, paired, plot_quality, run_benchmark, summarize, targets,
-)
-
-from qra.plans.memory import estimate_memory, uniform_settings  # noqa: E402
-from qra.plans.schema import Budget, Device, Training  # noqa: E402
-from tiny import save_tiny_model, tiny_corpus, tiny_spec  # noqa: E402
+from qra.benchmark import Settings, budgets_for, compile_request, model_spec, refused_finalist
+from qra.plans.memory import estimate_memory, uniform_settings
+from qra.plans.schema import Budget, Device, Training
+from qra.testing import save_tiny_model, tiny_corpus, tiny_spec
 
 
 def seed_run(seed: int, reference: float, arithmetic: float) -> dict:
@@ -102,8 +98,8 @@ def test_report_has_one_table_row_per_method_and_budget_and_a_plot(tmp_path):
     assert (tmp_path / "quality.png").read_bytes().startswith(b"\x89PNG")
     # a materialize check written into the same folder keeps the evaluator benchmark's report
     budgets, settings = {"B1": Budget(bytes=10**9, text="1000.0MB")}, Settings("tiny", "d", 128, 4, 40, "quick", (10,))
-    _publish(report, tmp_path / "out", None, budgets, settings)
-    _publish({**report, "fine_tune": "materialize"}, tmp_path / "out", tmp_path / "docs", budgets, settings)
+    publish(report, tmp_path / "out", None, budgets, settings)
+    publish({**report, "fine_tune": "materialize"}, tmp_path / "out", tmp_path / "docs", budgets, settings)
     assert json.loads((tmp_path / "out" / "quality.json").read_text())["fine_tune"] == "evaluator"
     assert json.loads((tmp_path / "out" / "quality-materialize.json").read_text())["fine_tune"] == "materialize"
     assert json.loads((tmp_path / "docs" / "quality.json").read_text())["fine_tune"] == "materialize"
@@ -143,8 +139,6 @@ def test_a_tiny_benchmark_runs_every_stage_and_reruns_from_its_results(tmp_path)
 
 
 def test_a_finalist_the_compile_refused_is_benched_beside_the_uniform_plan_it_lost_to():
-    from bench_quality import refused_finalist
-
     from qra.compiler.space import Gene, build_space, config_key
     from qra.plans.build import model_ref
     from qra.plans.schema import Budget, Plan, Provenance, SeedScores
@@ -189,14 +183,13 @@ def test_the_prediction_is_checked_against_the_bench_with_both_means_standard_er
 
 
 def _observed_runs_end_at_the_benchmarks_scores(bench: Path, uniform: dict) -> None:
-    """tools/train_dynamics.py trains a benchmark's plan as the benchmark did, scoring it on the way."""
-    from bench_quality import _spec, compile_request
+    """experiments/train_dynamics.py trains a benchmark's plan as the benchmark did, scoring it on the way."""
     from train_dynamics import bench_settings, method_plan, observe
 
     from qra.compiler.compile import build_evaluator
 
     settings = bench_settings(bench)
-    budget = budgets_for(_spec(settings), settings.training(), Device())["B1"]
+    budget = budgets_for(model_spec(settings.model), settings.training(), Device())["B1"]
     evaluator = build_evaluator(compile_request(settings, budget, "layer", bench))
     plan = method_plan(bench, settings, "B1", "uniform", evaluator)
     observed = observe(evaluator, plan, 10, plan.training.max_grad_norm, every=1)

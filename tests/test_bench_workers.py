@@ -1,13 +1,9 @@
-"""tools/bench_workers.py: the projection prices the batches the search really asks, and the table says
+"""benchmarks/bench_workers.py: the projection prices the batches the search really asks, and the table says
 whether the plans agreed."""
 
-import sys
-from pathlib import Path
+from bench_workers import makespan, markdown, project
 
 from qra.compiler.compile import EFFORTS
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from bench_workers import makespan, markdown, project  # noqa: E402
 
 
 def test_a_batch_takes_the_makespan_of_its_candidates_dealt_longest_first():

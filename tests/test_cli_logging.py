@@ -17,7 +17,7 @@ import pytest
 
 from qra.cli import _log_progress
 from qra.runtime.quantize import quiet_gptqmodel
-from tiny import save_tiny_model, tiny_corpus
+from qra.testing import save_tiny_model, tiny_corpus
 
 QRA = shutil.which("qra", path=str(Path(sys.executable).parent)) or shutil.which("qra")
 

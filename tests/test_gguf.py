@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from qra.runtime.package.gguf import bf16_gguf, llama_cpp_logits, model_logits, tensor_types
 from qra.runtime.package.gguf_mix import planned_type
-from tiny import tiny_config, tiny_tokenizer
+from qra.testing import tiny_config, tiny_tokenizer
 
 Q = gguf.GGMLQuantizationType
 TEXT = "Return the value of the attribute, or raise an exception when the name is not defined."

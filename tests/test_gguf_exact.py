@@ -17,7 +17,7 @@ from qra.runtime.package.gguf_exact import base_tensors, check_transcodable, tra
 from qra.runtime.package.gguf_write import permute_rotary, write_gguf
 from qra.runtime.qlinear import is_gptq_linear
 from qra.runtime.quantize import load_quantized, quantize_to_plan
-from tiny import VOCAB, save_tiny_model, tiny_spec, tiny_tokenizer
+from qra.testing import VOCAB, save_tiny_model, tiny_spec, tiny_tokenizer
 
 Q = gguf.GGMLQuantizationType
 # two layers, every planned width: layer 0 at 2 bits (o_proj at 4), layer 1 at 3 bits (v_proj at 8)
@@ -113,7 +113,7 @@ def test_materialize_refuses_a_plan_gguf_cannot_hold_exactly_in_one_line_before_
     from qra.cli import app
     from qra.plans.io import save_plan
     from test_materialize import mixed_plan
-    from tiny import save_tiny_model, tiny_corpus
+    from qra.testing import save_tiny_model, tiny_corpus
 
     folder = save_tiny_model(tmp_path / "model", layers=4)
     plan = mixed_plan(folder)

@@ -15,7 +15,7 @@ from qra.runtime.lora import attach_lora
 from qra.runtime.measure import measure_lora_step
 from qra.runtime.qlinear import enable_dequantize_in_backward
 from qra.runtime.quantize import load_quantized, placeholder_quantized, quantize_to_plan
-from tiny import save_tiny_model, tiny_spec
+from qra.testing import save_tiny_model, tiny_spec
 
 # every layer gets its own bits, and layers alternate group sizes: 2/3/4/8 bits x group 32/64
 LAYER_SETTINGS = [(2, 32), (3, 64), (4, 32), (8, 64), (2, 64), (3, 32), (4, 64), (8, 32)]

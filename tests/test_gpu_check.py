@@ -1,14 +1,10 @@
-"""tools/gpu_check.py's dry run: every step of the GPU check runs on the CPU with a tiny model, and the
+"""benchmarks/gpu_check.py's dry run: every step of the GPU check runs on the CPU with a tiny model, and the
 report claims no CUDA figure."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from gpu_check import DRY_RUN, dry_setup, markdown, run_check  # noqa: E402
+from gpu_check import DRY_RUN, dry_setup, markdown, run_check
 
 
 @pytest.mark.slow

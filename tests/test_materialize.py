@@ -12,7 +12,7 @@ from qra.plans.build import model_ref, uniform_plan, with_memory
 from qra.plans.io import save_plan
 from qra.plans.schema import Budget, Device, Training
 from qra.runtime.materialize import MaterializeRequest, materialize
-from tiny import save_tiny_model, tiny_spec
+from qra.testing import save_tiny_model, tiny_spec
 
 LAYER_BITS = [2, 3, 4, 8]
 LAYER_RANKS = [16, 8, 8, 4]

@@ -8,7 +8,7 @@ from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.schema import ModuleSettings, Device, Training
 from qra.plans.spec import spec_from_config
 from qra.runtime.measure import measure_lora_step
-from tiny import tiny_config
+from qra.testing import tiny_config
 
 
 def varied_ranks(layer, module):

@@ -24,7 +24,7 @@ from qra.runtime.package import FORMATS, PackageContext, package, verify_manifes
 from qra.runtime.package.adapter import load_adapter_package
 from qra.runtime.package.onnx import load_fp32
 from qra.runtime.quantize import gptq_dynamic, load_quantized, quantize_to_plan
-from tiny import VOCAB, save_tiny_model, tiny_spec, tiny_tokenizer
+from qra.testing import VOCAB, save_tiny_model, tiny_spec, tiny_tokenizer
 
 TEXT = "Return the value of the attribute, or raise an exception when the name is not defined."
 # layer: (bits, rank); layer 1 gives down_proj its own rank, layer 2 gives v_proj its own bits

@@ -18,8 +18,8 @@ from qra.plans.io import dump_plan, load_plan, save_plan
 from qra.plans.memory import estimate_plan
 from qra.plans.report import memory_table, plan_diff, plan_table
 from qra.plans.schema import Budget, Plan
+from qra.testing import tiny_spec
 from qra.units import format_bytes
-from tiny import tiny_spec
 
 FINGERPRINT = "0123456789abcdef" * 4
 

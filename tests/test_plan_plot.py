@@ -8,7 +8,7 @@ from qra.cli import app
 from qra.plans.build import uniform_plan
 from qra.plans.plot import bits_rank_pattern, layer_profiles, plot_plan
 from qra.plans.schema import Budget, LayerPlan, ModelRef, ModuleOverride, Plan
-from tiny import tiny_config, tiny_spec
+from qra.testing import tiny_config, tiny_spec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -10,7 +10,7 @@ from qra.compiler.repair import _apply, _moves, repair
 from qra.compiler.space import Gene, build_space
 from qra.errors import QraError
 from qra.plans.schema import Device, Training
-from tiny import tiny_spec
+from qra.testing import tiny_spec
 
 SPACE = build_space(
     tiny_spec("llama", layers=4), bits=(2, 3, 4, 8, 16), ranks=(4, 8, 16, 32),

@@ -1,12 +1,9 @@
-"""tools/rung_agreement.py: a lower rung's ranking against the top rung's, read from a search journal."""
+"""experiments/rung_agreement.py: a lower rung's ranking against the top rung's, read from a search journal."""
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-from rung_agreement import agreements, markdown  # noqa: E402
+from rung_agreement import agreements, markdown
 
 
 def _journal(path: Path, rows: list[tuple[str, int, float]]) -> Path:

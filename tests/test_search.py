@@ -25,7 +25,7 @@ from qra.compiler.strategies import (
 from qra.compiler.strategies.baselines import use_more_bits
 from qra.errors import QraError
 from qra.plans.schema import Device, Training
-from tiny import tiny_spec
+from qra.testing import tiny_spec
 
 DAMAGE = {2: 1.0, 3: 0.35, 4: 0.12, 8: 0.01}
 NOISE = (0.02, 0.01, 0.0)

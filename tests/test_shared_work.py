@@ -14,7 +14,7 @@ from qra.compiler.space import build_space
 from qra.compiler.compile import budget_bounds
 from qra.plans.io import load_plan
 from qra.plans.schema import Device, Training
-from tiny import save_tiny_model, tiny_corpus, tiny_spec
+from qra.testing import save_tiny_model, tiny_corpus, tiny_spec
 
 QRA = shutil.which("qra", path=str(Path(sys.executable).parent)) or shutil.which("qra")
 BITS, RANKS = (2, 4, 8), (4, 16)

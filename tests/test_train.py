@@ -10,7 +10,7 @@ from qra.plans.schema import Training
 from qra.runtime.lora import attach_lora
 from qra.runtime.run import Run
 from qra.runtime.train import train_lora
-from tiny import tiny_config, tiny_spec
+from qra.testing import tiny_config, tiny_spec
 
 
 class Interrupted(Exception):

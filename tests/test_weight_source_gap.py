@@ -1,14 +1,11 @@
-"""tools/weight_source_gap.py reads each module's bits from gptqmodel's own config and tabulates both sources."""
+"""experiments/weight_source_gap.py reads each module's bits from gptqmodel's own config and tabulates both sources."""
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from weight_source_gap import markdown, planned_bits  # noqa: E402
+from weight_source_gap import markdown, planned_bits
 
-from qra.runtime.quantize import gptq_dynamic  # noqa: E402
-from tiny import tiny_spec  # noqa: E402
+from qra.runtime.quantize import gptq_dynamic
+from qra.testing import tiny_spec
 
 
 def test_the_bits_are_read_back_from_the_dynamic_config_the_quantization_pass_wrote(tmp_path):

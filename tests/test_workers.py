@@ -20,7 +20,7 @@ from qra.compiler.pool import InProcessPool, Task  # noqa: E402
 from qra.compiler.ray_pool import RayPool  # noqa: E402
 from qra.compiler.strategies import Problem, RandomSearch, run_search  # noqa: E402
 from test_compile import TRAINING, request  # noqa: E402
-from tiny import save_tiny_model, tiny_corpus  # noqa: E402
+from qra.testing import save_tiny_model, tiny_corpus  # noqa: E402
 
 TESTS = str(Path(__file__).parent)
 LONG = TRAINING.model_copy(update={"steps": 120})  # a run of seconds, long enough to be killed in the middle of

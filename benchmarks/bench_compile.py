@@ -1,7 +1,7 @@
 """What a compile costs, in fine-tunes of the plan it emits: the target is a quick compile at most 10 times
 one fine-tune of the plan's schedule, the standard effort at most 30 times.
 
-    python tools/bench_compile.py --out runs/bench-compile            # SmolLM2, quick effort, from cold
+    python benchmarks/bench_compile.py --out runs/bench-compile            # SmolLM2, quick effort, from cold
 
 Bits, ranks and granularity default to `qra compile`'s (the effort's granularity), so the default run is
 the README's Quick start compile.
@@ -13,10 +13,10 @@ the emitted plan's whole schedule through the same `Run` the compile scores cand
 weights, every held-out sequence scored): the mean over every such fine-tune in the run, the plan's own runs
 in the final comparison (its fresh seeds, timed in their journals; none when the top rung is truncated) and
 `--fine-tunes` more after the compile (2 by default). Both periods count because this machine's speed drifts
-within a run: in r13 the plan's runs took 66-68 s during the compile and 58-59 s after it (in r12d 57-61 s
-and 60 s). With `--workers N` the compile runs its candidates on N local Ray workers (`qra compile
---workers`), each with its share of the cores: the plan's runs there ran beside others on fewer threads, so
-the baseline is then the fine-tunes after the compile alone, in this process, as a user's fine-tune runs.
+within a run: the plan's runs have taken 66-68 s during a compile and 58-59 s after it. With `--workers N`
+the compile runs its candidates on N local Ray workers (`qra compile --workers`), each with its share of the
+cores: the plan's runs there ran beside others on fewer threads, so the baseline is then the fine-tunes after
+the compile alone, in this process, as a user's fine-tune runs.
 Prints a table with the ratio and writes OUT/compile-cost.json and OUT/compile-cost.md. Run it with nothing
 else on the machine: two cores halve under any other job.
 """
@@ -32,15 +32,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qra.benchmark import Settings, budgets_for, model_spec
 from qra.compiler.compile import EFFORTS, CompileOutcome, CompileRequest, Prepared, compile_plan, prepare, seed_journal
 from qra.compiler.progress import StageProgress
 from qra.compiler.space import config_key
 from qra.files import write_text
-from qra.models import load_config, resolve_model
-from qra.plans.build import budget_covering
-from qra.plans.memory import estimate_memory, uniform_settings
-from qra.plans.schema import Budget, Device, Training
-from qra.plans.spec import spec_from_config
+from qra.plans.schema import Device, Training
 from qra.runtime.data import load_dataset, training_for
 from qra.units import format_seconds
 
@@ -68,16 +65,10 @@ class StageTimes:
         return {name: round(end - start, 1) for (name, start), end in zip(marks, ends)}
 
 
-def uniform_budget(model: str, data: str, training: Training, bits: int = 4, rank: int = 8) -> Budget:
-    """The footprint of uniform `bits` at `rank` on this data's batches, rounded up to 0.1 MB: B1 of the
-    quality benchmark."""
-    spec = spec_from_config(load_config(resolve_model(model)))
-    return budget_covering(estimate_memory(spec, uniform_settings(bits, rank), training_for(training, load_dataset(data)), Device()).total_bytes)
-
-
 def measure(args: argparse.Namespace) -> dict:
     training = Training(seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, learning_rate=args.learning_rate)
-    budget = uniform_budget(args.model, args.data, training)
+    # the quality benchmark's B1: uniform 4-bit rank 8's footprint on this data's batches
+    budget = budgets_for(model_spec(args.model), training_for(training, load_dataset(args.data)), Device())["B1"]
     work = args.out / f"work-{args.effort}-{args.granularity}"
     shutil.rmtree(work, ignore_errors=True)  # from cold: nothing cached
     request = CompileRequest(
@@ -160,19 +151,20 @@ def _baseline_note(result: dict) -> str:
 
 
 def main() -> None:
+    defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-compile"))
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="python-reference+arithmetic")
+    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--data", default=defaults.data)
     parser.add_argument("--effort", default="quick", choices=("quick", "standard", "thorough"))
     parser.add_argument("--granularity", choices=("layer", "module"), help="default: the effort's, as `qra compile`")
     parser.add_argument("--fine-tunes", type=int, default=2, help="fine-tunes of the plan measured; the baseline is their mean")
     parser.add_argument("--bits", type=int, nargs="+", default=list(CompileRequest.bits))
     parser.add_argument("--ranks", type=int, nargs="+", default=list(CompileRequest.ranks))
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--workers", type=int, default=0, help="run the compile's candidates on this many local Ray workers")
     args = parser.parse_args()
     if args.fine_tunes < 1:

@@ -7,8 +7,8 @@ serves it, and paired per sequence with the trained model (the `adapter` package
 adapter, in qra), so each difference comes with its own standard error. `--speed` then times each GGUF in
 llama.cpp on 2 threads (prompt and generation tokens/s); run it with nothing else on the machine.
 
-    python tools/bench_gguf.py --out runs/bench-gguf --report docs/results/serving
-    python tools/bench_gguf.py --out runs/bench-gguf --report docs/results/serving --speed
+    python benchmarks/bench_gguf.py --out runs/bench-gguf --report docs/results/serving
+    python benchmarks/bench_gguf.py --out runs/bench-gguf --report docs/results/serving --speed
 
 Resumable: each materialized run, each GGUF and each artifact's scores are kept under `--out`.
 """
@@ -18,12 +18,14 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
+from qra.benchmark import DATA
 from qra.files import write_text
 from qra.models import resolve_model
 from qra.plans.io import load_plan
@@ -91,7 +93,8 @@ def _save_sums(path: Path, sums: Sums) -> None:
     torch.save({task: (s.clone(), n.clone()) for task, (s, n) in sums.items()}, path)
 
 
-def cached_sums(path: Path, compute) -> Sums:
+def cached_sums(path: Path, compute: Callable[[], Sums]) -> Sums:
+    """The sums saved at `path`, else `compute()`'s, saved there."""
     if path.exists():
         return torch.load(path)
     sums = compute()
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plans", type=Path, nargs="+", default=PLANS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--data", default="python-reference+arithmetic")
+    parser.add_argument("--data", default=DATA)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-gguf"))
     parser.add_argument("--report", type=Path, help="folder for serving.json and serving.md")
     parser.add_argument("--speed", action="store_true", help="also time each GGUF of the first seed in llama.cpp (2 threads)")

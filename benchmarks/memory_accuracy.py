@@ -1,8 +1,8 @@
 """Memory model vs measured footprint, per component, on real training steps.
 
-    python tools/memory_accuracy.py                      # tiny random Llama/Qwen2 (seconds)
-    python tools/memory_accuracy.py --model smollm2-135m # the real default model (a minute or two)
-    python tools/memory_accuracy.py --model smollm2-135m --quantized  # two GPTQ plans (~8 min)
+    python benchmarks/memory_accuracy.py                      # tiny random Llama/Qwen2 (seconds)
+    python benchmarks/memory_accuracy.py --model smollm2-135m # the real default model (a minute or two)
+    python benchmarks/memory_accuracy.py --model smollm2-135m --quantized  # two GPTQ plans (~8 min)
 
 Each row trains one LoRA step under the harness (`qra.runtime.measure`) and prints the estimate's
 persistent components beside what was counted. Transient terms and the fixed overhead are not visible
@@ -12,28 +12,32 @@ to the CPU harness and are left out here (on a GPU, compare `total_bytes` to tor
 import argparse
 import os
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase  # noqa: E402
 
-from qra.plans.memory import estimate_memory, uniform_settings  # noqa: E402
+from qra.models import load_config, load_model, resolve_model  # noqa: E402
+from qra.plans.memory import SettingsFor, estimate_memory, uniform_settings  # noqa: E402
 from qra.plans.schema import Device, ModuleSettings, Training  # noqa: E402
-from qra.plans.spec import spec_from_config  # noqa: E402
-from qra.runtime.data import batches, load_dataset, pad_id, training_for, training_features, worst_batch  # noqa: E402
+from qra.plans.spec import LinearSpec, ModelSpec, spec_from_config  # noqa: E402
+from qra.runtime.data import Batch, batches, load_dataset, pad_id, training_for, training_features, worst_batch  # noqa: E402
 from qra.runtime.measure import measure_lora_step  # noqa: E402
-from qra.runtime.quantize import quiet_gptqmodel  # noqa: E402
+from qra.runtime.qlinear import enable_dequantize_in_backward  # noqa: E402
+from qra.runtime.quantize import load_quantized, quantize_to_plan, quiet_gptqmodel  # noqa: E402
+from qra.testing import tiny_config, tiny_tokenizer  # noqa: E402
 
 with quiet_gptqmodel():  # its import banner would go to stdout, into the table
     import gptqmodel  # noqa: E402, F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-
-def varied_ranks(layer, module):
+def varied_ranks(layer: int, module: LinearSpec) -> ModuleSettings:
     rank = (4, 8, 16, 32)[(layer + len(module.name)) % 4]
     return ModuleSettings(bits=16, group_size=128, rank=rank, alpha=2 * rank)
 
@@ -57,7 +61,8 @@ REAL_SETTINGS = [
 ]
 
 
-def row(label: str, spec, model, settings_for, training: Training, batch=None) -> list[str]:
+def row(label: str, spec: ModelSpec, model: nn.Module, settings_for: SettingsFor, training: Training,
+        batch: Batch | None = None) -> list[str]:
     measured = measure_lora_step(model, spec, settings_for, training, batch=batch)
     components = estimate_memory(spec, settings_for, training, Device(kind="cpu")).components
     pairs = [
@@ -73,8 +78,6 @@ def row(label: str, spec, model, settings_for, training: Training, batch=None) -
 
 
 def tiny_rows() -> list[list[str]]:
-    from tiny import tiny_config, tiny_tokenizer
-
     rows = []
     for family, label, kwargs, settings_for in TINY_SETTINGS:
         training = Training(**kwargs)
@@ -86,7 +89,7 @@ def tiny_rows() -> list[list[str]]:
     for family in ("llama", "qwen2"):
         config = tiny_config(family)
 
-        def load(config=config):
+        def load(config: PretrainedConfig = config) -> nn.Module:
             torch.manual_seed(0)
             return AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
 
@@ -100,7 +103,7 @@ DATA_ROWS = [
 ]
 
 
-def data_shape(data: str, tokenizer, batch_size: int, seq_len: int):
+def data_shape(data: str, tokenizer: PreTrainedTokenizerBase, batch_size: int, seq_len: int) -> tuple[Training, Batch]:
     """The training settings for `data` (its batches pad or not) and its worst batch. Prompt/response-only data
     is cut at its longest sequence, so that the worst batch is full length, as the estimate assumes."""
     dataset = load_dataset(data)
@@ -111,7 +114,8 @@ def data_shape(data: str, tokenizer, batch_size: int, seq_len: int):
     return training, worst_batch(batches(features, batch_size, seed=0, epoch=0, pad=pad_id(tokenizer)))
 
 
-def data_rows(label: str, spec, load, settings_for, tokenizer, batch_size: int, seq_len: int) -> list[list[str]]:
+def data_rows(label: str, spec: ModelSpec, load: Callable[[], nn.Module], settings_for: SettingsFor,
+              tokenizer: PreTrainedTokenizerBase, batch_size: int, seq_len: int) -> list[list[str]]:
     """One row per kind of data: a training step on the data's worst real batch."""
     rows = []
     for kind, data in DATA_ROWS:
@@ -122,8 +126,6 @@ def data_rows(label: str, spec, load, settings_for, tokenizer, batch_size: int, 
 
 
 def real_rows(model_name: str) -> list[list[str]]:
-    from qra.models import load_config, load_model, resolve_model
-
     source = resolve_model(model_name)
     spec = spec_from_config(load_config(source))
     rows = []
@@ -133,7 +135,7 @@ def real_rows(model_name: str) -> list[list[str]]:
     return rows
 
 
-def mixed_plan(layer, module):
+def mixed_plan(layer: int, module: LinearSpec) -> ModuleSettings:
     bits, rank = ((3, 16), (4, 8), (8, 4))[layer % 3]
     return ModuleSettings(bits=bits, group_size=128, rank=rank, alpha=2 * rank)
 
@@ -146,12 +148,6 @@ QUANTIZED_PLANS = [
 
 def quantized_rows(model_name: str) -> list[list[str]]:
     """Each plan GPTQ-quantized for real, trained through the memory-faithful path."""
-    import tempfile
-
-    from qra.models import load_config, load_model, resolve_model
-    from qra.runtime.qlinear import enable_dequantize_in_backward
-    from qra.runtime.quantize import load_quantized, quantize_to_plan
-
     source = resolve_model(model_name)
     spec = spec_from_config(load_config(source))
     generator = torch.Generator().manual_seed(0)
@@ -165,7 +161,7 @@ def quantized_rows(model_name: str) -> list[list[str]]:
         for index, (label, kwargs, settings_for) in enumerate(QUANTIZED_PLANS):
             checkpoint = quantize_to_plan(base, spec, settings_for, calibration, Path(tmp) / f"gptq{index}")
 
-            def load(checkpoint=checkpoint):
+            def load(checkpoint: Path = checkpoint) -> nn.Module:
                 model = load_quantized(checkpoint).model
                 enable_dequantize_in_backward(model)
                 return model

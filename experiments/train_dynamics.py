@@ -1,8 +1,8 @@
 """How a fine-tune gets to its score: a benchmark's plans trained with the benchmark's own pipeline and
 schedule, observed every few steps, under a gradient clipping norm of your choice.
 
-    python tools/train_dynamics.py --bench runs/bench-r4 --methods uniform,finalist-layer --seeds 10,11,12 \\
-        --max-grad-norm 1.0 --out docs/results/clipping/clipped.jsonl
+    python experiments/train_dynamics.py --bench runs/bench-quality --methods uniform,finalist-layer --seeds 10,11,12 \\
+        --max-grad-norm 1.0 --out runs/bench-quality/train-dynamics.jsonl
 
 Each (method, seed) is one `Run` of the plan at `--budget` (weights from the benchmark's quantization cache,
 the benchmark's data, batches and learning rate), scored on each task's whole held-out set every `--every`
@@ -10,18 +10,20 @@ steps. One JSON line per run: the held-out loss of every task at each checkpoint
 and its gradient norm before clipping. A rerun skips the runs `--out` already holds. The printed table has
 each method's final task losses per seed and their differences from the first method, paired by seed.
 
-`finalist-<granularity>` is the finalist a compile refused (as `bench_quality.py` benches it). With
-`--max-grad-norm` equal to the benchmark's own (or 0 for a benchmark made before plans clipped), a run's
-final scores are the benchmark's evaluator-mode scores for that seed.
+`--bench` is a `benchmarks/bench_quality.py --out` folder. `finalist-<granularity>` is the finalist a compile
+refused (as `bench_quality.py` benches it). With `--max-grad-norm` equal to the benchmark's own (or 0 for a
+benchmark made before plans clipped), a run's final scores are the benchmark's evaluator-mode scores for that
+seed.
 """
 
 import argparse
 import json
 import logging
 import statistics
+import sys
 from pathlib import Path
 
-from bench_quality import Settings, budgets_for, compile_request, refused_finalist, _plan_name, _spec
+from qra.benchmark import Settings, budgets_for, compile_request, model_spec, plan_path, refused_finalist
 from qra.compiler.compile import build_evaluator, resolve
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.plans.io import load_plan
@@ -44,18 +46,15 @@ def bench_settings(bench: Path) -> Settings:
 def method_plan(bench: Path, settings: Settings, budget_name: str, method: str, evaluator: FidelityEvaluator) -> Plan:
     """A benchmark's plan by its method name: the autoqra plan, a baseline, or the compile's refused finalist."""
     budget = budgets_for(evaluator.space.spec, settings.training(), Device())[budget_name]
-    folder = bench / "plans"
     if method.startswith("finalist-"):
         granularity = method.removeprefix("finalist-")
-        plan = load_plan(folder / f"{_plan_name(settings, budget, granularity)}.yaml")
+        plan = load_plan(plan_path(bench, settings, budget, f"autoqra-{granularity}"))
         space = resolve(compile_request(settings, budget, granularity, bench)).space
         finalist = refused_finalist(plan, space, space.spec)
         if finalist is None:
             raise SystemExit(f"the {granularity} compile at {budget.text} refused no finalist")
         return finalist
-    if method.startswith("autoqra-"):
-        return load_plan(folder / f"{_plan_name(settings, budget, method.removeprefix('autoqra-'))}.yaml")
-    return load_plan(folder / f"{_plan_name(settings, budget, 'layer')}.{method}.yaml")
+    return load_plan(plan_path(bench, settings, budget, method))
 
 
 def observe(evaluator: FidelityEvaluator, plan: Plan, seed: int, max_grad_norm: float | None, every: int) -> dict:
@@ -101,7 +100,7 @@ def table(runs: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", type=Path, required=True, help="a bench_quality.py --out folder")
+    parser.add_argument("--bench", type=Path, required=True, help="a benchmarks/bench_quality.py --out folder")
     parser.add_argument("--budget", default="B1")
     parser.add_argument("--methods", default="uniform,finalist-layer")
     parser.add_argument("--seeds", default="10,11,12")
@@ -111,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = bench_settings(args.bench)
-    budget = budgets_for(_spec(settings), settings.training(), Device())[args.budget]
+    budget = budgets_for(model_spec(settings.model), settings.training(), Device())[args.budget]
     evaluator = build_evaluator(compile_request(settings, budget, "layer", args.bench))
     done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
     clip = args.max_grad_norm or None
@@ -125,7 +124,7 @@ def main() -> None:
             with args.out.open("a") as out:
                 out.write(json.dumps(record) + "\n")
             done.append(record)
-    print(table([run for run in done if run["max_grad_norm"] == clip]))
+    sys.stdout.write(table([run for run in done if run["max_grad_norm"] == clip]) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Record a fidelity table: every configuration of a small space scored once, for `bench_search.py --table`.
 
-    python tools/record_fidelity_table.py -o tools/data/fidelity_table.json   # ~10-20 min on 2 cores
+    python experiments/record_fidelity_table.py -o experiments/data/fidelity_table.json   # ~10-20 min on 2 cores
 
-The model is a tiny Llama (tests/tiny.py: 3 layers, hidden 128) first trained in full on the Python
+The model is a tiny Llama (`qra.testing`: 3 layers, hidden 128) first trained in full on the Python
 reference for `--pretrain-steps`, so that quantizing it hurts the way it hurts a real model (a random
 model's loss barely depends on its weights). Every configuration of bits {2,3,4,8} x ranks {4,16} per
 layer (8^3 = 512) is then scored by the search's own evaluator at the top fidelity of a small ladder:
@@ -15,7 +15,7 @@ import itertools
 import json
 import logging
 import os
-import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,20 +27,18 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from qra.compiler.fidelity import FidelityEvaluator, FidelityLadder, prepare_data  # noqa: E402
 from qra.compiler.qcache import QuantCache  # noqa: E402
-from qra.files import write_text  # noqa: E402
 from qra.compiler.space import Gene, build_space, config_key  # noqa: E402
+from qra.files import write_text  # noqa: E402
 from qra.plans.schema import Device, Training  # noqa: E402
 from qra.plans.spec import spec_from_config  # noqa: E402
-from qra.runtime.data import load_dataset  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny import tiny_config, tiny_tokenizer  # noqa: E402
+from qra.runtime.data import Batch, load_dataset  # noqa: E402
+from qra.testing import tiny_config, tiny_tokenizer  # noqa: E402
 
 log = logging.getLogger("record_fidelity_table")
 BITS, RANKS, LAYERS = (2, 3, 4, 8), (4, 16), 3
 
 
-def pretrained_tiny(train_batches, steps: int) -> torch.nn.Module:
+def pretrained_tiny(train_batches: Sequence[Batch], steps: int) -> torch.nn.Module:
     """A tiny Llama trained in full on the data, so that its weights matter."""
     torch.manual_seed(0)
     config = tiny_config("llama", layers=LAYERS)

@@ -1,7 +1,7 @@
 """On a real GPU: qra fine-tunes on CUDA, and the memory model is checked against the allocator.
 
-    python tools/gpu_check.py --out runs/gpu-check              # a CUDA machine: about 5-8 minutes
-    python tools/gpu_check.py --dry-run --out runs/gpu-dry-run  # anywhere: the same steps on CPU, tiny models
+    python benchmarks/gpu_check.py --out runs/gpu-check              # a CUDA machine: about 5-8 minutes
+    python benchmarks/gpu_check.py --dry-run --out runs/gpu-dry-run  # anywhere: the same steps on CPU, tiny models
 
 One command, end to end, so that it can be rerun once after a fix:
 
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from qra.benchmark import DATA, MODEL
 from qra.files import write_text
 from qra.models import content_hash, load_config, resolve_model
 from qra.plans.build import budget_covering, model_ref, uniform_plan, with_memory
@@ -49,9 +50,9 @@ from qra.runtime.materialize import MaterializeRequest, materialize
 from qra.runtime.measure import measure_lora_step
 from qra.runtime.qlinear import enable_dequantize_in_backward
 from qra.runtime.quantize import placeholder_quantized
+from qra.testing import save_tiny_model
 
 log = logging.getLogger("gpu_check")
-DATA = "python-reference+arithmetic"
 DRY_RUN = "dry run"
 
 
@@ -71,16 +72,13 @@ class Setup:
 
 
 def real_setup(steps: int) -> Setup:
-    return Setup("smollm2-135m", "llama-3-8b", "cuda",
+    return Setup(MODEL, "llama-3-8b", "cuda",
                  Training(seq_len=128, batch_size=4, steps=steps, learning_rate=1e-3),
                  Training(seq_len=2048, batch_size=1, gradient_checkpointing=True, steps=1))
 
 
 def dry_setup(folder: Path) -> Setup:
-    """A tiny Llama saved to `folder` (with the tests' tokenizer) stands in for both models."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny import save_tiny_model
-
+    """A tiny Llama saved to `folder` (with `qra.testing`'s tokenizer) stands in for both models."""
     model = save_tiny_model(folder / "tiny", "llama", layers=4)
     return Setup(str(model), str(model), "cpu", Training(seq_len=48, batch_size=2, steps=2, learning_rate=1e-3),
                  Training(seq_len=96, batch_size=1, gradient_checkpointing=True, steps=1))

@@ -1,12 +1,12 @@
 """Search efficiency on a recorded fidelity table: evaluations until a near-optimal config is found.
 
-    python tools/bench_search.py --synthetic            # a seeded synthetic table (seconds to minutes)
-    python tools/bench_search.py --table scores.json    # a table recorded on a real model
+    python experiments/bench_search.py --synthetic            # a seeded synthetic table (seconds to minutes)
+    python experiments/bench_search.py --table experiments/data/fidelity_table.json   # a recorded table
 
 A table maps every config of a small space (config_key, e.g. "4:8,2:16,8:4,3:8") to its top-fidelity
 score (held-out loss, lower is better). The file is either that mapping or {"scores": mapping,
 "budget": bytes}. Costs come from the memory model of a tiny Llama with one layer per unit
-(tests/tiny.py), and the budget, unless the file gives one, is the cost of the uniform `--budget-config`.
+(`qra.testing`), and the budget, unless the file gives one, is the cost of the uniform `--budget-config`.
 
 What is measured: for each strategy and seed, the number of evaluations (every fidelity counts one)
 until the strategy scores, at the top fidelity, a config within `--tolerance` (1%) of the best config
@@ -47,9 +47,7 @@ from qra.compiler.importance import Importance
 from qra.compiler.space import Config, Gene, SearchSpace, build_space, config_key, parse_config_key
 from qra.compiler.strategies import STRATEGIES, Problem, SearchResult, run_search
 from qra.plans.schema import Device, Training
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny import tiny_spec  # noqa: E402
+from qra.testing import tiny_spec
 
 log = logging.getLogger("bench_search")
 

@@ -1,6 +1,6 @@
 """Quality at equal memory on a real model: the compiled plans against the pipelines they claim to beat.
 
-    python tools/bench_quality.py --out runs/bench-quality --ship plans --report docs/results
+    python benchmarks/bench_quality.py --out runs/bench-quality --ship plans --report docs/results
 
 Stages, each resumable (a rerun skips what is done; results are written as they come):
 
@@ -29,30 +29,30 @@ and OUT/plan-<budget>-<granularity>.png; `--report DIR` copies them there (the r
 """
 
 import argparse
-import functools
 import json
 import logging
 import math
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-from qra.compiler.compile import CompileRequest, Prepared, baseline_plan, build_evaluator, compile_plan, prepare, resolve
+from qra.benchmark import (
+    Settings, budget_for, budgets_for, compile_request, model_spec, plan_name, plan_path, refused_finalist,
+)
+from qra.compiler.compile import Prepared, baseline_plan, build_evaluator, compile_plan, prepare, resolve
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.compiler.finalists import paired_difference
-from qra.compiler.space import SearchSpace, parse_config_key
 from qra.files import atomic_path, digest, write_text
-from qra.models import load_config, load_model, resolve_model
-from qra.plans.build import budget_covering, uniform_plan, with_memory
+from qra.models import content_hash, load_model, resolve_model
+from qra.plans.build import model_ref, uniform_plan
 from qra.plans.io import load_plan, save_plan
-from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.plot import bits_rank_pattern, plot_plan
-from qra.plans.schema import Budget, Device, Plan, Prediction, Training
-from qra.plans.spec import ModelSpec, spec_from_config
+from qra.plans.schema import Budget, Device, ModelRef, Plan
+from qra.plans.spec import ModelSpec
 from qra.runtime.footprint import measure_plan_footprint
-from qra.runtime.data import load_dataset, pads
 from qra.runtime.materialize import MaterializeRequest, materialize
 
 log = logging.getLogger("bench_quality")
@@ -61,51 +61,6 @@ BASELINES = ("uniform", "sequential", "heuristic", "llamacpp")
 CEILING = "16-bit"
 CEILING_RANK = 8
 GAP_TARGET = 0.4
-
-
-@dataclass(frozen=True)
-class Settings:
-    model: str
-    data: str
-    seq_len: int
-    batch_size: int
-    steps: int
-    effort: str
-    seeds: tuple[int, ...]
-    learning_rate: float = 1e-3
-    granularities: tuple[str, ...] = ("layer", "module")
-    bits: tuple[int, ...] = (3, 4, 8)
-    ranks: tuple[int, ...] = (4, 8, 16)
-    exact_match_examples: int = 50
-
-    def training(self, seed: int = 0) -> Training:
-        """The schedule every method trains with; its batches pad where the data's do (the memory model's
-        worst batch)."""
-        return Training(seq_len=self.seq_len, batch_size=self.batch_size, steps=self.steps,
-                        learning_rate=self.learning_rate, seed=seed, padded_batches=_pads(self.data, self.batch_size))
-
-
-@functools.cache
-def _pads(data: str, batch_size: int) -> bool:
-    return pads(load_dataset(data), batch_size)
-
-
-def footprint(spec, bits: int, rank: int, training: Training, device: Device) -> int:
-    return estimate_memory(spec, uniform_settings(bits, rank), training, device).total_bytes
-
-
-def budget_for(spec, bits: int, training: Training, device: Device, rank: int = 8) -> Budget:
-    """The footprint of uniform `bits` at `rank`, rounded up to 0.1 MB, as a budget."""
-    return budget_covering(footprint(spec, bits, rank, training, device))
-
-
-def budgets_for(spec, training: Training, device: Device) -> dict[str, Budget]:
-    """B1: uniform 4-bit rank 8's footprint; B2: midway between uniform 3-bit rank 4 and 4-bit rank 4."""
-    low, high = footprint(spec, 3, 4, training, device), footprint(spec, 4, 4, training, device)
-    middle = budget_covering((low + high) // 2)
-    if middle.bytes >= high:
-        middle = Budget(bytes=(low + high) // 2, text=f"{(low + high) / 2e6:.3f}MB")
-    return {"B1": budget_for(spec, 4, training, device), "B2": middle}
 
 
 # Raised when the fine-tune pipeline's numerics change, so cached results of the old one are not reused
@@ -122,7 +77,7 @@ def plan_key(plan: Plan) -> str:
     return digest(identity, 16)
 
 
-def _cached(path: Path, key: str, compute) -> dict:
+def _cached(path: Path, key: str, compute: Callable[[], dict]) -> dict:
     """The JSON saved at `path` for `key`, else `compute()`'s result saved there."""
     if path.is_file() and (saved := json.loads(path.read_text())).get("key") == key:
         return saved
@@ -143,10 +98,11 @@ def choose_learning_rate(
     0.025), and over the compile's seeds 1-3 its loss ran from 1.94 to 2.17.
     Returns the rate and, per rate, each seed's loss, their mean and standard deviation."""
     scores: dict[str, dict[str, float]] = {}
+    spec = model_spec(settings.model)
     for rate in grid:
         at_rate = replace(settings, learning_rate=rate)
-        budget = budgets_for(_spec(settings), at_rate.training(), Device())["B1"]
-        plan = uniform_plan(_spec(settings), _model_ref(settings), budget, 4, 8, training=at_rate.training(), device=Device())
+        budget = budgets_for(spec, at_rate.training(), Device())["B1"]
+        plan = uniform_plan(spec, _model_ref(settings), budget, 4, 8, training=at_rate.training(), device=Device())
         by_seed = {}
         for seed in seeds:
             name = f"{rate:g}.json" if seed == 0 else f"{rate:g}-seed{seed}.json"
@@ -159,20 +115,6 @@ def choose_learning_rate(
                  scores[f"{rate:g}"]["mean"], spread, list(seeds))
     best = min(grid, key=lambda rate: scores[f"{rate:g}"]["mean"] + scores[f"{rate:g}"]["std"])
     return best, scores
-
-
-def compile_request(settings: Settings, budget: Budget, granularity: str, out: Path) -> CompileRequest:
-    return CompileRequest(
-        model=settings.model, budget=budget, data=settings.data, effort=settings.effort, training=settings.training(),
-        bits=settings.bits, ranks=settings.ranks, granularity=granularity,
-        # the learning rate in the name: a compile stopped at another rate leaves a journal this one may not resume
-        journal=out / "plans" / f"{_plan_name(settings, budget, granularity)}.lr{settings.learning_rate:g}.journal.jsonl",
-        work=out / "work", resume=True,
-    )
-
-
-def _plan_name(settings: Settings, budget: Budget, granularity: str) -> str:
-    return f"{settings.model}-{budget.text}{'' if granularity == 'layer' else '-' + granularity}"
 
 
 class Preparations:
@@ -207,10 +149,9 @@ class Preparations:
 def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict, preparations: Preparations) -> dict[str, Plan]:
     """The autoqra plan of each granularity (compiled, or loaded when a previous run wrote it) and the
     baselines' plans."""
-    folder = out / "plans"
     plans = {}
     for granularity in settings.granularities:
-        path = folder / f"{_plan_name(settings, budget, granularity)}.yaml"
+        path = plan_path(out, settings, budget, f"autoqra-{granularity}")
         if not path.is_file():
             request = compile_request(settings, budget, granularity, out)
             began = time.perf_counter()
@@ -228,25 +169,12 @@ def plans_at(settings: Settings, budget: Budget, out: Path, timings: dict, prepa
     for method in BASELINES:
         # llama.cpp's mix needs no priors: its preparation (module granularity) measures none
         granularity, strategy = ("module", method) if method == "llamacpp" else ("layer", "autoqra")
-        path = folder / f"{_plan_name(settings, budget, 'layer')}.{method}.yaml"
+        path = plan_path(out, settings, budget, method)
         if not path.is_file():
             request = compile_request(settings, budget, granularity, out)
             save_plan(baseline_plan(request, preparations.get(settings, budget, granularity, strategy), method), path)
         plans[method] = _same_schedule(load_plan(path), settings, path)
     return plans
-
-
-def refused_finalist(plan: Plan, space: SearchSpace, spec: ModelSpec) -> Plan | None:
-    """Where the compile's final pick refused its finalists (the plan is the uniform it compared them with),
-    the best of them as a plan: run on the bench seeds too, it shows whether the search found a gain that the
-    compile's fresh seeds could not confirm. None when the plan is a finalist."""
-    scored = plan.provenance.finalists
-    finalists = [record for record in scored if record.paired_difference is not None]
-    if not finalists or space.layer_plans(parse_config_key(scored[0].config)) != plan.layers:
-        return None
-    best = min(finalists, key=lambda record: record.paired_difference)
-    layers = space.layer_plans(parse_config_key(best.config))
-    return with_memory(plan.model_copy(update={"layers": layers, "predicted": Prediction()}), spec)
 
 
 def _same_schedule(plan: Plan, settings: Settings, path: Path) -> Plan:
@@ -259,7 +187,7 @@ def _same_schedule(plan: Plan, settings: Settings, path: Path) -> Plan:
     return plan
 
 
-def ceiling_plan(settings: Settings, reference: Plan, spec) -> Plan:
+def ceiling_plan(settings: Settings, reference: Plan, spec: ModelSpec) -> Plan:
     """LoRA rank 8 on the unquantized model; its budget is its own footprint."""
     training = settings.training()
     budget = budget_for(spec, 16, training, reference.device, CEILING_RANK)
@@ -295,7 +223,7 @@ def run_materialize(settings: Settings, plan: Plan, seed: int, folder: Path, cac
     return _cached(folder.with_name(folder.name + ".json"), plan_key(plan), compute)
 
 
-def measured_peak(settings: Settings, plan: Plan, spec, path: Path) -> int:
+def measured_peak(settings: Settings, plan: Plan, spec: ModelSpec, path: Path) -> int:
     """The plan's measured peak (`measure_plan_footprint` on a fresh copy of the model), once per plan."""
     def compute() -> dict:
         model, _ = load_model(resolve_model(settings.model), plan.training.compute_dtype)
@@ -468,16 +396,9 @@ def plot_quality(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def _spec(settings: Settings):
-    return spec_from_config(load_config(resolve_model(settings.model)))
-
-
-def _model_ref(settings: Settings):
-    from qra.models import content_hash
-    from qra.plans.build import model_ref
-
+def _model_ref(settings: Settings) -> ModelRef:
     source = resolve_model(settings.model)
-    return model_ref(_spec(settings), source.name, content_hash(source))
+    return model_ref(model_spec(settings.model), source.name, content_hash(source))
 
 
 def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
@@ -494,7 +415,7 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
         lr_seeds = tuple(int(seed) for seed in args.lr_seeds.split(","))
         rate, rates = choose_learning_rate(settings, out, grid, preparations, lr_seeds)
     settings = replace(settings, learning_rate=rate)
-    spec = _spec(settings)
+    spec = model_spec(settings.model)
     budgets = {name: budget for name, budget in budgets_for(spec, settings.training(), Device()).items() if name in args.budgets.split(",")}
     plans: dict[str, dict[str, Plan]] = {}
     for name, budget in budgets.items():
@@ -504,8 +425,8 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
             if method.startswith("autoqra"):
                 plot_plan(plan, spec, out / f"plan-{budget.text}-{method.split('-')[1]}.png")
                 if args.ship is not None:
-                    stem = _plan_name(settings, budget, method.split("-")[1])
-                    shutil.copyfile(out / "plans" / f"{stem}.yaml", args.ship / f"{stem}.yaml")
+                    shipped = args.ship / f"{plan_name(settings, budget, method.removeprefix('autoqra-'))}.yaml"
+                    shutil.copyfile(plan_path(out, settings, budget, method), shipped)
     ceiling = ceiling_plan(settings, plans[next(iter(plans))]["uniform"], spec)
     first = next(iter(budgets.values()))
     runs: dict[tuple[str, str], list[dict]] = {}
@@ -526,7 +447,7 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
                                      lambda: _fine_tune(preparations.evaluator(settings, first), plan, seed))
                 runs.setdefault((name, method), []).append(result)
         report = _report(args, settings, budgets, plans, ceiling, runs, spec, timings, rates)
-        _publish(report, out, args.report, budgets, settings)
+        publish(report, out, args.report, budgets, settings)
         log.info("seed %d done for every method and budget: %s", seed, out / "quality.md")
     if args.weight_source_gap:
         plan = plans["B1"]["uniform"]
@@ -539,7 +460,7 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
             "difference": materialized["loss"] - cached["loss"], "by_task_cached": cached["held_out_by_task"],
             "by_task_gptqmodel": materialized["held_out_by_task"],
         }
-        _publish(report, out, args.report, budgets, settings)
+        publish(report, out, args.report, budgets, settings)
     return report
 
 
@@ -583,7 +504,9 @@ def report_stem(fine_tune: str) -> str:
     return "quality" if fine_tune == "evaluator" else f"quality-{fine_tune}"
 
 
-def _publish(report: dict, out: Path, report_dir: Path | None, budgets: dict[str, Budget], settings: Settings) -> None:
+def publish(report: dict, out: Path, report_dir: Path | None, budgets: dict[str, Budget], settings: Settings) -> None:
+    """The report as JSON, table and plot in `out`; with `report_dir`, copied there as `quality.*` with the
+    plans' plots."""
     stem = report_stem(report["fine_tune"])
     write_text(out / f"{stem}.json", json.dumps(report, indent=2))
     write_text(out / f"{stem}.md", markdown(report))

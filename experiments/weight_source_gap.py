@@ -6,15 +6,15 @@ the three is then fine-tuned with that plan's schedule through the same `Run` (s
 batches), so a gap after training can be pinned on the weights (cached vs gptqmodel swapped) or on the packed
 modules' training path (gptqmodel swapped vs packed).
 
-    python tools/weight_source_gap.py --bench runs/bench-quality \\
+    python experiments/weight_source_gap.py --bench runs/bench-quality \\
         --quantized runs/bench-quality/cache/quantized/<key> --out runs/bench-quality/weight-source-gap.json \\
         [--plan runs/bench-quality/plans/smollm2-135m-1546.2MB.uniform.yaml --train-seeds 10]
 
-`--quantized` is a folder materialize's gptqmodel pass wrote (`bench_quality.py --weight-source-gap` leaves
-the B1 uniform plan's under `<bench>/cache/quantized/`); every module's bits are read from its
-`quantize_config.json`. The evaluator is the benchmark's (its data, schedule and quantization cache under
-`<bench>/work`), so the cached weights are the ones the search scored. About 2 minutes on 2 cores, and 6 more per
-training seed.
+`--quantized` is a folder materialize's gptqmodel pass wrote (`benchmarks/bench_quality.py
+--weight-source-gap` leaves the B1 uniform plan's under `<bench>/cache/quantized/`); every module's bits are
+read from its `quantize_config.json`. The evaluator is the benchmark's (its data, schedule and quantization
+cache under `<bench>/work`), so the cached weights are the ones the search scored. About 2 minutes on 2 cores,
+and 6 more per training seed.
 """
 
 import argparse
@@ -29,17 +29,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench_quality import Settings, compile_request
-
+from qra.benchmark import DATA, MODEL, Settings, compile_request
 from qra.compiler.compile import build_evaluator
 from qra.compiler.finalists import paired_difference
 from qra.files import write_text
 from qra.plans.io import load_plan
-from qra.plans.memory import plan_settings
+from qra.compiler.fidelity import FidelityEvaluator
+from qra.plans.memory import SettingsFor, plan_settings
 from qra.plans.schema import Budget, Plan
 from qra.runtime.heldout import score_held_out
 from qra.runtime.quantize import GPTQModelWeights, load_quantized
-from qra.runtime.run import open_run
+from qra.runtime.run import WeightSource, open_run
 
 
 def planned_bits(folder: Path) -> dict[str, int]:
@@ -61,7 +61,7 @@ class SwappedWeights:
         self.model, self.swapped = model, weights
 
     @contextlib.contextmanager
-    def weights(self, settings_for=None) -> Iterator[nn.Module]:
+    def weights(self, settings_for: SettingsFor | None = None) -> Iterator[nn.Module]:
         originals = {path: self.model.get_submodule(path).weight.data for path in self.swapped}
         try:
             for path, weight in self.swapped.items():
@@ -72,7 +72,7 @@ class SwappedWeights:
                 self.model.get_submodule(path).weight.data = original
 
 
-def fine_tune(source, evaluator, plan: Plan, seed: int) -> dict:
+def fine_tune(source: WeightSource, evaluator: FidelityEvaluator, plan: Plan, seed: int) -> dict:
     """`plan`'s whole schedule on `source`'s weights through the runtime's `Run`, as the search runs it."""
     training = plan.training.model_copy(update={"seed": seed})
     with open_run(source, evaluator.space.spec, plan_settings(plan), training, evaluator.data.batch_for(training),
@@ -160,8 +160,8 @@ def main() -> None:
     parser.add_argument("--bench", type=Path, default=Path("runs/bench-quality"))
     parser.add_argument("--quantized", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality/weight-source-gap.json"))
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="python-reference+arithmetic")
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--data", default=DATA)
     parser.add_argument("--plan", type=Path, help="the plan --quantized was quantized for (its ranks and schedule)")
     parser.add_argument("--train-seeds", default="", help="fine-tune every source with the plan's schedule on these seeds")
     args = parser.parse_args()
@@ -170,8 +170,7 @@ def main() -> None:
     if seeds and plan is None:
         parser.error("--train-seeds needs --plan")
     learning_rate = plan.training.learning_rate if plan is not None else 1e-3
-    settings = Settings(model=args.model, data=args.data, seq_len=128, batch_size=4, steps=40, effort="quick", seeds=(10,),
-                        learning_rate=learning_rate)
+    settings = Settings(model=args.model, data=args.data, seeds=(10,), learning_rate=learning_rate)
     result = measure(args.bench, args.quantized, settings, plan, seeds)
     write_text(args.out, json.dumps(result, indent=2))
     sys.stdout.write(markdown(result))

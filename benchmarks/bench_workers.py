@@ -1,6 +1,6 @@
 """What workers buy a compile: measured here on a tiny Llama, projected on paper for a 7B on an 8-GPU node.
 
-    python tools/bench_workers.py --out runs/bench-workers      # a few minutes on 2 cores; nothing else running
+    python benchmarks/bench_workers.py --out runs/bench-workers      # a few minutes on 2 cores; nothing else running
 
 Measured: one quick compile of a tiny Llama (4 layers, hidden 128) on the Python reference, run three times
 on the same warm `--work` (the quantization cache and the priors are built once, before the clock starts):
@@ -28,20 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
+from qra.benchmark import budget_for, model_spec
 from qra.compiler.compile import EFFORTS, CompileRequest, compile_plan, prepare
 from qra.compiler.importance import flat_importance
 from qra.compiler.space import Config, build_space
 from qra.compiler.strategies import AutoQRA, Problem, run_search
 from qra.files import write_text
-from qra.models import load_config, resolve_model
 from qra.plans.build import budget_covering
-from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.schema import Device, Training
-from qra.plans.spec import spec_from_config
+from qra.testing import save_tiny_model, tiny_corpus
 from qra.units import format_seconds
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny import save_tiny_model, tiny_corpus  # noqa: E402
 
 log = logging.getLogger("bench_workers")
 TINY_TRAINING = Training(seq_len=64, batch_size=4, steps=40, learning_rate=5e-3)
@@ -50,7 +46,7 @@ HELD_OUT_SEQUENCES = 256  # a 7B user's held-out set, per task, for the projecti
 
 
 def tiny_request(folder: Path, out: Path, workers: int, name: str) -> CompileRequest:
-    spec = spec_from_config(load_config(resolve_model(str(folder / "model"))))
+    spec = model_spec(str(folder / "model"))
     space = build_space(spec, TINY_BITS, TINY_RANKS, TINY_TRAINING, Device(kind="cpu", context_bytes=0))
     budget = budget_covering(space.cost(space.uniform(4, 8)))
     journal = out / f"{name}.journal.jsonl"
@@ -100,12 +96,12 @@ def makespan(durations: list[float], gpus: int) -> float:
 
 def project(tokens_per_second: float, steps: int, seq_len: int, batch_size: int, gpus: tuple[int, ...],
             effort_name: str = "quick") -> dict:
-    spec = spec_from_config(load_config(resolve_model("llama-3-8b")))
+    spec = model_spec("llama-3-8b")
     training = Training(seq_len=seq_len, batch_size=batch_size, steps=steps, gradient_checkpointing=True)
     effort = EFFORTS[effort_name]
     ladder = effort.ladder(steps)
     space = build_space(spec, (2, 3, 4, 8), (4, 8, 16, 32), training, Device(), "layer")
-    budget = budget_covering(estimate_memory(spec, uniform_settings(4, 16), training, Device()).total_bytes)
+    budget = budget_for(spec, 4, training, Device(), rank=16)
     problem = Problem(space, flat_importance(len(space.units), space.bits, space.ranks), budget.bytes,
                       fidelities=tuple(range(ladder.levels)))
     result = run_search(AutoQRA(problem, 0, evolution_share=effort.evolution_share), _stand_in(problem, 0), effort.evaluations)

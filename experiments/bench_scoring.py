@@ -1,6 +1,6 @@
-"""Benchmark: held-out scoring as `qra.runtime.heldout` does it against the way it did before round 11.
+"""Held-out scoring as `qra.runtime.heldout` does it against the earlier, strided way, timed in one run.
 
-    python tools/bench_scoring.py                     # SmolLM2-135M on python-reference+arithmetic, ~2 min
+    python experiments/bench_scoring.py               # SmolLM2-135M on python-reference+arithmetic, ~2 min
 
 Both score every held-out sequence of the data with the same model (bf16, as the compile's evaluator on a
 CPU with native bf16, else fp32):
@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional
 
+from qra.benchmark import DATA, MODEL
 from qra.compiler.fidelity import cast_keeping_fp32_buffers, prepare_data
 from qra.models import load_model, resolve_model
 from qra.runtime.data import IGNORE_INDEX, load_dataset
@@ -64,8 +65,8 @@ def largest_error(model: torch.nn.Module, held_out: HeldOut,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="python-reference+arithmetic")
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--data", default=DATA)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     model, tokenizer = load_model(resolve_model(args.model), "bfloat16")

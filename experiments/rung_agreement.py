@@ -1,11 +1,11 @@
 """How well a lower rung of the fidelity ladder ranks candidates the way the top rung does, from search journals.
 
-    python tools/rung_agreement.py OUT/plans/*.journal.jsonl     # search journals, e.g. tools/bench_quality.py's
-    python tools/rung_agreement.py J.journal.jsonl --priors WORK/priors/KEY.json   # and the priors' prediction
+    python experiments/rung_agreement.py OUT/plans/*.journal.jsonl   # search journals, e.g. benchmarks/bench_quality.py's
+    python experiments/rung_agreement.py J.journal.jsonl --priors WORK/priors/KEY.json   # and the priors' prediction
 
 The top is the highest rung the journal holds (the final comparison's runs are in other journals: a search
-that stopped below the top rung is compared with its own highest rung, and a quick compile's, at step 0 only
-since r13, has no rung below it). For each journal and each rung below that top: the configurations scored
+that stopped below the top rung is compared with its own highest rung, and a quick compile's, at step 0 only,
+has no rung below it). For each journal and each rung below that top: the configurations scored
 at both that rung and the top, the Spearman rank correlation of their two scores, and where the lower
 rung's best lands at the top (1 = also best there). Only configurations that were promoted have a top-rung
 score, so the correlation is over the survivors of the lower rung: it says how well that rung orders

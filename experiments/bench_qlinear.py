@@ -1,7 +1,7 @@
-"""Benchmark: the memory-faithful quantized training path vs gptqmodel's plain TORCH path + peft.
+"""The memory-faithful quantized training path against gptqmodel's plain TORCH path + peft.
 
-    python tools/bench_qlinear.py                        # a random 8-layer Llama (hidden 512), ~2 min
-    python tools/bench_qlinear.py --model smollm2-135m   # the real default model (quantizing it: ~3 min)
+    python experiments/bench_qlinear.py                        # a random 8-layer Llama (hidden 512), ~2 min
+    python experiments/bench_qlinear.py --model smollm2-135m   # the real default model (quantizing it: ~3 min)
 
 Both paths train the same quantized checkpoint with the same LoRA plan and batches. Printed per path:
 median step time, saved activations, dequantized weights kept for backward, and the measured footprint,
@@ -20,23 +20,23 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
+from qra.models import load_model, resolve_model  # noqa: E402
 from qra.plans.memory import uniform_settings  # noqa: E402
 from qra.plans.schema import Training  # noqa: E402
-from qra.plans.spec import spec_from_config  # noqa: E402
+from qra.plans.spec import ModelSpec, spec_from_config  # noqa: E402
 from qra.runtime.lora import attach_lora  # noqa: E402
 from qra.runtime.measure import measure_training_step  # noqa: E402
 from qra.runtime.qlinear import enable_dequantize_in_backward  # noqa: E402
 from qra.runtime.quantize import load_quantized, quantize_to_plan  # noqa: E402
+from qra.testing import tiny_tokenizer  # noqa: E402
 
 BITS = 4
 
 
 def synthetic_folder(folder: Path) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny import tiny_tokenizer
-
+    """A random 8-layer Llama (hidden 512) with `qra.testing`'s tokenizer, saved to `folder`."""
     config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                          num_key_value_heads=4, vocab_size=320, max_position_embeddings=1024)
     torch.manual_seed(0)
@@ -46,15 +46,15 @@ def synthetic_folder(folder: Path) -> Path:
 
 
 def real_folder(name: str, folder: Path) -> Path:
-    from qra.models import load_model, resolve_model
-
+    """The model `name` in bf16 with its tokenizer, saved to `folder`."""
     model, tokenizer = load_model(resolve_model(name), "bfloat16")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def bench(checkpoint: Path, spec, training: Training, faithful: bool, steps: int) -> dict:
+def bench(checkpoint: Path, spec: ModelSpec, training: Training, faithful: bool, steps: int) -> dict:
+    """Median step time and the measured footprint of LoRA r8 training on `checkpoint`, faithful path or plain."""
     model = load_quantized(checkpoint).model
     model.config.use_cache = False
     if faithful:
@@ -88,8 +88,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         base = real_folder(args.model, base) if args.model else synthetic_folder(base)
-        from transformers import AutoConfig
-
         spec = spec_from_config(AutoConfig.from_pretrained(base))
         generator = torch.Generator().manual_seed(0)
         calibration = [torch.randint(0, spec.vocab_size, (128,), generator=generator).tolist() for _ in range(16)]
