@@ -32,12 +32,12 @@ from qra.compiler.space import Config, Granularity, SearchSpace, build_space, co
 from qra.compiler.strategies import BASELINES, STRATEGIES, AutoQRA, Baseline, Evaluation, Problem, SearchResult, run_search, uniform_config
 from qra.errors import QraError
 from qra.files import content_digest, digest
-from qra.models import ModelSource, content_hash, load_config, load_model, resolve_model
+from qra.models import ModelSource, content_hash, load_config, load_model, load_tokenizer, resolve_model
 from qra.plans.build import model_ref, with_memory
 from qra.plans.schema import Budget, Device, Plan, Prediction, Provenance, SeedScores, Training
 from qra.plans.spec import ModelSpec, spec_from_config
 from qra.plans.verify import verify_plan
-from qra.runtime.data import Dataset, Fields, calibration_batches, load_dataset, training_for
+from qra.runtime.data import Dataset, Fields, calibration_batches, has_conversations, load_dataset, require_chat_template, training_for
 from qra.runtime.precision import fastest_dtype
 from qra.units import format_bytes
 
@@ -369,9 +369,13 @@ class Setting:
 
 
 def resolve(request: CompileRequest) -> Setting:
+    """The request checked and resolved: the model's config, the data (with conversations, only for a model
+    whose tokenizer has a chat template), the search space and the effort; no weights are loaded."""
     _check_request(request)
     source, spec, config = _model(request)
     dataset = load_dataset(request.data, request.held_out, request.training.seed, fields=request.fields)
+    if has_conversations(dataset):
+        require_chat_template(load_tokenizer(source))
     training = training_for(request.training, dataset)
     space = build_space(spec, request.bits, request.ranks, training, request.device, request.granularity, request.group_size)
     effort = request.effort if isinstance(request.effort, Effort) else EFFORTS[request.effort]
