@@ -23,6 +23,7 @@ Sequence length: the functions here cut to any `seq_len`; checking it against th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import random
@@ -504,7 +505,7 @@ def _conversation_tokens(tokenizer: PreTrainedTokenizerBase, conversation: Conve
     edges, as generation meets it: the prompt up to the generation prompt, then what the model writes."""
     whole, spans, ends = _assistant_spans(tokenizer, conversation, specials)
     edges = sorted({0, len(whole), *(edge for span in spans for edge in span), *ends})
-    pieces = [(start, stop) for start, stop in zip(edges, edges[1:])]
+    pieces = list(itertools.pairwise(edges))
     tokens = tokenizer([whole[start:stop] for start, stop in pieces], add_special_tokens=False)["input_ids"]
     input_ids: list[int] = []
     labels: list[int] = []
