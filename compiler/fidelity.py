@@ -152,7 +152,11 @@ def prepare_data(dataset: Dataset, tokenizer: "PreTrainedTokenizerBase", seq_len
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Measurement:
+    """One fine-tune of a configuration (`config`, its key; "plan" for a whole plan) to `steps` steps on
+    `seed`, scored at `fidelity`: each task's held-out loss, the exact-match accuracy where the data has
+    answers, and the seconds it took."""
+
     config: str
     fidelity: int
     seed: int
@@ -198,7 +202,7 @@ class FidelityEvaluator:
         self.seed = space.training.seed
         self.dtype = dtype
         self._states: OrderedDict[tuple[str, int], RunState] = OrderedDict()
-        self._untrained: dict[tuple[int, tuple[int, ...]], Evaluation] = {}
+        self._untrained: dict[tuple[int, tuple[int, ...]], Measurement] = {}
 
     @property
     def fingerprint(self) -> str:
@@ -231,7 +235,7 @@ class FidelityEvaluator:
         """Held-out loss of `config` at `fidelity` (0 = no training), on `seed` (the plan's by default); lower is better."""
         return self.measure(config, fidelity, seed).loss
 
-    def measure(self, config: Config, fidelity: int, seed: int | None = None) -> Evaluation:
+    def measure(self, config: Config, fidelity: int, seed: int | None = None) -> Measurement:
         if not 0 <= fidelity < self.ladder.levels:
             raise ValueError(f"fidelity {fidelity} is not on the ladder (0..{self.ladder.levels - 1})")
         top = fidelity == self.ladder.levels - 1
@@ -247,7 +251,7 @@ class FidelityEvaluator:
             self._untrained[bits] = result
         return result
 
-    def measure_plan(self, plan: Plan, seed: int | None = None) -> Evaluation:
+    def measure_plan(self, plan: Plan, seed: int | None = None) -> Measurement:
         """A plan's whole fine-tune (every step of its schedule, uncapped) with each module at its planned
         bits and rank, scored on every held-out sequence: the quality benchmark's evaluator mode. For a
         configuration of the space it is the same run as the top rung (when the ladder is not truncated)."""
@@ -258,7 +262,7 @@ class FidelityEvaluator:
         return self._measure(plan_settings(plan), training.steps, training, self.data.held_out, None, self.ladder.levels - 1)
 
     def _measure(self, settings: SettingsFor, steps: int, training: Training, held_out: HeldOut, key: str | None,
-                 fidelity: int) -> Evaluation:
+                 fidelity: int) -> Measurement:
         """`steps` steps of the run (resumed from the checkpoint kept under `key`, if any), then scored."""
         began = time.perf_counter()
         if steps == 0:
@@ -272,7 +276,7 @@ class FidelityEvaluator:
                 scores, accuracy = run.score(), self._exact_match(run.model)
                 if key is not None and steps < training.steps:
                     self._keep(key, training.seed, run.state())
-        result = Evaluation(key or "plan", fidelity, training.seed, steps, scores, accuracy, time.perf_counter() - began)
+        result = Measurement(key or "plan", fidelity, training.seed, steps, scores, accuracy, time.perf_counter() - began)
         log.debug("f%d seed %d %s: loss %.4f ± %.4f (%.1fs)", fidelity, training.seed, result.config, result.loss,
                   scores.se, result.wall_s)
         return result
