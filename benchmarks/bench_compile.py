@@ -32,12 +32,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qra.benchmark import Settings, budgets_for, model_spec
+from qra.benchmark import Settings, budgets_for
 from qra.compiler.compile import EFFORTS, CompileOutcome, CompileRequest, Prepared, compile_plan, prepare, seed_journal
 from qra.compiler.progress import StageProgress
 from qra.compiler.space import config_key
 from qra.files import write_text
 from qra.plans.schema import Device, Training
+from qra.plans.spec import resolve_spec
 from qra.runtime.data import load_dataset, training_for
 from qra.units import format_seconds
 
@@ -68,7 +69,7 @@ class StageTimes:
 def measure(args: argparse.Namespace) -> dict:
     training = Training(seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, learning_rate=args.learning_rate)
     # the quality benchmark's B1: uniform 4-bit rank 8's footprint on this data's batches
-    budget = budgets_for(model_spec(args.model), training_for(training, load_dataset(args.data)), Device())["B1"]
+    budget = budgets_for(resolve_spec(args.model).spec, training_for(training, load_dataset(args.data)), Device())["B1"]
     work = args.out / f"work-{args.effort}-{args.granularity}"
     shutil.rmtree(work, ignore_errors=True)  # from cold: nothing cached
     request = CompileRequest(

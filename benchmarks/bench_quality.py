@@ -40,7 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from qra.benchmark import (
-    Settings, budget_for, budgets_for, compile_request, model_spec, plan_name, plan_path, refused_finalist,
+    Settings, budget_for, budgets_for, compile_request, plan_name, plan_path, refused_finalist,
 )
 from qra.compiler.compile import Prepared, baseline_plan, build_evaluator, compile_plan, prepare, resolve
 from qra.compiler.fidelity import FidelityEvaluator
@@ -51,7 +51,7 @@ from qra.plans.build import model_ref, uniform_plan
 from qra.plans.io import load_plan, save_plan
 from qra.plans.plot import bits_rank_pattern, plot_plan
 from qra.plans.schema import Budget, Device, ModelRef, Plan
-from qra.plans.spec import ModelSpec
+from qra.plans.spec import ModelSpec, resolve_spec
 from qra.runtime.footprint import measure_plan_footprint
 from qra.runtime.materialize import MaterializeRequest, materialize
 
@@ -98,7 +98,7 @@ def choose_learning_rate(
     0.025), and over the compile's seeds 1-3 its loss ran from 1.94 to 2.17.
     Returns the rate and, per rate, each seed's loss, their mean and standard deviation."""
     scores: dict[str, dict[str, float]] = {}
-    spec = model_spec(settings.model)
+    spec = resolve_spec(settings.model).spec
     for rate in grid:
         at_rate = replace(settings, learning_rate=rate)
         budget = budgets_for(spec, at_rate.training(), Device())["B1"]
@@ -397,8 +397,8 @@ def plot_quality(report: dict, path: Path) -> None:
 
 
 def _model_ref(settings: Settings) -> ModelRef:
-    source = resolve_model(settings.model)
-    return model_ref(model_spec(settings.model), source.name, content_hash(source))
+    source, spec, _ = resolve_spec(settings.model)
+    return model_ref(spec, source.name, content_hash(source))
 
 
 def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
@@ -415,7 +415,7 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
         lr_seeds = tuple(int(seed) for seed in args.lr_seeds.split(","))
         rate, rates = choose_learning_rate(settings, out, grid, preparations, lr_seeds)
     settings = replace(settings, learning_rate=rate)
-    spec = model_spec(settings.model)
+    spec = resolve_spec(settings.model).spec
     budgets = {name: budget for name, budget in budgets_for(spec, settings.training(), Device()).items() if name in args.budgets.split(",")}
     plans: dict[str, dict[str, Plan]] = {}
     for name, budget in budgets.items():

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qra.benchmark import budget_for, model_spec
+from qra.benchmark import budget_for
 from qra.compiler.compile import EFFORTS, CompileRequest, compile_plan, prepare
 from qra.compiler.importance import flat_importance
 from qra.compiler.space import Config, build_space
@@ -36,6 +36,7 @@ from qra.compiler.strategies import AutoQRA, Problem, run_search
 from qra.files import write_text
 from qra.plans.build import budget_covering
 from qra.plans.schema import Device, Training
+from qra.plans.spec import resolve_spec
 from qra.testing import save_tiny_model, tiny_corpus
 from qra.units import format_seconds
 
@@ -46,7 +47,7 @@ HELD_OUT_SEQUENCES = 256  # a 7B user's held-out set, per task, for the projecti
 
 
 def tiny_request(folder: Path, out: Path, workers: int, name: str) -> CompileRequest:
-    spec = model_spec(str(folder / "model"))
+    spec = resolve_spec(str(folder / "model")).spec
     space = build_space(spec, TINY_BITS, TINY_RANKS, TINY_TRAINING, Device(kind="cpu", context_bytes=0))
     budget = budget_covering(space.cost(space.uniform(4, 8)))
     journal = out / f"{name}.journal.jsonl"
@@ -96,7 +97,7 @@ def makespan(durations: list[float], gpus: int) -> float:
 
 def project(tokens_per_second: float, steps: int, seq_len: int, batch_size: int, gpus: tuple[int, ...],
             effort_name: str = "quick") -> dict:
-    spec = model_spec("llama-3-8b")
+    spec = resolve_spec("llama-3-8b").spec
     training = Training(seq_len=seq_len, batch_size=batch_size, steps=steps, gradient_checkpointing=True)
     effort = EFFORTS[effort_name]
     ladder = effort.ladder(steps)

@@ -40,11 +40,11 @@ import torch
 
 from qra.benchmark import DATA, MODEL
 from qra.files import write_text
-from qra.models import content_hash, load_config, resolve_model
+from qra.models import content_hash
 from qra.plans.build import budget_covering, model_ref, uniform_plan, with_memory
 from qra.plans.memory import estimate_memory, plan_settings
 from qra.plans.schema import Budget, Device, ModuleOverride, Plan, Training
-from qra.plans.spec import spec_from_config
+from qra.plans.spec import resolve_spec
 from qra.runtime.data import load_dataset, training_for
 from qra.runtime.materialize import MaterializeRequest, materialize
 from qra.runtime.measure import measure_lora_step
@@ -100,8 +100,7 @@ def _budgeted(plan: Plan, spec) -> Plan:
 def small_plans(setup: Setup, device: Device) -> dict[str, Plan]:
     """Uniform 4-bit r8, mixed by layer (3/4/8 bits, ranks 16/8/4 in turn), mixed by module (4-bit r8 with
     down_proj and v_proj at 8 bits, rank 4)."""
-    source = resolve_model(setup.small_model)
-    spec = spec_from_config(load_config(source))
+    source, spec, _ = resolve_spec(setup.small_model)
     training = training_for(setup.small_training, load_dataset(DATA))
     reference = model_ref(spec, source.name, content_hash(source))
     uniform = uniform_plan(spec, reference, Budget(bytes=10**12, text="1TB"), 4, 8, training=training, device=device)
@@ -136,8 +135,7 @@ def materialize_row(name: str, plan: Plan, setup: Setup, out: Path, context: int
 
 def large_plans(setup: Setup, device: Device) -> dict[str, Plan]:
     """Uniform 4-bit r16, and 2-bit rank 8 with down_proj and v_proj at 4 bits, rank 16."""
-    source = resolve_model(setup.large_model)
-    spec = spec_from_config(load_config(source))
+    source, spec, _ = resolve_spec(setup.large_model)
     reference = model_ref(spec, source.name, None)
     uniform = uniform_plan(spec, reference, Budget(bytes=10**12, text="1TB"), 4, 16, training=setup.large_training, device=device)
     layers = [layer.model_copy(update={"bits": 2, "rank": 8, "alpha": 16.0, "modules": {
@@ -151,9 +149,7 @@ def placeholder_row(name: str, plan: Plan, setup: Setup, context: int) -> dict:
     """One measured training step of `plan` on zero-filled packed modules, on random tokens."""
     from transformers import AutoModelForCausalLM
 
-    source = resolve_model(setup.large_model)
-    config = load_config(source)
-    spec = spec_from_config(config)
+    _, spec, config = resolve_spec(setup.large_model)
     dtype = getattr(torch, plan.training.compute_dtype)
     with torch.device(setup.device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

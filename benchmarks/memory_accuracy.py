@@ -23,10 +23,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase  # noqa: E402
 
-from qra.models import load_config, load_model, resolve_model  # noqa: E402
+from qra.models import load_model  # noqa: E402
 from qra.plans.memory import SettingsFor, estimate_memory, uniform_settings  # noqa: E402
 from qra.plans.schema import Device, ModuleSettings, Training  # noqa: E402
-from qra.plans.spec import LinearSpec, ModelSpec, spec_from_config  # noqa: E402
+from qra.plans.spec import LinearSpec, ModelSpec, resolve_spec, spec_from_config  # noqa: E402
 from qra.runtime.data import Batch, batches, load_dataset, pad_id, training_for, training_features, worst_batch  # noqa: E402
 from qra.runtime.measure import measure_lora_step  # noqa: E402
 from qra.runtime.qlinear import enable_dequantize_in_backward  # noqa: E402
@@ -126,8 +126,7 @@ def data_rows(label: str, spec: ModelSpec, load: Callable[[], nn.Module], settin
 
 
 def real_rows(model_name: str) -> list[list[str]]:
-    source = resolve_model(model_name)
-    spec = spec_from_config(load_config(source))
+    source, spec, _ = resolve_spec(model_name)
     rows = []
     for label, kwargs, settings_for in REAL_SETTINGS:
         model, _ = load_model(source, "bfloat16")
@@ -148,8 +147,7 @@ QUANTIZED_PLANS = [
 
 def quantized_rows(model_name: str) -> list[list[str]]:
     """Each plan GPTQ-quantized for real, trained through the memory-faithful path."""
-    source = resolve_model(model_name)
-    spec = spec_from_config(load_config(source))
+    source, spec, _ = resolve_spec(model_name)
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.randint(0, spec.vocab_size, (256,), generator=generator).tolist() for _ in range(16)]
     rows = []

@@ -7,7 +7,6 @@ written atomically. A rerun with `--resume` replays the journal and the priors r
 plan as an uninterrupted run with the same seed.
 """
 
-import copy
 import functools
 import importlib.metadata
 import logging
@@ -32,10 +31,10 @@ from qra.compiler.space import Config, Granularity, SearchSpace, build_space, co
 from qra.compiler.strategies import BASELINES, STRATEGIES, AutoQRA, Baseline, Evaluation, Problem, SearchResult, run_search, uniform_config
 from qra.errors import QraError
 from qra.files import content_digest, digest
-from qra.models import ModelSource, content_hash, load_config, load_model, load_tokenizer, resolve_model
+from qra.models import ModelSource, content_hash, load_model, load_tokenizer
 from qra.plans.build import model_ref, with_memory
 from qra.plans.schema import Budget, Device, Plan, Prediction, Provenance, SeedScores, Training
-from qra.plans.spec import ModelSpec, spec_from_config
+from qra.plans.spec import ModelSpec, resolve_spec
 from qra.plans.verify import verify_plan
 from qra.runtime.data import Dataset, Fields, calibration_batches, has_conversations, load_dataset, require_chat_template, training_for
 from qra.runtime.precision import fastest_dtype
@@ -164,13 +163,9 @@ def _check_budget(space: SearchSpace, budget: Budget) -> bool:
 
 
 def _model(request: CompileRequest) -> tuple[ModelSource, ModelSpec, "PretrainedConfig"]:
-    source = resolve_model(request.model)
+    source, spec, config = resolve_spec(request.model, request.training.seq_len)
     if not source.has_weights:
         raise QraError(f"model {source.name!r} is a config without weights: the search measures the model itself")
-    config = load_config(source)
-    spec = spec_from_config(copy.deepcopy(config))  # building the spec marks the config it is given
-    if spec.max_positions and request.training.seq_len > spec.max_positions:
-        raise QraError(f"--seq-len {request.training.seq_len} is above the model's limit of {spec.max_positions}")
     return source, spec, config
 
 

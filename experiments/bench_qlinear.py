@@ -20,12 +20,12 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from qra.models import load_model, resolve_model  # noqa: E402
 from qra.plans.memory import uniform_settings  # noqa: E402
 from qra.plans.schema import Training  # noqa: E402
-from qra.plans.spec import ModelSpec, spec_from_config  # noqa: E402
+from qra.plans.spec import ModelSpec, resolve_spec  # noqa: E402
 from qra.runtime.lora import attach_lora  # noqa: E402
 from qra.runtime.measure import measure_training_step  # noqa: E402
 from qra.runtime.qlinear import enable_dequantize_in_backward  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         base = real_folder(args.model, base) if args.model else synthetic_folder(base)
-        spec = spec_from_config(AutoConfig.from_pretrained(base))
+        spec = resolve_spec(str(base), args.seq_len).spec
         generator = torch.Generator().manual_seed(0)
         calibration = [torch.randint(0, spec.vocab_size, (128,), generator=generator).tolist() for _ in range(16)]
         checkpoint = quantize_to_plan(base, spec, uniform_settings(BITS, 8), calibration, Path(tmp) / "gptq")

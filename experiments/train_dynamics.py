@@ -23,12 +23,13 @@ import statistics
 import sys
 from pathlib import Path
 
-from qra.benchmark import Settings, budgets_for, compile_request, model_spec, plan_path, refused_finalist
+from qra.benchmark import Settings, budgets_for, compile_request, plan_path, refused_finalist
 from qra.compiler.compile import build_evaluator, resolve
 from qra.compiler.fidelity import FidelityEvaluator
 from qra.plans.io import load_plan
 from qra.plans.memory import plan_settings
 from qra.plans.schema import Device, Plan
+from qra.plans.spec import resolve_spec
 from qra.runtime.run import open_run
 
 log = logging.getLogger("train_dynamics")
@@ -110,7 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = bench_settings(args.bench)
-    budget = budgets_for(model_spec(settings.model), settings.training(), Device())[args.budget]
+    budget = budgets_for(resolve_spec(settings.model).spec, settings.training(), Device())[args.budget]
     evaluator = build_evaluator(compile_request(settings, budget, "layer", args.bench))
     done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
     clip = args.max_grad_norm or None

@@ -5,9 +5,7 @@ for SmolLM2-135M is refused by a Llama-3-8B (or by a model with one layer fewer)
 Where weights are local, the plan also records their content hash (see `qra.models.content_hash`).
 """
 
-import hashlib
-import json
-
+from qra.files import digest
 from qra.plans.spec import ModelSpec
 
 
@@ -19,5 +17,4 @@ def structural_fingerprint(spec: ModelSpec) -> str:
         for module in layer
     }
     tensors.update({tensor.name: list(tensor.shape) for tensor in spec.other_tensors})
-    canonical = json.dumps({"architecture": spec.architecture, "tensors": tensors}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return digest({"architecture": spec.architecture, "tensors": tensors})

@@ -1,16 +1,20 @@
 """The model spec: what a plan and the memory model need to know about a causal LM, from its config alone.
 
 The model is built on the meta device (no weights, no memory), so any config transformers can build
-works: a 7B-8B model's spec takes a second and no download beyond its config.json.
+works: a 7B-8B model's spec takes a second and no download beyond its config.json. `resolve_spec` is the
+one way from a `--model` to its spec.
 """
 
+import copy
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from qra.errors import QraError
+from qra.models import ModelSource, load_config, resolve_model
 
 # Module roles in a llama-style decoder layer: which input each linear reads decides what autograd saves.
 ATTENTION_INPUT = "attention_input"  # q, k, v: read the post-norm hidden state
@@ -159,3 +163,23 @@ def spec_from_config(config: PretrainedConfig) -> ModelSpec:
         layers=layers,
         other_tensors=other,
     )
+
+
+class ResolvedModel(NamedTuple):
+    """A `--model` resolved: where it comes from, its spec, and its transformers config (as read, unmarked by
+    building the spec)."""
+
+    source: ModelSource
+    spec: ModelSpec
+    config: PretrainedConfig
+
+
+def resolve_spec(model: str, seq_len: int | None = None) -> ResolvedModel:
+    """Resolve `model` (`qra.models.resolve_model`), read its config and build its spec (from a copy: building
+    the meta model marks the config it is given); a `seq_len` above the model's position limit is a QraError."""
+    source = resolve_model(model)
+    config = load_config(source)
+    spec = spec_from_config(copy.deepcopy(config))
+    if seq_len is not None and spec.max_positions and seq_len > spec.max_positions:
+        raise QraError(f"seq_len {seq_len} is above the model's limit of {spec.max_positions} positions")
+    return ResolvedModel(source, spec, config)

@@ -10,7 +10,6 @@ group size of every module, and the calibration tokens) are kept there and reuse
 seeds of a benchmark or a rerun with another learning rate.
 """
 
-import hashlib
 import json
 import logging
 import time
@@ -22,12 +21,12 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from qra.errors import QraError
-from qra.files import atomic_folder, digest, write_text
-from qra.models import ModelSource, content_hash, load_config, load_model, load_tokenizer, resolve_model
+from qra.files import atomic_folder, digest, text_digest, write_text
+from qra.models import ModelSource, content_hash, load_model, load_tokenizer
 from qra.plans.io import dump_plan
 from qra.plans.memory import plan_settings
 from qra.plans.schema import Plan, Training
-from qra.plans.spec import ModelSpec, spec_from_config
+from qra.plans.spec import ModelSpec, resolve_spec
 from qra.plans.verify import data_problem, for_data, model_problems
 from qra.runtime.data import (
     Dataset,
@@ -87,7 +86,8 @@ def training_device(plan: Plan) -> str:
 
 
 def plan_digest(plan: Plan) -> str:
-    return hashlib.sha256(dump_plan(plan).encode()).hexdigest()
+    """sha256 of the plan's YAML: the marker names the plan an output folder is a run of."""
+    return text_digest(dump_plan(plan))
 
 
 def _check_output(request: MaterializeRequest) -> None:
@@ -105,16 +105,12 @@ def _check_output(request: MaterializeRequest) -> None:
 
 
 def _model_for(request: MaterializeRequest) -> tuple[ModelSource, ModelSpec, PretrainedConfig]:
-    source = resolve_model(request.model or request.plan.model.id)
+    source, spec, config = resolve_spec(request.model or request.plan.model.id, request.plan.training.seq_len)
     if not source.has_weights:
         raise QraError(f"model {source.name!r} is a config without weights: materialize needs the weights (--model)")
-    config = load_config(source)
-    spec = spec_from_config(config)
     problems = model_problems(request.plan, spec, content_hash(source))
     if problems:
         raise QraError(f"the plan is for another model: {problems[0]}")
-    if spec.max_positions and request.plan.training.seq_len > spec.max_positions:
-        raise QraError(f"the plan's seq_len {request.plan.training.seq_len} is above the model's limit of {spec.max_positions}")
     return source, spec, config
 
 
@@ -201,7 +197,7 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     out, work = request.output, request.output / "work"
     shared = request.cache or work
     work.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"plan_digest": plan_digest(plan)}))
+    write_text(out / MARKER, json.dumps({"plan_digest": plan_digest(plan)}))
     log.info("preparing the base model %s", source.name)
     base = _base_folder(source, shared)
     from transformers import AutoTokenizer

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from bench_quality import CEILING, gap_closed, markdown, paired, plot_quality, publish, run_benchmark, summarize, targets
 
-from qra.benchmark import Settings, budgets_for, compile_request, model_spec, refused_finalist
+from qra.benchmark import Settings, budgets_for, compile_request, refused_finalist
 from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.schema import Budget, Device, Training
+from qra.plans.spec import resolve_spec
 from qra.testing import save_tiny_model, tiny_corpus, tiny_spec
 
 
@@ -189,7 +190,7 @@ def _observed_runs_end_at_the_benchmarks_scores(bench: Path, uniform: dict) -> N
     from qra.compiler.compile import build_evaluator
 
     settings = bench_settings(bench)
-    budget = budgets_for(model_spec(settings.model), settings.training(), Device())["B1"]
+    budget = budgets_for(resolve_spec(settings.model).spec, settings.training(), Device())["B1"]
     evaluator = build_evaluator(compile_request(settings, budget, "layer", bench))
     plan = method_plan(bench, settings, "B1", "uniform", evaluator)
     observed = observe(evaluator, plan, 10, plan.training.max_grad_norm, every=1)

@@ -185,6 +185,11 @@ def test_a_missing_model_path_is_one_line_that_lists_what_model_accepts(runner):
     assert "llama-3-8b" in line
 
 
+def test_a_seq_len_above_the_models_positions_is_one_line_naming_the_limit(runner):
+    result = invoke(runner, "estimate", "--model", "llama-3-8b", "--bits", 4, "--rank", 8, "--seq-len", 8193)
+    assert "seq_len 8193 is above the model's limit of 8192 positions" in assert_one_error_line(result)
+
+
 def test_a_hub_id_without_network_fails_fast_with_one_line(runner):
     started = time.monotonic()
     result = invoke(runner, "estimate", "--model", "someorg/somemodel", "--bits", 4, "--rank", 8)

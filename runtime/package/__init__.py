@@ -15,9 +15,6 @@ complete, with its `manifest.json` and `README.md`; a failed build leaves the de
 """
 
 import logging
-import os
-import secrets
-import shutil
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +22,7 @@ from types import ModuleType
 from transformers import PretrainedConfig
 
 from qra.errors import QraError
+from qra.files import atomic_folder
 from qra.plans.memory import SettingsFor
 from qra.plans.spec import ModelSpec
 from qra.runtime.package import adapter, gguf, gptq, merged, onnx
@@ -70,29 +68,13 @@ def _checked(formats: list[str], ctx: PackageContext) -> list[str]:
     return formats
 
 
-def _replace(staging: Path, target: Path) -> None:
-    """Put the finished folder at `target`: an existing one is renamed aside first, then removed."""
-    previous = None
-    if target.exists():
-        previous = target.with_name(f".{target.name}.{secrets.token_hex(6)}.old")
-        os.replace(target, previous)
-    os.replace(staging, target)
-    if previous is not None:
-        shutil.rmtree(previous)
-
-
 def _build(name: str, work: Workspace, target: Path) -> Path:
     builder = _BUILDERS[name]
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         details = builder.build(work, staging)
         how_to_load = builder.how_to_load(work.ctx) if hasattr(builder, "how_to_load") else builder.HOW_TO_LOAD
         write_model_card(staging, name, work.ctx, how_to_load)
         write_manifest(staging, name, work.ctx, details)
-        _replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("packaged %s into %s", name, target)
     return target
 

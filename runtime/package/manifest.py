@@ -1,12 +1,12 @@
 """Every package folder describes itself: `manifest.json` (files and hashes, plan fingerprint, versions,
 results) and a short `README.md` model card (base model, per-layer bits and ranks, budget, loading)."""
 
-import hashlib
 import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from qra.files import content_digest
 from qra.plans.schema import LayerPlan, Plan
 from qra.runtime.package.context import PackageContext
 from qra.units import format_bytes
@@ -14,21 +14,12 @@ from qra.units import format_bytes
 MANIFEST = "manifest.json"
 README = "README.md"
 VERSIONED = ("torch", "transformers", "peft", "gptqmodel", "onnx", "onnxruntime", "gguf", "llama_cpp_python", "qra")
-_CHUNK = 1 << 20
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
     """Every file under `folder` but the manifest, by relative POSIX path: its sha256 and size."""
     return {
-        path.relative_to(folder).as_posix(): {"sha256": sha256(path), "size": path.stat().st_size}
+        path.relative_to(folder).as_posix(): {"sha256": content_digest(path), "size": path.stat().st_size}
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.relative_to(folder).as_posix() != MANIFEST
     }

@@ -12,11 +12,10 @@ from pathlib import Path
 
 from qra.compiler.compile import CompileRequest
 from qra.compiler.space import SearchSpace, parse_config_key
-from qra.models import load_config, resolve_model
 from qra.plans.build import budget_covering, with_memory
 from qra.plans.memory import estimate_memory, uniform_settings
 from qra.plans.schema import Budget, Device, Plan, Prediction, Training
-from qra.plans.spec import ModelSpec, spec_from_config
+from qra.plans.spec import ModelSpec
 from qra.runtime.data import load_dataset, pads
 
 MODEL = "smollm2-135m"
@@ -51,11 +50,6 @@ class Settings:
 @functools.cache
 def _pads(data: str, batch_size: int) -> bool:
     return pads(load_dataset(data), batch_size)
-
-
-def model_spec(model: str) -> ModelSpec:
-    """The `ModelSpec` of a model name or folder, from its config alone."""
-    return spec_from_config(load_config(resolve_model(model)))
 
 
 def footprint(spec: ModelSpec, bits: int, rank: int, training: Training, device: Device) -> int:

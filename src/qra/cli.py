@@ -101,14 +101,6 @@ def user_errors(command: F) -> F:
     return wrapper
 
 
-def _spec_for(model: str):
-    from qra.models import load_config, resolve_model
-    from qra.plans.spec import spec_from_config
-
-    source = resolve_model(model)
-    return source, spec_from_config(load_config(source))
-
-
 def _training(seq_len: int, batch_size: int, grad_checkpointing: bool, compute_dtype: str):
     from pydantic import ValidationError
 
@@ -140,11 +132,6 @@ def _check_bits_rank(bits: int, rank: int, group_size: int) -> None:
         raise QraError(f"--group-size {group_size} is not supported: choose one of {', '.join(map(str, GROUP_SIZES))}")
 
 
-def _check_seq_len(spec, seq_len: int) -> None:
-    if spec.max_positions and seq_len > spec.max_positions:
-        raise QraError(f"--seq-len {seq_len} is above the model's limit of {spec.max_positions} positions")
-
-
 @app.command()
 @user_errors
 def estimate(
@@ -170,6 +157,7 @@ def estimate(
     from qra.plans.io import load_plan
     from qra.plans.memory import estimate_memory, estimate_plan, uniform_settings
     from qra.plans.report import memory_table
+    from qra.plans.spec import resolve_spec
     from qra.plans.verify import for_data
 
     budget_bytes = parse_bytes(budget) if budget is not None else None
@@ -178,10 +166,9 @@ def estimate(
         raise QraError("--held-out goes with --data: give the data it is held out from")
     if plan is not None:
         loaded = load_plan(plan)
-        source, spec = _spec_for(model)
+        source, spec, _ = resolve_spec(model, loaded.training.seq_len)
         if spec.num_layers != len(loaded.layers):
             raise QraError(f"the plan has {len(loaded.layers)} layers but model {model!r} has {spec.num_layers}")
-        _check_seq_len(spec, loaded.training.seq_len)
         if data is not None:
             loaded = for_data(loaded, _data_pads(data, loaded.training.batch_size, held_out, fields))
         result = estimate_plan(spec, loaded)
@@ -193,8 +180,7 @@ def estimate(
         training = _training(seq_len, batch_size, grad_checkpointing, compute_dtype)
         if data is not None:
             training = training.model_copy(update={"padded_batches": _data_pads(data, batch_size, held_out, fields)})
-        source, spec = _spec_for(model)
-        _check_seq_len(spec, seq_len)
+        source, spec, _ = resolve_spec(model, seq_len)
         result = estimate_memory(spec, uniform_settings(bits, rank, group_size), training, _device(device, context))
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
@@ -232,6 +218,7 @@ def plan_new(
     from qra.plans.build import model_ref, uniform_plan
     from qra.plans.io import save_plan
     from qra.plans.schema import Budget
+    from qra.plans.spec import resolve_spec
 
     budget_bytes = parse_bytes(budget)
     _check_bits_rank(bits, rank, group_size)
@@ -241,8 +228,7 @@ def plan_new(
     training = training.model_copy(update={"steps": steps, "learning_rate": learning_rate, "max_grad_norm": max_grad_norm or None})
     if data is not None:
         training = training.model_copy(update={"padded_batches": _data_pads(data, batch_size, fields=_fields(text_field, messages_field))})
-    source, spec = _spec_for(model)
-    _check_seq_len(spec, seq_len)
+    source, spec, _ = resolve_spec(model, seq_len)
     plan = uniform_plan(
         spec, model_ref(spec, source.name, content_hash(source)), Budget(bytes=budget_bytes, text=budget),
         bits, rank, group_size, training=training,
@@ -271,16 +257,17 @@ def _data_pads(data: str, batch_size: int, held_out: str | None = None, fields=N
 def _spec_of_plan(plan, model: str | None):
     """The plan's model spec and content hash: from --model, else from the plan's own model id if it resolves."""
     from qra.models import content_hash
+    from qra.plans.spec import resolve_spec
 
     if model is None:
         # The recorded id may be a path that is gone; one that looks like a hub id (`models/tiny`) resolves
         # but then cannot be loaded, so the whole load is what decides whether the plan's model can be found.
         try:
-            source, spec = _spec_for(plan.model.id)
+            source, spec, _ = resolve_spec(plan.model.id)
         except QraError:
             return None, None
     else:
-        source, spec = _spec_for(model)
+        source, spec, _ = resolve_spec(model)
     return spec, content_hash(source)
 
 

@@ -1,8 +1,10 @@
-"""Atomic writes and content digests: the one place that knows how qra writes a file or names a state.
+"""Atomic writes and sha256 digests: the one place that knows how qra writes a file or folder and hashes
+a state, a text or files.
 
 Writers never leave a half-written file or folder: they write under a unique temporary name in the
 target's own folder (unique, so two processes writing the same target never take each other's file), then
-rename it into place. Digests name what a cached result depends on: sha256 over the canonical JSON of it.
+rename it into place. Digests name what a cached result depends on (sha256 over the canonical JSON of it)
+and what a plan, a model or a package holds (sha256 over a text, or over files' names and bytes).
 """
 
 import contextlib
@@ -11,27 +13,38 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+
+def text_digest(text: str) -> str:
+    """sha256 (hex) of `text` as UTF-8."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def digest(identity: object, length: int = 64) -> str:
     """sha256 (hex, first `length` characters) of `identity` as canonical JSON (sorted keys)."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:length]
+    return text_digest(json.dumps(identity, sort_keys=True, default=str))[:length]
+
+
+def files_digest(labelled: Iterable[tuple[str, Path]]) -> str:
+    """sha256 (hex) over each (label, file) in turn: the label as UTF-8, then the file's bytes."""
+    hasher = hashlib.sha256()
+    for label, path in labelled:
+        hasher.update(label.encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def content_digest(path: Path) -> str:
-    """sha256 (hex) of a file's bytes, or of a folder's files: each one's path relative to the folder and
-    its bytes, in sorted order."""
-    digest = hashlib.sha256()
-    files = sorted(item for item in path.rglob("*") if item.is_file()) if path.is_dir() else [path]
-    for item in files:
-        if path.is_dir():
-            digest.update(item.relative_to(path).as_posix().encode() + b"\0")
-        with item.open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 (hex) of a file's bytes, or of a folder's files: each one's path relative to the folder, a NUL
+    and its bytes, in sorted order."""
+    if not path.is_dir():
+        return files_digest([("", path)])
+    files = sorted(item for item in path.rglob("*") if item.is_file())
+    return files_digest((item.relative_to(path).as_posix() + "\0", item) for item in files)
 
 
 def _temporary(target: Path, suffix: str = ".tmp") -> Path:

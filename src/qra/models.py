@@ -4,7 +4,6 @@ Everything that loads a model goes through here, so every command accepts the sa
 the same clear way. Config-only sources are enough for estimates; weights are needed to quantize or train.
 """
 
-import hashlib
 import importlib.metadata
 import json
 import socket
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlparse
 
 from qra.errors import QraError
+from qra.files import files_digest
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -182,12 +182,4 @@ def weight_files(source: ModelSource) -> list[Path]:
 def content_hash(source: ModelSource) -> str | None:
     """sha256 over the local weight files (names and bytes), or None where there are none."""
     files = weight_files(source)
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return files_digest((path.name, path) for path in files) if files else None
