@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import json
 import logging
+import pydoc_data.topics
 import random
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pydoc_data.topics
 import torch
 
 from qra.errors import QraError
@@ -471,7 +471,9 @@ def _end_of_turn(text: str, start: int, stop: int, specials: Sequence[str]) -> i
     return min(hits, key=lambda hit: (hit[0], -hit[1]))[1] if hits else stop
 
 
-def _assistant_spans(tokenizer: PreTrainedTokenizerBase, conversation: Conversation, specials: Sequence[str]) -> tuple[str, list[tuple[int, int]], list[int]]:
+def _assistant_spans(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, specials: Sequence[str]
+) -> tuple[str, list[tuple[int, int]], list[int]]:
     """The whole conversation rendered, the character span the loss falls on in each assistant turn, and
     where each assistant turn's text ends.
 
@@ -499,7 +501,9 @@ def _assistant_spans(tokenizer: PreTrainedTokenizerBase, conversation: Conversat
     return whole, spans, ends
 
 
-def _conversation_tokens(tokenizer: PreTrainedTokenizerBase, conversation: Conversation, specials: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
+def _conversation_tokens(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, specials: Sequence[str]
+) -> tuple[list[int], list[int], list[int]]:
     """The conversation's token ids, its labels (IGNORE_INDEX outside the assistant spans) and the token
     count at the end of each assistant turn. The text is tokenized in pieces cut at the spans' and turns'
     edges, as generation meets it: the prompt up to the generation prompt, then what the model writes."""

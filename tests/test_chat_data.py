@@ -11,6 +11,8 @@ from pathlib import Path
 
 import datasets
 import pytest
+from tiny import save_tiny_model, tiny_spec
+from tiny_chat import save_tiny_chat_model, tiny_chat_tokenizer
 from typer.testing import CliRunner
 
 from qra.cli import app
@@ -19,8 +21,6 @@ from qra.compiler.space import build_space
 from qra.plans.io import load_plan
 from qra.plans.schema import Budget, Device, Training
 from qra.runtime.data import load_dataset
-from tiny import save_tiny_model, tiny_spec
-from tiny_chat import save_tiny_chat_model, tiny_chat_tokenizer
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 CHAT = EXAMPLES / "arithmetic-chat.jsonl"
@@ -135,7 +135,8 @@ def bad_data(folder: Path, case: str) -> tuple[list[str], str]:
         return ["--data", str(path)], f"{path} line 4: message 2 has role 'robot'"
     if case == "a conversation with no assistant turn":
         path = folder / "d.csv"
-        rows = [{"messages": json.dumps(record["messages"])} for record in good] + [{"messages": json.dumps([{"role": "user", "content": "hi"}])}]
+        lonely = [{"role": "user", "content": "hi"}]
+        rows = [{"messages": json.dumps(messages)} for messages in [*(record["messages"] for record in good), lonely]]
         datasets.Dataset.from_list(rows).to_csv(str(path), index=False)
         return ["--data", str(path)], f"{path} row 4: the conversation has no assistant turn"
     if case == "an empty file":
@@ -191,6 +192,7 @@ def test_messages_for_a_model_without_a_chat_template_are_refused_in_one_line_be
 
 
 def test_held_out_without_data_and_a_field_named_twice_are_refused_in_one_line(chat_model):
-    assert_one_line(run("estimate", "--model", chat_model, "--bits", "4", "--rank", "8", "--held-out", CHAT_HELD_OUT), "--held-out goes with --data")
-    assert_one_line(run("estimate", "--model", chat_model, "--bits", "4", "--rank", "8", "--data", CHAT, "--text-field", "messages"),
+    estimate = ("estimate", "--model", chat_model, "--bits", "4", "--rank", "8")
+    assert_one_line(run(*estimate, "--held-out", CHAT_HELD_OUT), "--held-out goes with --data")
+    assert_one_line(run(*estimate, "--data", CHAT, "--text-field", "messages"),
                     "--text-field and --messages-field must be two different names")

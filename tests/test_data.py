@@ -10,12 +10,14 @@ on (seed, epoch), so training can resume.
 import json
 import logging
 import operator
+import pydoc_data.topics
 import re
 from pathlib import Path
 
-import pydoc_data.topics
 import pytest
 import torch
+from tiny import tiny_tokenizer
+from tiny_chat import tiny_chat_tokenizer
 
 from qra.errors import QraError
 from qra.plans.schema import Training
@@ -40,8 +42,6 @@ from qra.runtime.data import (
     training_for,
     worst_batch,
 )
-from tiny import tiny_tokenizer
-from tiny_chat import tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,8 @@ def test_messages_lines_are_conversations_beside_text_and_prompt_response(tmp_pa
 
 
 def test_a_tool_turn_is_a_message_like_any_other(tmp_path):
-    record = {"messages": [{"role": "user", "content": "time?"}, {"role": "tool", "content": "12:00"}, {"role": "assistant", "content": "noon"}]}
+    turns = [("user", "time?"), ("tool", "12:00"), ("assistant", "noon")]
+    record = {"messages": [{"role": role, "content": content} for role, content in turns]}
     [loaded] = load_dataset(str(write_jsonl(tmp_path / "d.jsonl", [record])), held_out_fraction=0).train
     assert [message.role for message in loaded.messages] == ["user", "tool", "assistant"]
 
@@ -232,7 +233,8 @@ def test_conversations_follow_the_packed_text_and_the_prompt_response_pairs_and_
     tokenizer = tiny_chat_tokenizer()
     text, pair, chatted = Example("", "x = 1 " * 40), Example("Q", " A"), conversation("Q", "A")
     features = training_features([chatted, pair, text], tokenizer, seq_len=32)
-    assert features == pack_text([text], tokenizer, 32) + tokenize_examples([pair], tokenizer, 32) + tokenize_conversations([chatted], tokenizer, 32)
+    packed, pairs = pack_text([text], tokenizer, 32), tokenize_examples([pair], tokenizer, 32)
+    assert features == packed + pairs + tokenize_conversations([chatted], tokenizer, 32)
     from qra.runtime.data import Dataset
 
     assert pads(Dataset("chat", [chatted], []), batch_size=4)
@@ -247,7 +249,8 @@ def test_a_tokenizer_without_a_chat_template_refuses_conversations_in_one_line()
 
 def test_a_template_that_fails_on_a_conversation_names_its_line():
     tokenizer = tiny_chat_tokenizer()
-    tokenizer.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}" + tokenizer.chat_template
+    refusal = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    tokenizer.chat_template = refusal + tokenizer.chat_template
     chatted = Conversation(conversation("Q", "A", system="S").messages, "d.jsonl line 7")
     with pytest.raises(QraError, match="d.jsonl line 7: the model's chat template cannot render this conversation: no system role"):
         tokenize_conversations([chatted], tokenizer, seq_len=32)

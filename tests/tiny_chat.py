@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
-
 from tiny import save_tiny_model, tiny_tokenizer
+from transformers import PreTrainedTokenizerFast
 
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<' + message['role'] + '>\\n' + message['content'] + '<|endoftext|>\\n' }}{% endfor %}"
