@@ -142,7 +142,9 @@ def quantization_key(source: ModelSource, spec: ModelSpec, plan: Plan, calibrati
     return digest(record, 16)
 
 
-def held_out_exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Record], limit: int = 32, max_new_tokens: int = 12) -> float | None:
+def held_out_exact_match(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Record], limit: int = 32, max_new_tokens: int = 12
+) -> float | None:
     """Share of the first `limit` held-out prompt/response examples answered exactly (greedy decoding);
     None for plain text and conversations."""
     answerable = [example for example in examples if isinstance(example, Example) and not example.is_text][:limit]

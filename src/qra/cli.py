@@ -25,9 +25,11 @@ app.add_typer(plan_app, name="plan")
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="local folder, .gguf, config.json, alias (smollm2-135m, llama-3-8b, qwen2.5-7b, mistral-7b) or hub id")]
 DATA_HELP = ("a .jsonl, .json, .csv or .parquet file or a datasets.save_to_disk folder, each record text, prompt/response "
              "or chat messages; or python-reference / arithmetic; or several joined by +")
-HeldOutOption = Annotated[str | None, typer.Option("--held-out", help="held-out file or saved folder of your own, in any --data format: scored instead of a part of --data")]
+HeldOutOption = Annotated[str | None, typer.Option(
+    "--held-out", help="held-out file or saved folder of your own, in any --data format: scored instead of a part of --data")]
 TextFieldOption = Annotated[str, typer.Option("--text-field", help="the field (column) of --data and --held-out that holds plain text")]
-MessagesFieldOption = Annotated[str, typer.Option("--messages-field", help="the field (column) of --data and --held-out that holds chat messages")]
+MessagesFieldOption = Annotated[str, typer.Option(
+    "--messages-field", help="the field (column) of --data and --held-out that holds chat messages")]
 
 
 def _print_version(value: bool) -> None:
@@ -147,7 +149,8 @@ def estimate(
     device: Annotated[str, typer.Option(help="cuda or cpu: the device the estimate is for")] = "cuda",
     context: Annotated[str, typer.Option(help="fixed overhead of the device context, e.g. 500MB (0 on CPU)")] = "500MB",
     budget: Annotated[str | None, typer.Option(help="say whether the estimate fits, e.g. 8GB")] = None,
-    data: Annotated[str | None, typer.Option(help="estimate for this data's worst batch (prompt/response and chat data pad batches): " + DATA_HELP)] = None,
+    data: Annotated[str | None, typer.Option(
+        help="estimate for this data's worst batch (prompt/response and chat data pad batches): " + DATA_HELP)] = None,
     held_out: HeldOutOption = None,
     text_field: TextFieldOption = "text",
     messages_field: MessagesFieldOption = "messages",
@@ -209,7 +212,9 @@ def plan_new(
     steps: Annotated[int, typer.Option(help="optimizer steps of the fine-tune")] = 100,
     learning_rate: Annotated[float, typer.Option(help="peak learning rate (warmup, then cosine decay)")] = 2e-4,
     max_grad_norm: Annotated[float, typer.Option(help="clip each step's gradient to this global L2 norm (0: no clipping)")] = 1.0,
-    data: Annotated[str | None, typer.Option(help="the data the plan will train on: its worst batch sets the estimate (prompt/response and chat data pad batches): " + DATA_HELP)] = None,
+    data: Annotated[str | None, typer.Option(
+        help="the data the plan will train on: its worst batch sets the estimate (prompt/response and chat data pad batches): "
+        + DATA_HELP)] = None,
     text_field: TextFieldOption = "text",
     messages_field: MessagesFieldOption = "messages",
 ) -> None:
@@ -306,7 +311,8 @@ def plan_show(
 def plan_verify(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="plan YAML")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="check against this model (default: the plan's, if it can be found)")] = None,
-    data: Annotated[str | None, typer.Option(help="check the plan for this data's worst batch (padded batches hold more): " + DATA_HELP)] = None,
+    data: Annotated[str | None, typer.Option(
+        help="check the plan for this data's worst batch (padded batches hold more): " + DATA_HELP)] = None,
     text_field: TextFieldOption = "text",
     messages_field: MessagesFieldOption = "messages",
 ) -> None:
@@ -372,14 +378,16 @@ def materialize(
     plan = load_plan(plan_path)
     _log_progress()
     request = MaterializeRequest(
-        plan=plan, output=output, data=data, held_out=held_out, fields=_fields(text_field, messages_field), formats=[f.strip() for f in formats.split(",") if f.strip()],
+        plan=plan, output=output, data=data, held_out=held_out, fields=_fields(text_field, messages_field),
+        formats=[f.strip() for f in formats.split(",") if f.strip()],
         model=model, resume=resume, gguf_mix=gguf_mix,
     )
     if check:
         source, _, dataset = check_request(request)
         typer.echo(
             f"accepted: {plan_path} matches {source.name}; {len(plan.layers)} layers, {plan.training.steps} steps on "
-            f"{dataset.name} ({len(dataset.train)} examples, {len(dataset.held_out)} held out); formats {', '.join(request.formats)}; output {output}"
+            f"{dataset.name} ({len(dataset.train)} examples, {len(dataset.held_out)} held out); "
+            f"formats {', '.join(request.formats)}; output {output}"
         )
         return
     columns = (TextColumn("training"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
