@@ -5,8 +5,9 @@ unit's rank, the plan's learning rate, warm-up, cosine decay and batch order), o
 module's weight swapped for its cached GPTQ weight (`CachedWeights`). The fidelities are checkpoints of
 that one run (successive halving; optuna's report-and-prune):
 
-- f0: step 0, no training (quantization damage only; LoRA's B starts at zero, so the adapter changes nothing:
-  configurations with the same bits share one score, measured once);
+- f0: step 0, no training. From the zero init it is quantization damage only (B = 0, the adapter changes
+  nothing: configurations with the same bits share one score, measured once); from a `residual` or
+  `calibrated` init it is the damage left after each adapter's rank-r correction, so rank counts there too;
 - f1 … top: the loss after the first `ladder.steps[k]` steps of the plan's schedule (rungs below the top
   are scored on the first `ladder.screen_share` of each task's held-out batches: on SmolLM2, scoring every
   held-out sequence cost as much as 14 training steps before r11 made scoring 1.35x faster, and a lower
@@ -46,6 +47,7 @@ from qra.plans.memory import SettingsFor, plan_settings
 from qra.plans.schema import Plan, Training
 from qra.runtime.data import Batch, Dataset, Example, Feature, batch_source, batches, held_out_batches_by_task, pad_id, training_features
 from qra.runtime.heldout import HELD_OUT_BATCH_SIZE, HeldOut, Scores, score_held_out
+from qra.runtime.lora_init import needs_init
 from qra.runtime.run import BatchFor, Run, RunState, open_run
 
 if TYPE_CHECKING:
@@ -241,9 +243,11 @@ class FidelityEvaluator:
         top = fidelity == self.ladder.levels - 1
         held_out = self.data.held_out if top else self.data.held_out_share(self.ladder.screen_share)
         untrained = self.ladder.steps[fidelity] == 0
-        bits = (fidelity, tuple(gene.bits for gene in config))
+        # no step taken: the seed changes nothing, and from a zero init neither does rank (the same bits, the same
+        # score); a non-zero init starts each adapter at its rank-r correction, so there rank counts
+        sees_rank = self.space.training.lora_init != "zeros"
+        bits = (fidelity, tuple((gene.bits, gene.rank) if sees_rank else gene.bits for gene in config))
         if untrained and bits in self._untrained:
-            # no step taken: LoRA's B is still zero, so ranks and seed change nothing (the same bits, the same score)
             return replace(self._untrained[bits], config=config_key(config), seed=self.training(seed).seed, wall_s=0.0)
         result = self._measure(self.space.settings_for(config), self.ladder.steps[fidelity], self.training(seed), held_out,
                                config_key(config), fidelity)
@@ -265,7 +269,7 @@ class FidelityEvaluator:
                  fidelity: int) -> Measurement:
         """`steps` steps of the run (resumed from the checkpoint kept under `key`, if any), then scored."""
         began = time.perf_counter()
-        if steps == 0:
+        if steps == 0 and not needs_init(self.space.spec, settings):
             with self.weights.weights(settings) as model:
                 scores, accuracy = score_held_out(model, held_out), self._exact_match(model)
         else:
@@ -274,7 +278,7 @@ class FidelityEvaluator:
                     self._resume(run, key, training.seed, steps)
                 run.train_to(steps)
                 scores, accuracy = run.score(), self._exact_match(run.model)
-                if key is not None and steps < training.steps:
+                if key is not None and 0 < steps < training.steps:
                     self._keep(key, training.seed, run.state())
         result = Measurement(key or "plan", fidelity, training.seed, steps, scores, accuracy, time.perf_counter() - began)
         log.debug("f%d seed %d %s: loss %.4f ± %.4f (%.1fs)", fidelity, training.seed, result.config, result.loss,

@@ -1,8 +1,9 @@
 """AutoQRA stage "quantization cache": each (module, bits) is GPTQ-quantized once, and every candidate reuses it.
 
 Calibration is independent per module: forward hooks on the *float* model record the input of every linear
-over the calibration batches (the sequences `qra materialize` gives gptqmodel: `qra.runtime.data.calibration_sequences`), and gptqmodel's GPTQ algorithm quantizes each module against the Hessian of
-its float input. Quantizing sequentially (each layer calibrated on the already-quantized layers before it)
+over the calibration batches (the sequences `qra materialize` gives gptqmodel:
+`qra.runtime.data.calibration_sequences`), and gptqmodel's GPTQ algorithm quantizes each module against the
+Hessian of its float input. Quantizing sequentially (each layer calibrated on the already-quantized layers before it)
 would make a module's result depend on every earlier choice of the candidate, so it could not be cached,
 and it exaggerates a layer's damage several-fold (see docs/measurements.md).
 
@@ -20,7 +21,9 @@ module serves.
 
 Cached weights stay in memory and, with a cache folder, on disk as safetensors under
 `<folder>/<model fingerprint>/g<group size>-<calibration hash>/<module path>.<bits>bit.safetensors`, so a
-resumed compile reuses them. The cache must be asked while the model holds its float weights.
+resumed compile reuses them. For a non-zero adapter init the cache also keeps, per (module, bits), the top
+components of the correction of its quantization error (`qra.runtime.lora_init.Decomposition`), in memory.
+The cache must be asked while the model holds its float weights.
 """
 
 import contextlib
@@ -42,9 +45,11 @@ from torch import nn
 from qra.files import atomic_path
 from qra.plans.fingerprint import structural_fingerprint
 from qra.plans.memory import SettingsFor
+from qra.plans.schema import ModuleSettings
 from qra.plans.spec import LinearSpec, ModelSpec
 from qra.runtime.data import Batch, to_device
 from qra.runtime.heap import trim_heap
+from qra.runtime.lora_init import Decomposition, HessianKey, calibration_hessians, decompose, hessian_factor, needs_init
 from qra.runtime.quantize import quiet_gptqmodel
 
 log = logging.getLogger(__name__)
@@ -122,8 +127,10 @@ class QuantCache:
         calibration: Sequence[Batch],
         group_size: int = 128,
         folder: Path | None = None,
+        max_rank: int = 32,
     ) -> None:
         self.model = model
+        self.max_rank = max_rank
         self.spec = spec
         self.group_size = group_size
         self.calibration = list(calibration)
@@ -137,6 +144,8 @@ class QuantCache:
         self.stats = CacheStats()
         self._weights: dict[tuple[int, str, int], torch.Tensor] = {}
         self._groups: dict[tuple[int, str], _InputGroup] | None = None
+        self._decompositions: dict[tuple[int, str, int, str], Decomposition] = {}
+        self._factors: dict[HessianKey, torch.Tensor] | None = None
 
     def weight(self, layer: int, module: LinearSpec, bits: int) -> torch.Tensor:
         """The dequantized fp16 weight `[out, in]` of `module` of `layer` GPTQ-quantized to `bits`."""
@@ -177,10 +186,40 @@ class QuantCache:
                 for module in layer:
                     self.weight(index, module, width)
 
+    def decomposition(self, layer: int, module: LinearSpec, bits: int, lora_init: str) -> Decomposition:
+        """The top-`max_rank` correction of `module`'s error at `bits` for a `residual` or `calibrated` adapter
+        init (`qra.runtime.lora_init`), computed once from the float weight, the cached GPTQ weight and (for
+        `calibrated`) the float model's input Hessian. Asked while the model holds its float weights."""
+        key = (layer, module.name, bits, lora_init)
+        if key not in self._decompositions:
+            weight = self.model.get_submodule(self.spec.module_path(layer, module)).weight.detach()
+            factor = self._factor(layer, module.role) if lora_init == "calibrated" else None
+            self._decompositions[key] = decompose(weight, self.weight(layer, module, bits), self.max_rank, factor)
+        return self._decompositions[key]
+
+    def decompose_all(self, bits: Iterable[int], lora_init: str) -> None:
+        """Every module's decomposition at each of `bits`, so that nothing asks for the calibration afterwards."""
+        if lora_init == "zeros":
+            return
+        for width in bits:
+            for index, layer in enumerate(self.spec.layers):
+                for module in layer:
+                    self.decomposition(index, module, width, lora_init)
+
+    def _factor(self, layer: int, role: str) -> torch.Tensor:
+        if self._factors is None:
+            began = time.perf_counter()
+            hessians = calibration_hessians(self.model, self.spec, self.calibration)
+            self._factors = {key: hessian_factor(hessian) for key, hessian in hessians.items()}
+            log.info("input Hessians of %d module groups for the calibrated init in %.1fs", len(self._factors),
+                     time.perf_counter() - began)
+        return self._factors[(layer, role)]
+
     def release_calibration(self) -> None:
-        """Drop the Hessians (a few hundred MB for a 135M model) once every needed weight is cached, and hand
-        the freed memory back to the operating system (`qra.runtime.heap`)."""
+        """Drop the Hessians and their factors (a few hundred MB for a 135M model) once every needed weight and
+        decomposition is cached, and hand the freed memory back to the operating system (`qra.runtime.heap`)."""
         self._groups = None
+        self._factors = None
         trim_heap()
 
     def _path(self, layer: int, module: LinearSpec, bits: int) -> Path | None:
@@ -316,8 +355,17 @@ class CachedWeights:
         self.model = cache.model
         self.spec = cache.spec
 
+    def decomposition(self, layer: int, module: LinearSpec, settings: ModuleSettings) -> Decomposition:
+        return self.cache.decomposition(layer, module, settings.bits, settings.lora_init)
+
     @contextlib.contextmanager
     def weights(self, settings_for: SettingsFor) -> Iterator[nn.Module]:
+        if needs_init(self.spec, settings_for):  # from the float weights, before they are swapped out
+            for index, layer in enumerate(self.spec.layers):
+                for module in layer:
+                    settings = settings_for(index, module)
+                    if settings.bits < 16 and settings.lora_init != "zeros":
+                        self.decomposition(index, module, settings)
         cached = [
             (self.spec.module_path(index, module), self.cache.weight(index, module, settings_for(index, module).bits))
             for index, layer in enumerate(self.spec.layers)

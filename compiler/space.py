@@ -70,7 +70,8 @@ class SearchSpace:
         """The memory model's and the runtime's view of a configuration: settings per module."""
         by_module: dict[tuple[int, str], ModuleSettings] = {}
         for unit, gene in zip(self.units, config):
-            settings = ModuleSettings(bits=gene.bits, group_size=self.group_size, rank=gene.rank, alpha=2.0 * gene.rank)
+            settings = ModuleSettings(bits=gene.bits, group_size=self.group_size, rank=gene.rank, alpha=2.0 * gene.rank,
+                                      lora_init=self.training.lora_init)
             for module in unit.modules:
                 by_module[(unit.layer, module.name)] = settings
         return lambda layer, module: by_module[(layer, module.name)]

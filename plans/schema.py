@@ -6,7 +6,18 @@ says `bits: 5` fails with the field's path, not deep inside quantization.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 QUANTIZED_BITS = (2, 3, 4, 8)
@@ -16,10 +27,28 @@ GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 Bits = Literal[2, 3, 4, 8, 16]
 GroupSize = Literal[-1, 16, 32, 64, 128, 256, 512, 1024]
 DType = Literal["bfloat16", "float16", "float32"]
+# where each LoRA adapter starts: B = 0 (QLoRA), or the rank-r correction of the module's quantization error in
+# weight space (LoftQ) or on its calibration inputs' outputs (CLoQ); see qra.runtime.lora_init
+LoraInit = Literal["zeros", "residual", "calibrated"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _OmitsNewDefaults(_Strict):
+    """A model whose fields named in `_omitted_at_default` are not written while they hold their default, so
+    a plan that does not use them dumps (YAML, digests, journal keys) exactly as plans without the field did."""
+
+    _omitted_at_default: tuple[str, ...] = ("lora_init",)
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict:
+        data = handler(self)
+        for name in self._omitted_at_default:
+            if name in data and getattr(self, name) == type(self).model_fields[name].default:
+                del data[name]
+        return data
 
 
 class ModelRef(_Strict):
@@ -37,7 +66,7 @@ class Budget(_Strict):
     text: str
 
 
-class Training(_Strict):
+class Training(_OmitsNewDefaults):
     """Settings that enter the memory model (shapes, dtypes, checkpointing) and the fine-tune itself."""
 
     seq_len: PositiveInt = 256
@@ -67,6 +96,11 @@ class Training(_Strict):
         "transformers' Trainer does by default; without it a batch of a few short answers takes a full step",
     )
     seed: NonNegativeInt = 0
+    lora_init: LoraInit = Field(
+        default="zeros",
+        description="where every adapter starts unless its layer or module says otherwise: zeros (B = 0), "
+        "residual (LoftQ) or calibrated (CLoQ)",
+    )
 
 
 class Device(_Strict):
@@ -79,31 +113,34 @@ class Device(_Strict):
     allocator_slack: float = Field(default=0.05, ge=0.0, le=1.0)
 
 
-class ModuleOverride(_Strict):
+class ModuleOverride(_OmitsNewDefaults):
     """Per-module settings where the search works per module; unset fields inherit from the layer."""
 
     bits: Bits | None = None
     group_size: GroupSize | None = None
     rank: PositiveInt | None = None
     alpha: PositiveFloat | None = None
+    lora_init: LoraInit | None = None
 
 
-class LayerPlan(_Strict):
+class LayerPlan(_OmitsNewDefaults):
     index: NonNegativeInt
     bits: Bits
     group_size: GroupSize = 128
     rank: PositiveInt
     alpha: PositiveFloat
+    lora_init: LoraInit | None = Field(default=None, description="this layer's adapter init (None: the plan's)")
     modules: dict[str, ModuleOverride] = Field(default_factory=dict)
 
 
 class ModuleSettings(_Strict):
-    """What one linear module gets: resolved from its layer and any override."""
+    """What one linear module gets: resolved from its override, its layer and the plan's training settings."""
 
     bits: Bits
     group_size: GroupSize
     rank: PositiveInt
     alpha: PositiveFloat
+    lora_init: LoraInit = "zeros"
 
 
 class MemoryEstimateRecord(_Strict):
@@ -174,4 +211,5 @@ class Plan(_Strict):
             group_size=override.group_size if override.group_size is not None else plan.group_size,
             rank=override.rank if override.rank is not None else plan.rank,
             alpha=override.alpha if override.alpha is not None else plan.alpha,
+            lora_init=override.lora_init or plan.lora_init or self.training.lora_init,
         )

@@ -35,6 +35,7 @@ from qra.runtime.data import (
     Record,
     batch_source,
     batches,
+    calibration_batches,
     calibration_sequences,
     exact_match,
     has_conversations,
@@ -212,7 +213,8 @@ def materialize(request: MaterializeRequest, on_step: Callable[[StepLog], None] 
     folder = shared / "quantized" / quantization_key(source, spec, plan, calibration) if request.cache else work / "quantized"
     device = training_device(plan)
     log.info("training on %s", device)
-    weights = GPTQModelWeights(base, spec, calibration, folder, training.compute_dtype, training.dequantize_in_backward, device)
+    weights = GPTQModelWeights(base, spec, calibration, folder, training.compute_dtype, training.dequantize_in_backward, device,
+                               calibration_batches(train_features, training.batch_size, pad_id(tokenizer)))
     batch_for = batch_source(train_features, training.batch_size, training.grad_accumulation, training.seed, pad_id(tokenizer))
     held_out = held_out_by_task(dataset, tokenizer, training, request.seed_of_data)
     wall: dict[str, float] = {}

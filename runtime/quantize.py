@@ -10,14 +10,17 @@ import functools
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from qra.files import atomic_folder
 from qra.plans.memory import SettingsFor
-from qra.plans.spec import ModelSpec
+from qra.plans.schema import ModuleSettings
+from qra.plans.spec import LinearSpec, ModelSpec
+from qra.runtime.data import Batch
 from qra.runtime.heap import trim_heap
+from qra.runtime.lora_init import Decomposition, calibration_hessians, decompose, hessian_factor, needs_init
 
 if TYPE_CHECKING:
     from gptqmodel.models.base import BaseQModel
@@ -144,13 +147,47 @@ class GPTQModelWeights:
     """`qra materialize`'s weight source (a `qra.runtime.run.WeightSource`): one gptqmodel quantization pass
     over the base model at every module's planned bits, calibrated on `calibration`, saved to `folder` once
     (a staging folder renamed into place) and loaded with the TORCH backend, then moved to `device`. A plan
-    with every module at 16 bits loads the base model as it is."""
+    with every module at 16 bits loads the base model as it is.
+
+    For modules with a non-zero `lora_init`, the corrections are computed on the CPU before the model moves to
+    `device`, from the float base, the loaded quantized weights and (for `calibrated`) the float model's input
+    Hessians over `calibration_batches` (the search's calibration batches, so both see the same statistics);
+    the float model and the Hessians are dropped before training starts."""
 
     def __init__(self, base: Path, spec: ModelSpec, calibration: list[list[int]], folder: Path, dtype: str,
-                 dequantize_in_backward: bool = True, device: str = "cpu") -> None:
+                 dequantize_in_backward: bool = True, device: str = "cpu",
+                 calibration_batches: "Sequence[Batch]" = ()) -> None:
         self.base, self.spec, self.calibration, self.folder = base, spec, calibration, folder
         self.dtype, self.dequantize_in_backward, self.device = dtype, dequantize_in_backward, device
+        self.calibration_batches = list(calibration_batches)
         self.quantized: Path | None = None  # the gptqmodel checkpoint, once made (None: 16-bit plan)
+        self._decompositions: dict[tuple[int, str], Decomposition] = {}
+
+    def decomposition(self, layer: int, module: LinearSpec, settings: ModuleSettings) -> Decomposition:
+        return self._decompositions[(layer, module.name)]
+
+    def _decompose(self, model: "nn.Module", settings_for: SettingsFor) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        wanted = [(index, module, settings_for(index, module)) for index, layer in enumerate(self.spec.layers)
+                  for module in layer if settings_for(index, module).bits < 16 and settings_for(index, module).lora_init != "zeros"]
+        float_model = AutoModelForCausalLM.from_pretrained(self.base, dtype=getattr(torch, self.dtype))
+        factors = {}
+        if any(settings.lora_init == "calibrated" for _, _, settings in wanted):
+            if not self.calibration_batches:
+                raise ValueError("the calibrated init needs the calibration batches")
+            hessians = calibration_hessians(float_model, self.spec, self.calibration_batches)
+            factors = {key: hessian_factor(hessians.pop(key)) for key in list(hessians)}
+        for index, module, settings in wanted:
+            path = self.spec.module_path(index, module)
+            with torch.no_grad():
+                quantized = model.get_submodule(path).dequantize_weight(num_itr=1).T
+            factor = factors.get((index, module.role)) if settings.lora_init == "calibrated" else None
+            self._decompositions[(index, module.name)] = decompose(
+                float_model.get_submodule(path).weight.detach(), quantized, settings.rank, factor)
+        del float_model, factors
+        trim_heap()
 
     @contextlib.contextmanager
     def weights(self, settings_for: SettingsFor) -> Iterator["nn.Module"]:
@@ -168,6 +205,8 @@ class GPTQModelWeights:
                 trim_heap()  # the quantization pass's churn would make training's page faults costly
             self.quantized = self.folder
             model = load_quantized(self.folder, self.dtype).model
+            if needs_init(self.spec, settings_for):
+                self._decompose(model, settings_for)
             if self.dequantize_in_backward:
                 enable_dequantize_in_backward(model)
         model.config.use_cache = False

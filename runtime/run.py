@@ -36,11 +36,12 @@ from transformers import get_cosine_schedule_with_warmup
 
 from qra.files import atomic_folder
 from qra.plans.memory import SettingsFor
-from qra.plans.schema import Training
-from qra.plans.spec import ModelSpec
+from qra.plans.schema import ModuleSettings, Training
+from qra.plans.spec import LinearSpec, ModelSpec
 from qra.runtime.data import Batch, BatchExtent, to_device
 from qra.runtime.heldout import HeldOut, Scores, score_held_out
 from qra.runtime.lora import attach_lora
+from qra.runtime.lora_init import Decomposition, initialize_adapters
 from qra.runtime.measure import MeasuredFootprint, StepMeasurement
 
 BatchFor = Callable[[int, int], Batch]
@@ -50,10 +51,15 @@ _PROGRESS = "progress.json"
 
 
 class WeightSource(Protocol):
-    """Where a run's frozen base weights come from, at each module's planned bits."""
+    """Where a run's frozen base weights come from, at each module's planned bits, and what a non-zero adapter
+    init starts from."""
 
     def weights(self, settings_for: SettingsFor) -> ContextManager[nn.Module]:
         """The base model with every decoder linear at its settings' bits, for the duration of the context."""
+
+    def decomposition(self, layer: int, module: LinearSpec, settings: ModuleSettings) -> Decomposition:
+        """The correction of `module`'s quantization error that its `settings.lora_init` asks for, for the weights
+        the open `weights` context holds (asked only inside it, and only for a non-zero init)."""
 
 
 @dataclass
@@ -227,8 +233,9 @@ def open_run(
     held_out: HeldOut | None = None,
 ) -> Iterator[Run]:
     """A run of one configuration: the weight source's base, LoRA attached at each module's rank (seeded by
-    `training.seed`), the schedule ready to train. On exit the adapter is removed with peft's `unload()`
-    and the base is as it was (the search reuses one base model for every candidate)."""
+    `training.seed`) and started where each module's `lora_init` says, the schedule ready to train. On exit the
+    adapter is removed with peft's `unload()` and the base is as it was (the search reuses one base model for
+    every candidate)."""
     with weights.weights(settings_for) as base:
         requires_grad = [(parameter, parameter.requires_grad) for parameter in base.parameters()]
         checkpointing = training.gradient_checkpointing and not base.is_activation_checkpointing
@@ -238,6 +245,7 @@ def open_run(
         torch.manual_seed(training.seed)
         peft_model: PeftModel = attach_lora(base, spec, settings_for, dropout=training.lora_dropout)
         try:
+            initialize_adapters(peft_model, spec, settings_for, weights.decomposition)
             yield Run(peft_model, training, batch_for, held_out)
         finally:
             peft_model.unload()

@@ -1,6 +1,7 @@
 """The quantization cache, the fidelity evaluator and the importance priors on a tiny Llama (AutoQRA stages)."""
 
 import json
+from dataclasses import replace
 import math
 import os
 import statistics
@@ -598,3 +599,15 @@ def test_the_fixtures_tests_pass_under_the_numerics_of_another_cpu(numerics):
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
     result = subprocess.run(command, env=os.environ | ANOTHER_CPU[numerics], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]
+
+
+def test_from_a_calibrated_init_step_0_sees_rank_and_starts_nearer_the_float_model(setup):
+    training = setup.space.training.model_copy(update={"lora_init": "calibrated"})
+    evaluator = FidelityEvaluator(setup.model, replace(setup.space, training=training), setup.data, setup.cache, setup.ladder,
+                                  dtype=EVALUATOR_DTYPE)
+    low_rank, high_rank = evaluator.space.uniform(2, 2), evaluator.space.uniform(2, 8)
+    from_zero = setup.evaluate(low_rank, 0)
+    assert setup.evaluate(high_rank, 0) == from_zero  # from zero, rank changes nothing at step 0
+    assert evaluator.evaluate(low_rank, 0) < from_zero
+    assert evaluator.evaluate(high_rank, 0) < evaluator.evaluate(low_rank, 0)
+    assert evaluator.fingerprint != setup.fingerprint
