@@ -21,27 +21,27 @@ _HASH_CHARS = 12
 
 
 def plan_table(plan: Plan, spec: ModelSpec | None = None) -> Table:
-    """One row per layer: bits, group size, rank, alpha and per-module overrides.
+    """One row per layer: bits, group size, rank, alpha, where its adapters start and per-module overrides.
 
     With `spec`, also each layer's base weight bytes (packed where quantized) and LoRA parameter
     bytes, and a totals row.
     """
     table = Table(title=f"{plan.model.id}: {len(plan.layers)} layers, budget {plan.budget.text}")
-    for name in ("layer", "bits", "group", "rank", "alpha"):
+    for name in ("layer", "bits", "group", "rank", "alpha", "init"):
         table.add_column(name, justify="right")
     table.add_column("overrides")
     if spec is None:
         for layer in plan.layers:
-            table.add_row(*_layer_cells(layer))
+            table.add_row(*_layer_cells(layer, plan.training.lora_init))
         return table
     table.add_column("base weights", justify="right")
     table.add_column("LoRA", justify="right")
     sizes = _layer_bytes(plan, spec)
     for layer, (weights, lora) in zip(plan.layers, sizes, strict=True):
-        table.add_row(*_layer_cells(layer), format_bytes(weights), format_bytes(lora))
+        table.add_row(*_layer_cells(layer, plan.training.lora_init), format_bytes(weights), format_bytes(lora))
     table.add_section()
     total_weights, total_lora = (sum(column) for column in zip(*sizes, strict=True))
-    table.add_row("total", "", "", "", "", "", format_bytes(total_weights), format_bytes(total_lora), style="bold")
+    table.add_row("total", "", "", "", "", "", "", format_bytes(total_weights), format_bytes(total_lora), style="bold")
     return table
 
 
@@ -88,12 +88,14 @@ def _override_settings(override: ModuleOverride) -> str:
         f"g{override.group_size}" if override.group_size is not None else "",
         f"r{override.rank}" if override.rank is not None else "",
         f"α{override.alpha:g}" if override.alpha is not None else "",
+        f"init {override.lora_init}" if override.lora_init is not None else "",
     ]
     return " ".join(part for part in parts if part) or "inherits all"
 
 
-def _layer_cells(layer: LayerPlan) -> tuple[str, ...]:
-    return (str(layer.index), str(layer.bits), str(layer.group_size), str(layer.rank), f"{layer.alpha:g}", _override_text(layer.modules))
+def _layer_cells(layer: LayerPlan, plan_init: str) -> tuple[str, ...]:
+    return (str(layer.index), str(layer.bits), str(layer.group_size), str(layer.rank), f"{layer.alpha:g}",
+            layer.lora_init or plan_init, _override_text(layer.modules))
 
 
 def _layer_bytes(plan: Plan, spec: ModelSpec) -> list[tuple[int, int]]:
@@ -150,7 +152,7 @@ def _layer_changes(a: list[LayerPlan], b: list[LayerPlan]) -> list[str]:
     for old, new in zip(a, b):
         changes = [
             f"{name} {_value_text(getattr(old, name))} -> {_value_text(getattr(new, name))}"
-            for name in ("bits", "group_size", "rank", "alpha")
+            for name in ("bits", "group_size", "rank", "alpha", "lora_init")
             if getattr(old, name) != getattr(new, name)
         ]
         if old.modules != new.modules:

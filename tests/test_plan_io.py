@@ -253,3 +253,15 @@ def test_memory_table_shows_total_budget_and_a_negative_headroom():
 def test_a_budget_covering_a_footprint_is_the_next_tenth_of_a_megabyte():
     assert budget_covering(1_546_100_001) == Budget(bytes=1_546_200_000, text="1546.2MB")
     assert budget_covering(1_517_900_000) == Budget(bytes=1_517_900_000, text="1517.9MB")
+
+
+def test_plan_show_and_diff_name_where_adapters_start():
+    a = make_plan()
+    data = plan_data(a)
+    data["training"]["lora_init"] = "calibrated"
+    data["layers"][0]["lora_init"] = "residual"
+    b = Plan.model_validate(data)
+    assert plan_diff(a, b) == ["training.lora_init: zeros -> calibrated", "layer 0: lora_init none -> residual"]
+    rows = rendered(plan_table(b, None)).splitlines()
+    assert "residual" in next(row for row in rows if row.split("│")[1:2] == ["     0 "])
+    assert sum("calibrated" in row for row in rows) == len(b.layers) - 1

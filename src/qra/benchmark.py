@@ -25,7 +25,7 @@ DATA = "python-reference+arithmetic"
 @dataclass(frozen=True)
 class Settings:
     """What a benchmark runs: the model, data and schedule every method trains with, the compile's effort,
-    granularities, bits and ranks, and the bench seeds (none of which takes part in a compile)."""
+    granularities, bits and ranks, where adapters start (`lora_init`), and the bench seeds (none of which takes part in a compile)."""
 
     model: str = MODEL
     data: str = DATA
@@ -39,12 +39,14 @@ class Settings:
     bits: tuple[int, ...] = (3, 4, 8)
     ranks: tuple[int, ...] = (4, 8, 16)
     exact_match_examples: int = 50
+    lora_init: str = "zeros"
 
     def training(self, seed: int = 0) -> Training:
         """The schedule every method trains with; its batches pad where the data's do (the memory model's
         worst batch)."""
         return Training(seq_len=self.seq_len, batch_size=self.batch_size, steps=self.steps,
-                        learning_rate=self.learning_rate, seed=seed, padded_batches=_pads(self.data, self.batch_size))
+                        learning_rate=self.learning_rate, seed=seed, padded_batches=_pads(self.data, self.batch_size),
+                        lora_init=self.lora_init)
 
 
 @functools.cache
