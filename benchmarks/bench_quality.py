@@ -316,7 +316,8 @@ def markdown(report: dict) -> str:
                     for key in row if key.startswith("loss ")})
     lines = [
         f"Model {report['model']}, data {report['data']}, {report['steps']} steps at batch {report['batch_size']} x "
-        f"{report['seq_len']} tokens, learning rate {report['learning_rate']:g} ({_rate_choice(report['learning_rates'])}), bench seeds {', '.join(map(str, report['seeds']))}, fine-tunes: {report['fine_tune']}. "
+        f"{report['seq_len']} tokens, learning rate {report['learning_rate']:g} ({_rate_choice(report['learning_rates'])}), bench seeds {', '.join(map(str, report['seeds']))}, "
+        f"adapters start at {report.get('lora_init', 'zeros')}, fine-tunes: {report['fine_tune']}. "
         "Loss: the mean of the tasks' held-out losses, mean ± std over seeds; each task's loss with its held-out "
         "standard error (over sequences) in brackets; paired: the difference from uniform, paired by seed, mean ± SE "
         "over seeds; gap closed: the share of the uniform-to-16-bit loss gap recovered.",
@@ -470,7 +471,7 @@ def _report(args, settings: Settings, budgets: dict[str, Budget], plans: dict, c
         "model": settings.model, "data": settings.data, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
         "steps": settings.steps, "learning_rate": settings.learning_rate, "learning_rates": rates,
         "seeds": sorted({run["seed"] for group in runs.values() for run in group}), "effort": settings.effort,
-        "fine_tune": args.fine_tune, "bits": list(settings.bits), "ranks": list(settings.ranks), "budgets": {},
+        "lora_init": settings.lora_init, "fine_tune": args.fine_tune, "bits": list(settings.bits), "ranks": list(settings.ranks), "budgets": {},
         "timings_s": timings,
     }
     for name, budget in budgets.items():
@@ -537,6 +538,8 @@ def main() -> None:
                         "these seeds (none of them a compile's fresh seed or a bench seed)")
     parser.add_argument("--learning-rate", type=float, help="fix the learning rate instead of choosing it on the grid")
     parser.add_argument("--effort", default="quick")
+    parser.add_argument("--lora-init", choices=("zeros", "residual", "calibrated"), default="zeros",
+                        help="where every method's adapters start (the 16-bit ceiling's start at zero whatever this says)")
     parser.add_argument("--seeds", default="10,11,12", help="bench seeds: none of them takes part in a compile")
     parser.add_argument("--exact-match-examples", type=int, default=0, help="materialize mode: greedy exact match on this many held-out questions")
     parser.add_argument("--fine-tune", choices=("evaluator", "materialize"), default="evaluator")
@@ -551,7 +554,7 @@ def main() -> None:
         args.model, args.data, args.seq_len, args.batch_size, args.steps, args.effort,
         tuple(int(s) for s in args.seeds.split(",")), granularities=tuple(args.granularities.split(",")),
         bits=tuple(int(b) for b in args.bits.split(",")), ranks=tuple(int(r) for r in args.ranks.split(",")),
-        exact_match_examples=args.exact_match_examples,
+        exact_match_examples=args.exact_match_examples, lora_init=args.lora_init,
     )
     run_benchmark(args, settings)
 
