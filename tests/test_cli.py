@@ -389,3 +389,12 @@ def test_compile_refuses_a_negative_worker_count_with_one_line(runner, tiny, tmp
                     "--workers", -1)
     assert "--workers" in assert_one_error_line(result)
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_plan_new_writes_where_adapters_start_and_refuses_an_unknown_init(runner, tiny, tmp_path):
+    path = new_plan(runner, tmp_path / "p.yaml", tiny["llama4"], "8GB", "--lora-init", "calibrated")
+    assert "lora_init: calibrated" in path.read_text()
+    result = invoke(runner, "plan", "new", "--output", tmp_path / "q.yaml", "--budget", "8GB", "--model", tiny["llama4"],
+                    "--lora-init", "svd")
+    assert "--lora-init" in assert_one_error_line(result)
+    assert not (tmp_path / "q.yaml").exists()

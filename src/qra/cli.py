@@ -30,6 +30,9 @@ HeldOutOption = Annotated[str | None, typer.Option(
 TextFieldOption = Annotated[str, typer.Option("--text-field", help="the field (column) of --data and --held-out that holds plain text")]
 MessagesFieldOption = Annotated[str, typer.Option(
     "--messages-field", help="the field (column) of --data and --held-out that holds chat messages")]
+LoraInitOption = Annotated[str, typer.Option(
+    "--lora-init", help="where each adapter starts: zeros (QLoRA), residual (the quantization error's rank-r SVD, LoftQ) or "
+    "calibrated (its rank-r correction on the calibration inputs' outputs, CLoQ)")]
 
 
 def _print_version(value: bool) -> None:
@@ -101,6 +104,16 @@ def user_errors(command: F) -> F:
             raise typer.Exit(error.exit_code) from None
 
     return wrapper
+
+
+def _lora_init(name: str) -> str:
+    from typing import get_args
+
+    from qra.plans.schema import LoraInit
+
+    if name not in get_args(LoraInit):
+        raise QraError(f"--lora-init must be one of {', '.join(get_args(LoraInit))} (got {name!r})")
+    return name
 
 
 def _training(seq_len: int, batch_size: int, grad_checkpointing: bool, compute_dtype: str):
@@ -217,6 +230,7 @@ def plan_new(
         + DATA_HELP)] = None,
     text_field: TextFieldOption = "text",
     messages_field: MessagesFieldOption = "messages",
+    lora_init: LoraInitOption = "zeros",
 ) -> None:
     """Write a uniform plan (every layer the same bits and rank), the QLoRA-style baseline."""
     from qra.models import content_hash
@@ -230,7 +244,8 @@ def plan_new(
     training = _training(seq_len, batch_size, grad_checkpointing, compute_dtype)
     if steps < 1 or learning_rate <= 0 or max_grad_norm < 0:
         raise QraError("--steps and --learning-rate must be positive, --max-grad-norm at least 0")
-    training = training.model_copy(update={"steps": steps, "learning_rate": learning_rate, "max_grad_norm": max_grad_norm or None})
+    training = training.model_copy(update={"steps": steps, "learning_rate": learning_rate, "max_grad_norm": max_grad_norm or None,
+                                           "lora_init": _lora_init(lora_init)})
     if data is not None:
         training = training.model_copy(update={"padded_batches": _data_pads(data, batch_size, fields=_fields(text_field, messages_field))})
     source, spec, _ = resolve_spec(model, seq_len)
@@ -501,6 +516,7 @@ def compile_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display (errors and the final line only)")] = False,
     workers: Annotated[int, typer.Option(help="run candidates on a local Ray cluster with this many workers (0: in this process)")] = 0,
     ray_address: Annotated[str | None, typer.Option(help="run candidates on the Ray cluster at this address (e.g. auto, or HOST:6379)")] = None,
+    lora_init: LoraInitOption = "zeros",
 ) -> None:
     """Search per-layer bits and LoRA ranks that fit BUDGET and fine-tune best; write a verified plan."""
     from qra.compiler.compile import EFFORTS, CompileRequest, compile_plan
@@ -523,7 +539,8 @@ def compile_command(
     if (workers or ray_address) and importlib.util.find_spec("ray") is None:
         raise QraError("--workers and --ray-address need Ray: pip install -c constraints.txt ray")
     training = _training(seq_len, batch_size, grad_checkpointing, "bfloat16").model_copy(
-        update={"steps": steps, "learning_rate": learning_rate, "seed": seed, "max_grad_norm": max_grad_norm or None})
+        update={"steps": steps, "learning_rate": learning_rate, "seed": seed, "max_grad_norm": max_grad_norm or None,
+                "lora_init": _lora_init(lora_init)})
     journal = journal or output.with_name(output.name + ".journal.jsonl")
     request = CompileRequest(
         model=model, budget=Budget(bytes=parse_bytes(budget), text=budget), data=data, bits=bit_choices, ranks=rank_choices,
